@@ -1,0 +1,322 @@
+"""The model package: a directory (or .tar) with `manifest.json`, artifacts, labels and golden data.
+
+Schema `edge.package/1` (DESIGN.md 2.2). Loading verifies every artifact's sha256 and size, refuses paths
+that leave the package directory, and checks an ed25519 signature over the manifest bytes when a trusted
+key is given. Writing is atomic: a temp directory beside the target, renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edge.errors import PackageError
+
+SCHEMA = "edge.package/1"
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+MAX_ARCHIVE_MEMBER_BYTES = 2 << 30
+
+
+class _Model(BaseModel):
+    # Unknown keys are kept (forward compatible readers), but known ones are typed.
+    model_config = ConfigDict(extra="allow")
+
+
+class Calibration(_Model):
+    method: Literal["minmax", "percentile", "entropy", "none"] = "minmax"
+    samples: int = Field(default=0, ge=0)
+
+
+class Quantization(_Model):
+    scheme: str = "qdq"
+    activations: str = "uint8"
+    weights: str = "int8"
+    per_channel: bool = True
+    calibration: Calibration = Field(default_factory=Calibration)
+    excluded_nodes: list[str] = Field(default_factory=list)
+
+
+class TensorSpec(_Model):
+    name: str
+    shape: list[int | str]
+    dtype: str = "float32"
+    layout: Literal["NCHW", "NHWC", "NC", "NTC", "NCT", "any"] | None = None
+    color: Literal["RGB", "BGR", "GRAY"] | None = None
+    resize: Literal["center-crop", "letterbox", "stretch"] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    # Quantized tensors (an int8 TFLite's uint8/int8 inputs/outputs): real = scale * (q - zero_point)
+    scale: float | None = None
+    zero_point: int | None = None
+
+
+class Artifact(_Model):
+    path: str
+    format: Literal["onnx", "tflite"]
+    precision: Literal["fp32", "fp16", "int8", "mixed"]
+    sha256: str
+    bytes: int = Field(ge=0)
+    quantization: Quantization | None = None
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("must be 64 lowercase hex digits")
+        return value
+
+
+class Golden(_Model):
+    inputs: str
+    outputs: str
+    # Per-output tolerance, e.g. {"atol": 0.05, "cosine": 0.99}; the runtime compares backends with it.
+    tolerance: dict[str, float] = Field(default_factory=dict)
+
+
+class Manifest(_Model):
+    schema_: Literal["edge.package/1"] = Field(default="edge.package/1", alias="schema")
+    name: str
+    version: str
+    created: str
+    task: Literal["classification", "detection", "segmentation", "regression", "anomaly", "raw"]
+    artifacts: list[Artifact] = Field(min_length=1)
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    postprocess: dict[str, Any] = Field(default_factory=dict)
+    labels: str | None = None
+    pruning: dict[str, Any] | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    golden: Golden | None = None
+    profile: str | None = None
+    # Monotonic counter in the signed manifest, so a device can refuse rollbacks to older packages.
+    sequence: int = Field(default=0, ge=0)
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def artifact(self, fmt: str | None = None, precision: str | None = None) -> Artifact:
+        for artifact in self.artifacts:
+            if (fmt is None or artifact.format == fmt) and (
+                precision is None or artifact.precision == precision
+            ):
+                return artifact
+        raise PackageError(f"package '{self.name}' has no artifact with format={fmt} precision={precision}")
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(by_alias=True, exclude_none=True), indent=2, sort_keys=False) + "\n"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def safe_member(root: Path, relative: str, what: str) -> Path:
+    """`root/relative`, refused if it is absolute, climbs out with `..`, or resolves (symlinks) outside."""
+    if not relative or os.path.isabs(relative) or relative.startswith(("/", "\\")):
+        raise PackageError(f"{root / MANIFEST}: {what}: path '{relative}' must be relative to the package")
+    if ".." in Path(relative).parts:
+        raise PackageError(f"{root / MANIFEST}: {what}: path '{relative}' leaves the package directory")
+    resolved_root = root.resolve()
+    target = (root / relative).resolve()
+    if target != resolved_root and resolved_root not in target.parents:
+        raise PackageError(f"{root / MANIFEST}: {what}: path '{relative}' resolves outside the package")
+    return target
+
+
+@dataclass(frozen=True)
+class Package:
+    """A verified package on disk."""
+
+    root: Path
+    manifest: Manifest
+    manifest_sha256: str
+    signed: bool
+
+    def path(self, relative: str) -> Path:
+        return safe_member(self.root, relative, "path")
+
+    def labels(self) -> list[str]:
+        if not self.manifest.labels:
+            return []
+        return self.path(self.manifest.labels).read_text(encoding="utf-8").splitlines()
+
+
+def parse_manifest(raw: bytes, where: Path) -> Manifest:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackageError(f"{where}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PackageError(f"{where}: expected a JSON object")
+    schema = data.get("schema")
+    if schema != SCHEMA:
+        raise PackageError(f"{where}: schema: unsupported '{schema}' (this runtime reads {SCHEMA})")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise PackageError(f"{where}: {field}: {err['msg']}") from exc
+
+
+def load_package(path: str | Path, trusted_keys: list[bytes] | None = None) -> Package:
+    """Load and verify a package directory. With `trusted_keys` (raw ed25519 public keys), a valid
+    signature by one of them is required."""
+    root = Path(path)
+    if root.is_file() and tarfile.is_tarfile(root):
+        raise PackageError(f"{root}: is an archive; unpack it with `extract_archive` first")
+    manifest_path = root / MANIFEST
+    try:
+        raw = manifest_path.read_bytes()
+    except FileNotFoundError as exc:
+        raise PackageError(f"{manifest_path}: not found (is '{root}' a model package?)") from exc
+    except OSError as exc:
+        raise PackageError(f"{manifest_path}: cannot read: {exc.strerror}") from exc
+    manifest = parse_manifest(raw, manifest_path)
+
+    signed = False
+    sig_path = root / SIGNATURE
+    if trusted_keys is not None:
+        from edge.signing import verify_signature
+
+        if not sig_path.is_file():
+            raise PackageError(f"{sig_path}: package is not signed, and a trusted key is configured")
+        verify_signature(raw, sig_path.read_bytes(), trusted_keys, where=sig_path)
+        signed = True
+
+    for index, artifact in enumerate(manifest.artifacts):
+        _verify_file(root, artifact.path, artifact.sha256, artifact.bytes, f"artifacts[{index}]")
+    for relative, what in _referenced_files(manifest):
+        target = safe_member(root, relative, what)
+        if not target.is_file():
+            raise PackageError(f"{manifest_path}: {what}: file '{relative}' is missing")
+    return Package(
+        root=root, manifest=manifest, manifest_sha256=hashlib.sha256(raw).hexdigest(), signed=signed
+    )
+
+
+def _referenced_files(manifest: Manifest) -> Iterator[tuple[str, str]]:
+    if manifest.labels:
+        yield manifest.labels, "labels"
+    if manifest.golden:
+        yield manifest.golden.inputs, "golden.inputs"
+        yield manifest.golden.outputs, "golden.outputs"
+
+
+def _verify_file(root: Path, relative: str, sha256: str, size: int, what: str) -> None:
+    target = safe_member(root, relative, what)
+    if not target.is_file():
+        raise PackageError(f"{root / MANIFEST}: {what}: file '{relative}' is missing")
+    actual_size = target.stat().st_size
+    if actual_size != size:
+        raise PackageError(
+            f"{root / MANIFEST}: {what}: '{relative}' is {actual_size} bytes, manifest says {size} (truncated?)"
+        )
+    actual = sha256_file(target)
+    if actual != sha256:
+        raise PackageError(
+            f"{root / MANIFEST}: {what}: sha256 of '{relative}' is {actual[:12]}…, "
+            f"manifest says {sha256[:12]}…"
+        )
+
+
+def describe_file(root: Path, relative: str) -> dict[str, Any]:
+    """The `path`, `sha256` and `bytes` fields for an artifact already inside `root`."""
+    target = safe_member(root, relative, "artifact")
+    return {"path": relative, "sha256": sha256_file(target), "bytes": target.stat().st_size}
+
+
+@contextmanager
+def staged_package(out_dir: Path) -> Iterator[Path]:
+    """A temp directory beside `out_dir`, renamed onto it only if the block finishes without error.
+
+    A failed conversion therefore never leaves a half-written package; an existing package at `out_dir`
+    is replaced only at the very end (moved aside, then removed).
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        yield staging
+        _fsync_tree(staging)
+        old: Path | None = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.rename(out_dir, old)
+        os.rename(staging, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def write_manifest(root: Path, manifest: Manifest, sign_key: bytes | None = None) -> None:
+    """Write `manifest.json` (and `manifest.sig` when given a raw ed25519 private key)."""
+    text = manifest.to_json().encode("utf-8")
+    (root / MANIFEST).write_bytes(text)
+    if sign_key is not None:
+        from edge.signing import sign
+
+        (root / SIGNATURE).write_bytes(sign(text, sign_key))
+
+
+def extract_archive(archive: Path, dest: Path, max_member_bytes: int = MAX_ARCHIVE_MEMBER_BYTES) -> Path:
+    """Unpack a package .tar into `dest`, refusing `..`, absolute paths, links, devices and huge members."""
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            for member in members:
+                name = member.name
+                if os.path.isabs(name) or ".." in Path(name).parts:
+                    raise PackageError(f"{archive}: member '{name}' would be written outside the package")
+                if not (member.isfile() or member.isdir()):
+                    raise PackageError(
+                        f"{archive}: member '{name}' is a link or device; only files are allowed"
+                    )
+                if member.size > max_member_bytes:
+                    raise PackageError(
+                        f"{archive}: member '{name}' is {member.size} bytes (limit {max_member_bytes})"
+                    )
+            dest.mkdir(parents=True, exist_ok=True)
+            tar.extractall(dest, members=members, filter="data")
+    except tarfile.TarError as exc:
+        raise PackageError(f"{archive}: not a readable tar archive: {exc}") from exc
+    roots = {Path(m.name).parts[0] for m in members if Path(m.name).parts}
+    if (dest / MANIFEST).is_file():
+        return dest
+    if len(roots) == 1 and (dest / next(iter(roots)) / MANIFEST).is_file():
+        return dest / next(iter(roots))
+    raise PackageError(f"{archive}: no {MANIFEST} at the top of the archive")
