@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("edge.doctor", "detected profile, backends, providers, and a package self-check"),
     "bench": ("edge.bench", "latency/throughput/RSS of a package on this device"),
     "demo": ("edge.demo", "run the bundled model on a bundled clip against a local broker"),
+    "keygen": ("edge.keygen", "create an ed25519 key pair for signing model packages"),
 }
 
 

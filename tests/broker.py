@@ -52,6 +52,9 @@ class Mosquitto:
             "log_type warning",
             "log_type notice",
             f"log_dest file {self.log}",
+            # As root, mosquitto drops to user `mosquitto`, which cannot write the test's 0700 temp dirs
+            # (no log, no persistence file): stay root inside tests.
+            "user root" if os.geteuid() == 0 else "",
             self.extra_config,
         ]
         return "\n".join(line for line in lines if line) + "\n"

