@@ -1,0 +1,391 @@
+"""Inference backends behind one protocol, chosen per device profile, verified before they serve.
+
+`load_model(package, profile)` walks the profile's backends and accelerators best first (ONNX Runtime
+execution providers, LiteRT delegates), opens the package artifact each backend reads, checks that the
+accelerator really holds nodes, and runs the package's golden inputs against its golden outputs. The first
+candidate that passes serves. Anything that did not work on the way is a *fallback*; the profile's policy
+decides what happens to it: `allow` (log and count), `warn` (also `on_event("fallback", ...)`), `forbid`
+(refuse with one line naming the provider or delegate).
+
+Backend modules are imported only when used (the registry holds dotted paths), so `import edge.backends`
+costs nothing and a device without ai-edge-litert never imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from edge.backends.golden import GoldenReport, run_golden
+from edge.errors import BackendError, EdgeError
+from edge.package import Artifact, Package, TensorSpec
+from edge.profiles import BackendPreference, DeviceProfile
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[str, dict[str, Any]], None]
+
+# name -> "module:Class"; imported lazily by `backend_class`.
+REGISTRY: dict[str, str] = {
+    "onnxruntime": "edge.backends.onnxruntime:OnnxRuntimeBackend",
+    "litert": "edge.backends.litert:LiteRTBackend",
+}
+ARTIFACT_FORMAT: dict[str, str] = {"onnxruntime": "onnx", "litert": "tflite"}
+# What a backend runs on when a profile names it without accelerators.
+DEFAULT_ACCELERATORS: dict[str, list[str]] = {
+    "onnxruntime": ["CPUExecutionProvider"],
+    "litert": ["xnnpack"],
+}
+
+_fallbacks: Counter[str] = Counter()
+_fallbacks_lock = threading.Lock()
+
+
+class Backend(Protocol):
+    name: ClassVar[str]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    providers_in_use: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """Everything a backend needs to open one artifact on one accelerator."""
+
+    path: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    # ONNX Runtime: the provider chain, best first; LiteRT: one delegate.
+    accelerators: list[str]
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    threads: int = 0
+    cache_dir: Path | None = None
+
+
+def backend_class(name: str) -> Any:
+    """The backend class registered under `name`, imported now."""
+    try:
+        target = REGISTRY[name]
+    except KeyError:
+        raise BackendError(f"unknown backend '{name}' (known: {', '.join(REGISTRY)})") from None
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendError(f"backend '{name}' cannot be imported: {exc}") from exc
+    return getattr(module, class_name)
+
+
+def fallback_counts() -> dict[str, int]:
+    """Fallbacks since start, keyed by the accelerator that was given up (for metrics)."""
+    with _fallbacks_lock:
+        return dict(_fallbacks)
+
+
+def _count_fallback(what: str) -> None:
+    with _fallbacks_lock:
+        _fallbacks[what] += 1
+
+
+_DTYPE_NAMES = {"float": "float32", "double": "float64", "float16": "float16", "bool": "bool"}
+
+
+def normalize_dtype(name: str) -> str:
+    """ONNX Runtime's 'tensor(float)' / numpy's 'float32' -> numpy dtype name."""
+    name = name.removeprefix("tensor(").removesuffix(")")
+    return _DTYPE_NAMES.get(name, name)
+
+
+def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> None:
+    """Refuse feeds the model would misread: missing/unknown names, other dtype, other fixed dims."""
+    wanted = {spec.name for spec in specs}
+    unknown = sorted(set(feeds) - wanted)
+    if unknown:
+        raise BackendError(f"input '{unknown[0]}' is not a model input (inputs: {', '.join(sorted(wanted))})")
+    for spec in specs:
+        if spec.name not in feeds:
+            raise BackendError(f"input '{spec.name}' is missing from the feeds")
+        array = feeds[spec.name]
+        if not isinstance(array, np.ndarray):
+            raise BackendError(f"input '{spec.name}': expected a numpy array, got {type(array).__name__}")
+        if array.dtype != np.dtype(spec.dtype):
+            raise BackendError(f"input '{spec.name}': dtype {array.dtype}, the model takes {spec.dtype}")
+        fixed = [d if isinstance(d, int) and d > 0 else None for d in spec.shape]
+        if array.ndim != len(fixed) or any(
+            f is not None and f != a for f, a in zip(fixed, array.shape, strict=False)
+        ):
+            shown = [d if d is not None else "?" for d in fixed]
+            raise BackendError(f"input '{spec.name}': shape {list(array.shape)}, the model takes {shown}")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    backend: str
+    accelerator: str
+    ok: bool
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "accelerator": self.accelerator,
+            "ok": self.ok,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class LoadedModel:
+    """A backend that passed its golden check, with the provenance a prediction carries."""
+
+    backend: Backend
+    artifact: Artifact
+    package: Package
+    provider: str
+    fallback: bool
+    attempts: list[Attempt]
+    golden: GoldenReport | None
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        """What the pre-processor must produce for this artifact (its own I/O, else the package's)."""
+        return self.artifact.inputs or self.package.manifest.inputs
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        return self.artifact.outputs or self.package.manifest.outputs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.backend.run(feeds)
+
+    def self_check(self) -> GoldenReport:
+        """Run the package's golden inputs now and compare them with its golden outputs."""
+        report = golden_check(self.backend, self.package, self.artifact)
+        if report is None:
+            raise BackendError(f"package '{self.package.manifest.name}' has no golden data to check against")
+        return report
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def relayout(array: np.ndarray, source: str | None, target: str | None) -> np.ndarray:
+    """NCHW <-> NHWC when a package tensor and an artifact's own tensor disagree on layout."""
+    if array.ndim == 4 and source == "NCHW" and target == "NHWC":
+        return np.ascontiguousarray(array.transpose(0, 2, 3, 1))
+    if array.ndim == 4 and source == "NHWC" and target == "NCHW":
+        return np.ascontiguousarray(array.transpose(0, 3, 1, 2))
+    return array
+
+
+def _to_backend_input(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    wanted = np.dtype(spec.dtype)
+    if array.dtype.kind == "f" and wanted.kind in "iu" and spec.scale:
+        info = np.iinfo(wanted)
+        quantized = np.round(array / spec.scale) + (spec.zero_point or 0)
+        return np.clip(quantized, info.min, info.max).astype(wanted)
+    return array
+
+
+def golden_check(backend: Backend, package: Package, artifact: Artifact | None = None) -> GoldenReport | None:
+    """Golden data is stored in the package's tensor layout; an artifact with its own I/O (an NHWC
+    .tflite beside an NCHW .onnx, int8 inputs) gets it converted the way the pre-processor would."""
+    manifest = package.manifest
+    golden = manifest.golden
+    if golden is None:
+        return None
+    package_inputs, package_outputs = manifest.inputs, manifest.outputs
+    artifact_inputs, artifact_outputs = _artifact_specs(package, artifact) if artifact else (None, None)
+    artifact_inputs = artifact_inputs or package_inputs
+    artifact_outputs = artifact_outputs or package_outputs
+    if len(backend.inputs) != len(package_inputs) or len(backend.outputs) != len(package_outputs):
+        raise BackendError(
+            f"model has {len(backend.inputs)} inputs/{len(backend.outputs)} outputs, the manifest lists "
+            f"{len(package_inputs)}/{len(package_outputs)}"
+        )
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        adapted = {
+            model_spec.name: _to_backend_input(
+                relayout(feeds[spec.name], spec.layout, own.layout), model_spec
+            )
+            for spec, own, model_spec in zip(package_inputs, artifact_inputs, backend.inputs, strict=True)
+        }
+        outputs = backend.run(adapted)
+        return [
+            relayout(np.asarray(out), own.layout, spec.layout)
+            for out, own, spec in zip(outputs, artifact_outputs, package_outputs, strict=True)
+        ]
+
+    return run_golden(
+        run,
+        package_inputs,
+        package_outputs,
+        package.path(golden.inputs),
+        package.path(golden.outputs),
+        golden.tolerance,
+    )
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EDGE_CACHE", Path.home() / ".cache" / "edge-runtime")) / "engines"
+
+
+def pick_artifact(package: Package, backend: str, profile: DeviceProfile) -> Artifact | None:
+    """The package artifact this backend reads, preferring the profile's precision."""
+    fmt = ARTIFACT_FORMAT[backend]
+    matching = [a for a in package.manifest.artifacts if a.format == fmt]
+    preferred = [a for a in matching if a.precision == profile.quantization.precision]
+    candidates = preferred or matching
+    return candidates[0] if candidates else None
+
+
+def _candidates(
+    profile: DeviceProfile, backend: str | None
+) -> list[tuple[str, list[str], BackendPreference]]:
+    """(backend, accelerator chain, preference) best first. An ORT chain keeps the providers after the
+    primary one, so nodes the primary cannot take land on the next provider in the profile's order."""
+    prefs = list(profile.backends)
+    if backend is not None:
+        if backend not in REGISTRY:
+            raise BackendError(f"unknown backend '{backend}' (known: {', '.join(REGISTRY)})")
+        chosen = profile.backend(backend)
+        prefs = [chosen or BackendPreference(name=backend)]
+    out: list[tuple[str, list[str], BackendPreference]] = []
+    for pref in prefs:
+        if pref.name == "onnxruntime":
+            chain = pref.providers or DEFAULT_ACCELERATORS["onnxruntime"]
+            out.extend((pref.name, chain[i:], pref) for i in range(len(chain)))
+        else:
+            delegates = pref.delegates or DEFAULT_ACCELERATORS["litert"]
+            out.extend((pref.name, [d], pref) for d in delegates)
+    return out
+
+
+def _artifact_specs(package: Package, artifact: Artifact) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    manifest = package.manifest
+    return artifact.inputs or manifest.inputs, artifact.outputs or manifest.outputs
+
+
+def load_model(
+    package: Package,
+    profile: DeviceProfile,
+    *,
+    backend: str | None = None,
+    threads: int | None = None,
+    on_event: EventCallback | None = None,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Open the best backend/accelerator for this package on this profile that passes the golden check."""
+    policy = profile.fallback
+    failures: list[Attempt] = []
+    attempts: list[Attempt] = []
+    manifest = package.manifest
+
+    if manifest.profile and manifest.profile != profile.name:
+        reason = f"package '{manifest.name}' was built for profile '{manifest.profile}', this device is '{profile.name}'"
+        if policy == "forbid":
+            raise BackendError(f"{reason} (fallback policy: forbid)")
+        failures.append(Attempt("package", f"profile:{manifest.profile}", False, reason))
+
+    engines_root = cache_dir or default_cache_dir()
+    for name, chain, pref in _candidates(profile, backend):
+        accelerator = chain[0]
+        artifact = pick_artifact(package, name, profile)
+        if artifact is None:
+            attempts.append(
+                Attempt(name, accelerator, False, f"package has no {ARTIFACT_FORMAT[name]} artifact")
+            )
+            continue
+        inputs, outputs = _artifact_specs(package, artifact)
+        request = LoadRequest(
+            path=package.path(artifact.path),
+            inputs=inputs,
+            outputs=outputs,
+            accelerators=list(chain),
+            options={k: dict(v) for k, v in pref.options.items()},
+            threads=profile.threads if threads is None else threads,
+            cache_dir=engines_root / artifact.sha256[:16],
+        )
+        attempt, loaded = _try_candidate(name, accelerator, request, package, artifact)
+        attempts.append(attempt)
+        if loaded is None:
+            failures.append(attempt)
+            if policy == "forbid":
+                break
+            continue
+        backend_obj, report = loaded
+        fallback = bool(failures)
+        if fallback:
+            _apply_policy(policy, failures, attempt, manifest.name, on_event)
+        provider = backend_obj.providers_in_use[0] if backend_obj.providers_in_use else accelerator
+        return LoadedModel(backend_obj, artifact, package, provider, fallback, attempts, report)
+
+    if not attempts:
+        raise BackendError(f"profile '{profile.name}' names no backend for package '{manifest.name}'")
+    if failures and policy == "forbid":
+        first = failures[0]
+        raise BackendError(
+            f"{first.backend} {first.accelerator} unusable and fallback policy is forbid: {first.reason}"
+        )
+    reasons = "; ".join(f"{a.backend} {a.accelerator}: {a.reason}" for a in attempts)
+    raise BackendError(f"no backend can run package '{manifest.name}' here: {reasons}")
+
+
+def _try_candidate(
+    name: str, accelerator: str, request: LoadRequest, package: Package, artifact: Artifact
+) -> tuple[Attempt, tuple[Backend, GoldenReport | None] | None]:
+    try:
+        backend_obj: Backend = backend_class(name)(request)
+    except EdgeError as exc:
+        return Attempt(name, accelerator, False, str(exc)), None
+    if accelerator not in backend_obj.providers_in_use:
+        held = ", ".join(backend_obj.providers_in_use) or "nothing"
+        backend_obj.close()
+        return Attempt(name, accelerator, False, f"{accelerator} holds no nodes (in use: {held})"), None
+    try:
+        report = golden_check(backend_obj, package, artifact)
+    except BackendError as exc:
+        backend_obj.close()
+        return Attempt(name, accelerator, False, f"golden run failed: {exc}"), None
+    if report is not None and not report.passed:
+        backend_obj.close()
+        return Attempt(name, accelerator, False, report.summary()), None
+    return Attempt(name, accelerator, True), (backend_obj, report)
+
+
+def _apply_policy(
+    policy: str, failures: list[Attempt], chosen: Attempt, package_name: str, on_event: EventCallback | None
+) -> None:
+    for failure in failures:
+        _count_fallback(failure.accelerator)
+    event = {
+        "package": package_name,
+        "from": [f.to_dict() for f in failures],
+        "to": {"backend": chosen.backend, "accelerator": chosen.accelerator},
+        "policy": policy,
+    }
+    text = "; ".join(f"{f.backend} {f.accelerator}: {f.reason}" for f in failures)
+    if policy == "warn":
+        log.warning("fell back to %s %s (%s)", chosen.backend, chosen.accelerator, text)
+        if on_event is not None:
+            on_event("fallback", event)
+    else:
+        log.info("fell back to %s %s (%s)", chosen.backend, chosen.accelerator, text)

@@ -1,0 +1,280 @@
+"""`edge-infer bench PKG [--json] [--backend NAME] [--threads N] [--seconds S]
+[--compare PKG2 | --compare-backend NAME]`: how fast a package runs here, through the real engine layer.
+
+Warm-up first, then latency percentiles (p50/p90/p99), throughput, peak RSS and the provider in use.
+With `--compare`/`--compare-backend` the two subjects run interleaved in one loop (A, B, A, B, ...), so
+thermal and noisy-neighbour drift hits both equally, and the ratios B/A are printed.
+Cold start (process start to first result, including the golden self-check a daemon does) and that
+process's peak RSS are measured in a fresh subprocess per subject.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.errors import BackendError, ConfigError
+
+
+@dataclass
+class Subject:
+    label: str
+    package_dir: str
+    backend: str | None
+    model: Any = None
+    feeds: dict[str, np.ndarray] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+
+
+def bench_feeds(model: Any) -> dict[str, np.ndarray]:
+    """The first golden sample when the package has one, else seeded random data of the right shape."""
+    package = model.package
+    specs = model.backend.inputs
+    golden = package.manifest.golden
+    if golden is not None:
+        with np.load(package.path(golden.inputs), allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        if all(s.name in arrays for s in specs):
+            return {s.name: np.ascontiguousarray(arrays[s.name][: _batch(s.shape)]) for s in specs}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in specs:
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            feeds[spec.name] = rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+        else:
+            feeds[spec.name] = rng.normal(0, 1, shape).astype(dtype)
+    return feeds
+
+
+def _batch(shape: list[int | str]) -> int:
+    first = shape[0] if shape else 1
+    return first if isinstance(first, int) and first > 0 else 1
+
+
+def percentiles(latencies_ms: list[float]) -> dict[str, float]:
+    values = np.asarray(latencies_ms)
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {
+        "p50": round(float(p50), 4),
+        "p90": round(float(p90), 4),
+        "p99": round(float(p99), 4),
+        "mean": round(float(values.mean()), 4),
+        "min": round(float(values.min()), 4),
+    }
+
+
+def peak_rss_mb() -> float:
+    # Linux reports ru_maxrss in KiB.
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def cold_start(package_dir: str, backend: str | None, profile: str, threads: int | None) -> dict[str, Any]:
+    """Start a fresh interpreter that loads the package and produces one result; time it from outside."""
+    argv = [
+        sys.executable,
+        "-c",
+        "from edge.bench import cold_child; cold_child()",
+        package_dir,
+        backend or "",
+        profile,
+        "" if threads is None else str(threads),
+    ]
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    first_result_ms = (time.perf_counter() - started) * 1000
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode != 0 or not line:
+        raise BackendError(
+            f"cold-start run of {package_dir} failed: {(err.strip().splitlines() or ['?'])[-1]}"
+        )
+    child = json.loads(line)
+    return {"cold_start_ms": round(first_result_ms, 1), **child}
+
+
+def cold_child() -> None:
+    """Child side of `cold_start`: load, run once, print one JSON line, exit."""
+    started = time.perf_counter()
+    package_dir, backend, profile, threads = sys.argv[1:5]
+    from edge.backends import load_model
+    from edge.package import load_package
+    from edge.profiles import resolve_profile
+
+    imported = time.perf_counter()
+    model = load_model(
+        load_package(package_dir),
+        resolve_profile(profile).profile,
+        backend=backend or None,
+        threads=int(threads) if threads else None,
+    )
+    loaded = time.perf_counter()
+    model.run(bench_feeds(model))
+    done = time.perf_counter()
+    print(
+        json.dumps(
+            {
+                "import_ms": round((imported - started) * 1000, 1),
+                "load_and_self_check_ms": round((loaded - imported) * 1000, 1),
+                "first_inference_ms": round((done - loaded) * 1000, 2),
+                "peak_rss_mb": peak_rss_mb(),
+                "provider": model.provider,
+            }
+        ),
+        flush=True,
+    )
+
+
+def run_bench(
+    subjects: list[Subject],
+    *,
+    profile: str = "auto",
+    threads: int | None = None,
+    seconds: float = 5.0,
+    warmup: int = 10,
+    measure_cold_start: bool = True,
+) -> dict[str, Any]:
+    from edge.backends import load_model
+    from edge.package import load_package
+    from edge.profiles import resolve_profile
+
+    device = resolve_profile(profile).profile
+    for subject in subjects:
+        subject.model = load_model(
+            load_package(subject.package_dir), device, backend=subject.backend, threads=threads
+        )
+        subject.feeds = bench_feeds(subject.model)
+    for _ in range(warmup):
+        for subject in subjects:
+            subject.model.run(subject.feeds)
+    deadline = time.perf_counter() + seconds
+    clock = time.perf_counter
+    while clock() < deadline or len(subjects[0].latencies) < 3:
+        for subject in subjects:  # interleaved: A, B, A, B, ...
+            t0 = clock()
+            subject.model.run(subject.feeds)
+            subject.latencies.append((clock() - t0) * 1000)
+
+    results = []
+    for subject in subjects:
+        model = subject.model
+        lat = percentiles(subject.latencies)
+        entry: dict[str, Any] = {
+            "label": subject.label,
+            "package": model.package.manifest.name,
+            "path": subject.package_dir,
+            "backend": model.backend_name,
+            "provider": model.provider,
+            "providers_in_use": list(model.backend.providers_in_use),
+            "artifact": model.artifact.path,
+            "precision": model.artifact.precision,
+            "fallback": model.fallback,
+            "runs": len(subject.latencies),
+            "latency_ms": lat,
+            "throughput_per_s": round(1000.0 / lat["mean"], 2),
+        }
+        if measure_cold_start:
+            entry["cold"] = cold_start(
+                subject.package_dir, subject.backend or model.backend_name, device.name, threads
+            )
+        results.append(entry)
+        model.close()
+    report: dict[str, Any] = {
+        "profile": device.name,
+        "threads": threads if threads is not None else device.threads,
+        "seconds": seconds,
+        "subjects": results,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if len(results) == 2:
+        a, b = results
+        report["ratios"] = {
+            "p50_b_over_a": round(b["latency_ms"]["p50"] / a["latency_ms"]["p50"], 4),
+            "p99_b_over_a": round(b["latency_ms"]["p99"] / a["latency_ms"]["p99"], 4),
+            "throughput_b_over_a": round(b["throughput_per_s"] / a["throughput_per_s"], 4),
+        }
+        if measure_cold_start:
+            report["ratios"]["cold_start_b_over_a"] = round(
+                b["cold"]["cold_start_ms"] / a["cold"]["cold_start_ms"], 4
+            )
+    return report
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [
+        f"profile {report['profile']}, threads {report['threads'] or 'auto'}, {report['seconds']} s interleaved"
+    ]
+    for s in report["subjects"]:
+        lat = s["latency_ms"]
+        lines.append(
+            f"{s['label']}: {s['package']} [{s['artifact']}] on {s['backend']} {s['provider']}"
+            f"{' (fallback)' if s['fallback'] else ''}"
+        )
+        lines.append(
+            f"  latency ms p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}  "
+            f"throughput {s['throughput_per_s']:.1f}/s  runs {s['runs']}"
+        )
+        if "cold" in s:
+            c = s["cold"]
+            lines.append(
+                f"  cold start {c['cold_start_ms']:.0f} ms (load+self-check {c['load_and_self_check_ms']:.0f} ms), "
+                f"peak RSS {c['peak_rss_mb']:.0f} MB"
+            )
+    lines.append(f"peak RSS (this process, all subjects) {report['peak_rss_mb']:.0f} MB")
+    for name, value in report.get("ratios", {}).items():
+        lines.append(f"ratio {name} {value:.3f}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("package", metavar="PKG", help="package directory")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--backend", choices=["onnxruntime", "litert"], help="force a backend")
+    parser.add_argument("--threads", type=int, help="inference threads (default: the profile's)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time (default 5)")
+    parser.add_argument("--warmup", type=int, default=10, help="warm-up runs per subject (default 10)")
+    parser.add_argument("--profile", default="auto", help="device profile name or path (default: auto)")
+    parser.add_argument("--no-cold-start", action="store_true", help="skip the cold-start subprocess")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--compare", metavar="PKG2", help="a second package, run interleaved")
+    group.add_argument(
+        "--compare-backend",
+        metavar="NAME",
+        choices=["onnxruntime", "litert"],
+        help="the same package on another backend, run interleaved",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    for path in (args.package, args.compare):
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(f"{path}: package directory not found")
+    if args.seconds <= 0:
+        raise ConfigError("--seconds: must be > 0")
+    subjects = [Subject("A", args.package, args.backend)]
+    if args.compare:
+        subjects.append(Subject("B", args.compare, args.backend))
+    elif args.compare_backend:
+        subjects.append(Subject("B", args.package, args.compare_backend))
+    report = run_bench(
+        subjects,
+        profile=args.profile,
+        threads=args.threads,
+        seconds=args.seconds,
+        warmup=args.warmup,
+        measure_cold_start=not args.no_cold_start,
+    )
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
