@@ -1,0 +1,93 @@
+"""The Source seam: what a capture thread hands to the daemon, and the slot it hands it through."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+STAT_KEYS = ("frames_in", "frames_dropped", "reconnects", "read_errors")
+
+
+@dataclass(frozen=True)
+class Frame:
+    data: np.ndarray  # cameras: HxWx3 uint8 BGR; sensors: (window, channels) float32
+    index: int  # frame/window number since the source opened
+    captured_at: float  # time.time() at capture (payload)
+    captured_mono: float  # time.monotonic() at capture (latencies)
+    uri: str
+
+
+@runtime_checkable
+class Source(Protocol):
+    uri: str
+
+    @property
+    def finished(self) -> bool: ...  # a file ended and loop is false
+
+    @property
+    def stats(self) -> dict[str, int]: ...  # frames_in, frames_dropped, reconnects, read_errors
+
+    def start(self) -> None: ...
+
+    def read(self, timeout: float) -> Frame | None: ...
+
+    def stop(self) -> None: ...
+
+
+class LatestFrameSlot:
+    """A single-slot buffer where the newest frame wins.
+
+    A slow consumer must see the freshest frame, never a backlog: putting a frame over one that was
+    never read replaces it and counts a drop. `close()` wakes any reader so shutdown never waits.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._frame: Frame | None = None
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, frame: Frame) -> None:
+        with self._cond:
+            if self._frame is not None:
+                self.dropped += 1
+            self._frame = frame
+            self._cond.notify_all()
+
+    def take(self, timeout: float) -> Frame | None:
+        """The newest frame not yet taken, or None when none arrives within `timeout` seconds."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            while self._frame is None and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            frame, self._frame = self._frame, None
+            self._cond.notify_all()  # a producer may be waiting for the slot to empty
+            return frame
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Block until the last frame was taken (or the slot closed); False on timeout.
+
+        Lets a file played as fast as possible go at the reader's pace instead of dropping frames.
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: self._frame is None or self._closed, timeout)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def reopen(self) -> None:
+        with self._cond:
+            self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
