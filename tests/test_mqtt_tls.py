@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -263,10 +262,6 @@ def tls_listener(pki: dict[str, object], port: int, require_certificate: bool) -
 
 
 def start_broker(workdir: Path, extra_config: str, tls_port: int | None = None) -> Mosquitto:
-    # mosquitto started as root drops to user `mosquitto`, which cannot read pytest's 0700 temp dirs
-    # (certificates, password and ACL files); stay as the test's user instead.
-    if os.geteuid() == 0:
-        extra_config += "\nuser root"
     broker = Mosquitto(workdir, extra_config=extra_config).start()
     # start() waits for the plain listener only; the TLS one may open a moment later.
     deadline = time.monotonic() + TIMEOUT

@@ -1,0 +1,172 @@
+"""The daemon's config file (DESIGN.md 2.4) and the `edge-infer check-config` subcommand.
+
+Unknown keys are errors that name file, line and field (via `edge.yamlio`). Relative paths in the file
+are relative to the file's directory, so a config and its package can travel together. Secrets never sit
+in the YAML: the MQTT password comes from `password_file` (refused when other users can read it) or the
+EDGE_MQTT_PASSWORD / EDGE_MQTT_PASSWORD_FILE environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from edge.publish.mqtt import MqttConfig
+from edge.sources.config import SourceConfig
+from edge.trust import check_secret_file
+
+ENV_PASSWORD = "EDGE_MQTT_PASSWORD"
+ENV_PASSWORD_FILE = "EDGE_MQTT_PASSWORD_FILE"
+# device_id becomes an MQTT topic level: no wildcards, separators or control characters.
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OutboxConfig(_Strict):
+    path: Path = Path("/var/lib/edge-infer/outbox.db")
+    max_bytes: int = Field(default=64 << 20, ge=4096)
+
+
+class MetricsConfig(_Strict):
+    port: int | None = Field(default=9464, ge=0, le=65535, description="null disables; 0 picks a free port")
+    addr: str = "0.0.0.0"
+
+
+class DaemonConfig(_Strict):
+    device_id: str
+    profile: str = "auto"
+    model: Path = Field(description="a package directory; reloads must stay inside its parent directory")
+    source: SourceConfig | None = None
+    sources: list[SourceConfig] | None = Field(default=None, min_length=1)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    metrics: MetricsConfig | None = Field(default_factory=MetricsConfig)
+    trusted_keys: list[Path] = Field(default_factory=list, description="ed25519 public key PEM files")
+    backend: Literal["onnxruntime", "litert"] | None = None
+    threads: int | None = Field(default=None, ge=1, le=256)
+    frame_queue: int = Field(default=4, ge=1, le=1024, description="frames waiting for inference")
+    flush_timeout_s: float = Field(default=5.0, ge=0, description="on stop: time to drain the outbox")
+    exit_on_source_end: bool = Field(
+        default=True, description="exit 0 once every source is a finished file (loop: false)"
+    )
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id_is_topic_safe(cls, value: str) -> str:
+        if not _DEVICE_ID.match(value):
+            raise ValueError("must be 1-128 of A-Z a-z 0-9 . _ : - (it becomes an MQTT topic level)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source_key(self) -> DaemonConfig:
+        if (self.source is None) == (self.sources is None):
+            raise ValueError("give exactly one of `source` or `sources`")
+        return self
+
+    @property
+    def all_sources(self) -> list[Any]:
+        return list(self.sources) if self.sources is not None else [self.source]
+
+    @property
+    def models_dir(self) -> Path:
+        """Reload targets must live here: the directory holding the configured package."""
+        return self.model.absolute().parent
+
+
+def _relative_to(base: Path, path: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def read_password(config: DaemonConfig, environ: dict[str, str] | None = None) -> str | None:
+    """The MQTT password: from mqtt.password_file (EDGE_MQTT_PASSWORD_FILE overrides it), else from
+    EDGE_MQTT_PASSWORD. A file other users can read is refused."""
+    env = os.environ if environ is None else environ
+    file_value = env.get(ENV_PASSWORD_FILE) or config.mqtt.password_file
+    if not file_value:
+        return env.get(ENV_PASSWORD) or None
+    path = Path(file_value)
+    check_secret_file(path, "mqtt.password_file")
+    return path.read_text(encoding="utf-8").strip("\r\n")
+
+
+def load_config(path: str | Path, environ: dict[str, str] | None = None) -> DaemonConfig:
+    """Parse and validate a config file; relative paths are resolved against the file's directory."""
+    from edge import yamlio
+
+    path = Path(path)
+    config = yamlio.load_model(path, DaemonConfig)
+    base = path.absolute().parent
+    updates: dict[str, Any] = {
+        "model": _relative_to(base, config.model),
+        "trusted_keys": [_relative_to(base, key) for key in config.trusted_keys],
+        "outbox": config.outbox.model_copy(update={"path": _relative_to(base, config.outbox.path)}),
+    }
+    env = os.environ if environ is None else environ
+    mqtt_updates: dict[str, Any] = {}
+    # The publisher reads the file itself; the environment may point it elsewhere (a systemd credential).
+    password_file = env.get(ENV_PASSWORD_FILE) or config.mqtt.password_file
+    if password_file:
+        mqtt_updates["password_file"] = _relative_to(base, Path(password_file))
+    tls = config.mqtt.tls
+    if tls is not None:
+        tls_updates = {
+            name: _relative_to(base, value)
+            for name in ("ca_file", "cert_file", "key_file")
+            if (value := getattr(tls, name)) is not None
+        }
+        mqtt_updates["tls"] = tls.model_copy(update=tls_updates)
+    if mqtt_updates:
+        updates["mqtt"] = config.mqtt.model_copy(update=mqtt_updates)
+    config = config.model_copy(update=updates)
+    read_password(
+        config, {k: v for k, v in env.items() if k != ENV_PASSWORD_FILE}
+    )  # fail now, not at connect
+    if config.mqtt.tls is not None and config.mqtt.tls.key_file is not None:
+        check_secret_file(config.mqtt.tls.key_file, "mqtt.tls.key_file")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `edge-infer check-config FILE`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="the daemon's YAML config")
+    parser.add_argument(
+        "--no-package", action="store_true", help="do not open and verify the model package it names"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    model_note = str(config.model)
+    if not args.no_package:
+        from edge.package import load_package
+        from edge.signing import load_public_key
+
+        keys = [load_public_key(key) for key in config.trusted_keys] or None
+        package = load_package(config.model, trusted_keys=keys)
+        signed = ", signed" if package.signed else ""
+        model_note = f"{package.manifest.name} {package.manifest.version}{signed} at {config.model}"
+    from edge.sources.camera import redact
+
+    sources = ", ".join(f"{s.type}:{redact(s.uri)}" for s in config.all_sources)
+    metrics = (
+        f"metrics :{config.metrics.port}"
+        if config.metrics and config.metrics.port is not None
+        else "no metrics"
+    )
+    print(
+        f"ok: {args.config}: device {config.device_id}, model {model_note}, sources {sources}, "
+        f"mqtt {config.mqtt.host}:{config.mqtt.port}, outbox {config.outbox.path}, {metrics}"
+    )
+    return 0

@@ -1,0 +1,477 @@
+"""MQTT publisher (paho-mqtt >= 2) that drains the durable outbox and never loses a prediction.
+
+A publisher thread hands at most `inflight_window` outbox rows to paho; a row is deleted only when paho
+reports it acknowledged (PUBACK for QoS 1, PUBCOMP for QoS 2). paho keeps the unacknowledged ones of its
+session and re-sends them after a reconnect, and a new process re-sends whatever is still in the outbox,
+so a broker or process failure can cause duplicates (at most one window) but not losses.
+
+Commands arrive on the network thread and are only parsed there; handlers run on their own thread, so a
+slow or raising handler cannot stall or kill the MQTT loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import ssl
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edge.errors import ConfigError
+from edge.publish.commands import (
+    Command,
+    CommandHandler,
+    CommandRejected,
+    ReplyRoute,
+    command_topic_filter,
+    dispatch,
+    parse_command,
+    rejection_reply,
+    reply_body,
+)
+from edge.publish.outbox import Outbox
+from edge.publish.payload import CONTENT_TYPE, SCHEMA_ID, rfc3339
+
+log = logging.getLogger(__name__)
+
+PASSWORD_ENV = "EDGE_MQTT_PASSWORD"
+
+OnCommand = Callable[[Command], Any] | Mapping[str, CommandHandler]
+
+
+class TlsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ca_file: Path | None = None  # None: the system trust store
+    cert_file: Path | None = None  # mutual TLS: client certificate ...
+    key_file: Path | None = None  # ... and its key
+    insecure: bool = False  # skip host name verification (testing only)
+
+
+class MqttConfig(BaseModel):
+    """The `mqtt:` block of DESIGN.md 2.4, plus TLS, session and flow-control knobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal[5, 311] = 5
+    qos: Literal[0, 1, 2] = 1
+    topic_prefix: str = "edge"
+    client_id: str | None = None  # None: edge-infer-{device_id}, stable so the session persists
+    tls: TlsConfig | None = None
+    username: str | None = None
+    password_file: Path | None = None  # else the EDGE_MQTT_PASSWORD environment variable
+    keepalive: int = Field(30, ge=5, le=3600)
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0)  # MQTT 5: how long the broker keeps our session
+    message_expiry_s: int | None = Field(24 * 3600, ge=1)  # MQTT 5 message expiry on predictions
+    inflight_window: int = Field(100, ge=1, le=10000)  # duplicates after a failure are bounded by it
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_names(cls, value: Any) -> Any:
+        aliases = {"5": 5, "5.0": 5, "3.1.1": 311, "311": 311, 4: 311, "4": 311}
+        return aliases.get(value, value) if isinstance(value, str | int) else value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str) -> str:
+        if not value or any(ch in value for ch in "#+") or value.startswith("/") or value.endswith("/"):
+            raise ValueError("must be a non-empty topic without wildcards or leading/trailing '/'")
+        return value
+
+
+def read_password(config: MqttConfig) -> str | None:
+    if config.password_file is not None:
+        try:
+            return config.password_file.read_text(encoding="utf-8").strip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"mqtt.password_file: {config.password_file}: {exc.strerror or exc}") from exc
+    return os.environ.get(PASSWORD_ENV)
+
+
+class _PackedOnce(Properties):
+    """Properties shared by every prediction: paho re-serializes them per publish, we do it once."""
+
+    def pack(self) -> bytes:
+        packed: bytes | None = self.__dict__.get("_packed")
+        if packed is None:
+            packed = bytes(super().pack())
+            object.__setattr__(self, "_packed", packed)
+        return packed
+
+
+class Publisher:
+    """Owns the paho client, the outbox drain thread and the command thread."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        device_id: str,
+        outbox: Outbox,
+        on_command: OnCommand | None = None,
+        status: dict[str, Any] | None = None,
+    ) -> None:
+        if not device_id or any(ch in device_id for ch in "#+/"):
+            raise ConfigError(f"device_id: {device_id!r} must be non-empty without '/', '+' or '#'")
+        self.config = config
+        self.device_id = device_id
+        self.outbox = outbox
+        self.on_command = on_command
+        self._status: dict[str, Any] = dict(status or {})
+        base = f"{config.topic_prefix}/{device_id}"
+        self.topic_predictions = f"{base}/predictions"
+        self.topic_status = f"{base}/status"
+        self.topic_events = f"{base}/events"
+        self.topic_commands = command_topic_filter(config.topic_prefix, device_id)
+        self.client_id = config.client_id or f"edge-infer-{device_id}"
+        self.mqtt5 = config.protocol == 5
+
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._acked_mids: deque[int] = deque()
+        # wake the drain thread once a quarter of the window is acknowledged, not on every PUBACK
+        self._ack_batch = max(1, config.inflight_window // 4)
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox seq; only the drain thread touches it
+        self._last_sent = 0
+        self._commands: queue.Queue[Command | None] = queue.Queue(maxsize=100)
+        self._threads: list[threading.Thread] = []
+        self._counters = {
+            "connects": 0,
+            "reconnects": 0,
+            "disconnects": 0,
+            "published": 0,
+            "acked": 0,
+            "publish_errors": 0,
+            "commands": 0,
+            "commands_rejected": 0,
+            "commands_dropped": 0,
+            "events": 0,
+        }
+        self._client = self._make_client()
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        cfg = self.config
+        if self.mqtt5:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.client_id,
+                protocol=paho.MQTTv5,
+                reconnect_on_failure=True,
+            )
+        else:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.client_id,
+                clean_session=False,
+                protocol=paho.MQTTv311,
+                reconnect_on_failure=True,
+            )
+        # Our drain thread bounds what is in flight; paho's own limit makes every PUBACK scan all queued
+        # messages (O(window) per ack), so it is switched off.
+        client.max_inflight_messages_set(0)
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(
+            min_delay=max(1, round(cfg.reconnect_min_s)), max_delay=round(cfg.reconnect_max_s)
+        )
+        if cfg.tls is not None:
+            tls = cfg.tls
+            for name in ("ca_file", "cert_file", "key_file"):
+                path = getattr(tls, name)
+                if path is not None and not Path(path).is_file():
+                    raise ConfigError(f"mqtt.tls.{name}: {path}: no such file")
+            if (tls.cert_file is None) != (tls.key_file is None):
+                raise ConfigError("mqtt.tls: cert_file and key_file go together (mutual TLS)")
+            client.tls_set(
+                ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            client.tls_insecure_set(tls.insecure)
+        password = read_password(cfg)
+        if cfg.username is not None or password is not None:
+            client.username_pw_set(cfg.username or "", password)
+        will_props = None
+        if self.mqtt5:
+            will_props = Properties(PacketTypes.WILLMESSAGE)
+            will_props.ContentType = CONTENT_TYPE
+        client.will_set(
+            self.topic_status, self._status_payload("offline", reason="connection lost"), 1, True, will_props
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.suppress_exceptions = True  # a bug in a callback is logged by paho, the loop keeps running
+        self._publish_props: Properties | None = None
+        self._json_props: Properties | None = None
+        if self.mqtt5:
+            props = _PackedOnce(PacketTypes.PUBLISH)
+            props.ContentType = CONTENT_TYPE
+            props.UserProperty = [("schema", SCHEMA_ID)]
+            if cfg.message_expiry_s:
+                props.MessageExpiryInterval = cfg.message_expiry_s
+            self._publish_props = props
+            plain = Properties(PacketTypes.PUBLISH)
+            plain.ContentType = CONTENT_TYPE
+            self._json_props = plain
+        return client
+
+    def _status_payload(self, state: str, **extra: Any) -> bytes:
+        body = {"state": state, "device_id": self.device_id, "ts": rfc3339(time.time()), **extra}
+        if state == "online":
+            body.update(self._status)
+        return json.dumps(body, separators=(",", ":"), default=str).encode()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        if self.mqtt5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = cfg.session_expiry_s
+            self._client.connect_async(cfg.host, cfg.port, cfg.keepalive, clean_start=False, properties=props)
+        else:
+            self._client.connect_async(cfg.host, cfg.port, cfg.keepalive)
+        self._client.loop_start()
+        for target, name in ((self._drain_loop, "edge-publisher"), (self._command_loop, "edge-commands")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, flush_timeout: float = 5.0) -> None:
+        """Wait up to `flush_timeout` for the in-flight window, publish `offline`, disconnect."""
+        deadline = time.monotonic() + flush_timeout
+        while (
+            self._connected.is_set() and time.monotonic() < deadline and (self._inflight or self._acked_mids)
+        ):
+            self._wake.set()
+            time.sleep(0.02)
+        self._stopping.set()
+        self._wake.set()
+        with contextlib.suppress(queue.Full):
+            self._commands.put_nowait(None)
+        for thread in self._threads:
+            thread.join(timeout=5.0)
+        self._process_acks()  # the drain thread is gone; settle what was acknowledged meanwhile
+        if self._connected.is_set():
+            info = self._client.publish(
+                self.topic_status,
+                self._status_payload("offline", reason="stopped"),
+                1,
+                True,
+                self._json_props,
+            )
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout=max(0.5, deadline - time.monotonic()))
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+    # -- public API -----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def notify(self) -> None:
+        """Tell the drain thread new rows are in the outbox (optional: it also polls)."""
+        self._wake.set()
+
+    def set_status(self, status: dict[str, Any]) -> None:
+        self._status = dict(status)
+        if self._connected.is_set():
+            self._client.publish(self.topic_status, self._status_payload("online"), 1, True, self._json_props)
+
+    def publish_event(self, name: str, data: dict[str, Any] | None = None) -> None:
+        """Best effort (not in the outbox): events describe the device, predictions are the data."""
+        body = {"event": name, "device_id": self.device_id, "ts": rfc3339(time.time()), "data": data or {}}
+        payload = json.dumps(body, separators=(",", ":"), default=str).encode()
+        self._client.publish(self.topic_events, payload, 1, False, self._json_props)
+        self._counters["events"] += 1
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            **self._counters,
+            "inflight": len(self._inflight),
+            "outbox_depth": self.outbox.depth,
+            "outbox_dropped": self.outbox.dropped,
+        }
+
+    # -- paho callbacks (network thread) --------------------------------------------------------
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning("mqtt %s:%s refused the connection: %s", self.config.host, self.config.port, reason)
+            return
+        self._counters["connects"] += 1
+        if self._counters["connects"] > 1:
+            self._counters["reconnects"] += 1
+        log.info(
+            "mqtt connected to %s:%s (session present: %s)",
+            self.config.host,
+            self.config.port,
+            flags.session_present,
+        )
+        client.subscribe(self.topic_commands, qos=1)
+        client.publish(self.topic_status, self._status_payload("online"), 1, True, self._json_props)
+        self._connected.set()
+        self._wake.set()
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if self._connected.is_set():
+            self._counters["disconnects"] += 1
+            level = logging.INFO if self._stopping.is_set() else logging.WARNING
+            log.log(level, "mqtt disconnected from %s:%s: %s", self.config.host, self.config.port, reason)
+        self._connected.clear()
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._acked_mids.append(mid)
+        if len(self._acked_mids) >= self._ack_batch:
+            self._wake.set()
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            props = message.properties
+            response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+            correlation = getattr(props, "CorrelationData", None) if props is not None else None
+            command = parse_command(
+                message.topic,
+                bytes(message.payload),
+                retained=bool(message.retain),
+                response_topic=response_topic,
+                correlation_data=correlation,
+            )
+        except CommandRejected as exc:
+            self._counters["commands_rejected"] += 1
+            log.warning("mqtt command rejected: %s", exc)
+            self._reply(exc.reply, rejection_reply(exc))
+            return
+        except Exception:  # never let a malformed message kill the network loop
+            log.exception("mqtt: cannot handle message on %s", message.topic)
+            return
+        if command is None:  # a retained command being cleared
+            return
+        try:
+            self._commands.put_nowait(command)
+        except queue.Full:
+            self._counters["commands_dropped"] += 1
+            self._reply(
+                command.reply, reply_body(command.name, ok=False, error="busy: too many queued commands")
+            )
+
+    def _reply(self, route: ReplyRoute, body: bytes) -> None:
+        props = None
+        if self.mqtt5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = CONTENT_TYPE
+            if route.correlation_data is not None:
+                props.CorrelationData = route.correlation_data
+        self._client.publish(route.topic, body, 1, False, props)
+
+    # -- threads --------------------------------------------------------------------------------
+
+    def _command_loop(self) -> None:
+        while True:
+            command = self._commands.get()
+            if command is None or self._stopping.is_set():
+                return
+            self._counters["commands"] += 1
+            handler = self.on_command
+            if handler is None:
+                body = reply_body(
+                    command.name, ok=False, error="commands are not enabled", request_id=command.request_id
+                )
+            elif isinstance(handler, Mapping):
+                body = dispatch(command, handler)
+            else:
+                body = dispatch(command, {command.name: _bind(handler, command)})
+            try:
+                self._reply(command.reply, body)
+            except Exception:
+                log.exception("mqtt: cannot send the reply to %s", command.reply.topic)
+
+    def _process_acks(self) -> None:
+        mids: list[int] = []
+        while self._acked_mids:
+            mids.append(self._acked_mids.popleft())
+        seqs = [self._inflight[mid] for mid in mids if mid in self._inflight]
+        if seqs:
+            try:
+                self.outbox.ack_many(seqs)
+            except Exception:
+                self._acked_mids.extendleft(reversed(mids))  # retry later rather than leak window slots
+                raise
+            self._counters["acked"] += len(seqs)
+        # only now leave the window, so `inflight == 0` implies the outbox and counters are settled
+        for mid in mids:
+            self._inflight.pop(mid, None)
+
+    def _drain_loop(self) -> None:
+        window = self.config.inflight_window
+        default_qos = self.config.qos
+        while not self._stopping.is_set():
+            try:
+                self._process_acks()
+                if not self._connected.is_set():
+                    self._wake.wait(0.2)
+                    self._wake.clear()
+                    continue
+                room = window - len(self._inflight)
+                rows = self.outbox.pending_messages(min(room, 256), after=self._last_sent) if room > 0 else []
+                if not rows:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                for row in rows:
+                    qos = default_qos if row.qos is None else row.qos
+                    topic = row.topic or self.topic_predictions
+                    info = self._client.publish(topic, row.payload, qos, False, self._publish_props)
+                    if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                        # not queued by paho: leave it in the outbox and come back to it
+                        self._counters["publish_errors"] += 1
+                        break
+                    self._inflight[info.mid] = row.seq
+                    self._last_sent = row.seq
+                    self._counters["published"] += 1
+            except Exception:  # a full disk or a closed outbox must not end publishing for good
+                log.exception("mqtt publisher loop error")
+                time.sleep(0.5)
+
+
+def _bind(handler: Callable[[Command], Any], command: Command) -> CommandHandler:
+    """Adapt a single `on_command(Command)` callable to the per-name handler signature of `dispatch`."""
+    return lambda _args: handler(command)
+
+
+def new_boot_id() -> str:
+    return str(uuid.uuid4())

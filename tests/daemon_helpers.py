@@ -1,0 +1,229 @@
+"""Small real things for the daemon tests: a tiny ONNX classifier package (built with onnx.helper, so it
+loads in milliseconds), a config writer, and a paho subscriber that records what the broker delivers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+TINY_LABELS = ["red", "green", "blue", "gray"]
+
+
+def _tiny_model_bytes(weights: np.ndarray, bias: np.ndarray) -> bytes:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "W", "B"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny-colour",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, len(TINY_LABELS)])],
+        initializer=[
+            numpy_helper.from_array(weights.astype(np.float32), "W"),
+            numpy_helper.from_array(bias.astype(np.float32), "B"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
+def make_tiny_package(
+    out_dir: Path,
+    *,
+    version: str = "1.0.0",
+    gain: float = 4.0,
+    corrupt: str | None = None,
+    sequence: int = 0,
+    sign_key: bytes | None = None,
+) -> Path:
+    """A classification package whose logits are the mean R, G, B of the frame (plus a constant 'gray').
+
+    `gain` changes the weights, hence the artifact's sha256 (an "old" and a "new" model). `corrupt` makes
+    a broken package: "golden" (golden outputs that the model does not reproduce) or "hash" (an artifact
+    whose bytes no longer match the manifest).
+    """
+    import onnxruntime as ort
+
+    from edge.package import Golden, Manifest, TensorSpec, describe_file, utc_now, write_manifest
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = np.zeros((3, len(TINY_LABELS)), np.float32)
+    weights[0, 0] = weights[1, 1] = weights[2, 2] = gain
+    bias = np.array([0, 0, 0, gain * 0.45], np.float32)
+    model_bytes = _tiny_model_bytes(weights, bias)
+    (out_dir / "model.onnx").write_bytes(model_bytes)
+    (out_dir / "labels.txt").write_text("\n".join(TINY_LABELS) + "\n")
+
+    rng = np.random.default_rng(0)
+    golden_in = rng.random((1, 3, 32, 32), dtype=np.float32)
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    golden_out = session.run(None, {"input": golden_in})[0]
+    if corrupt == "golden":
+        golden_out = golden_out + 1.0
+    (out_dir / "golden").mkdir(exist_ok=True)
+    np.savez(out_dir / "golden" / "inputs.npz", input=golden_in)
+    np.savez(out_dir / "golden" / "outputs.npz", logits=golden_out)
+
+    artifact = describe_file(out_dir, "model.onnx")
+    manifest = Manifest.model_validate(
+        {
+            "schema": "edge.package/1",
+            "name": "tiny-colour",
+            "version": version,
+            "created": utc_now(),
+            "task": "classification",
+            "artifacts": [{**artifact, "format": "onnx", "precision": "fp32"}],
+            "inputs": [
+                TensorSpec(
+                    name="input",
+                    shape=[1, 3, 32, 32],
+                    layout="NCHW",
+                    color="RGB",
+                    resize="stretch",
+                    mean=[0, 0, 0],
+                    std=[255, 255, 255],
+                ).model_dump(exclude_none=True)
+            ],
+            "outputs": [{"name": "logits", "shape": [1, len(TINY_LABELS)], "dtype": "float32"}],
+            "postprocess": {"type": "classification", "softmax": True, "top_k": 2},
+            "labels": "labels.txt",
+            "golden": Golden(
+                inputs="golden/inputs.npz", outputs="golden/outputs.npz", tolerance={"atol": 1e-3}
+            ).model_dump(),
+            "sequence": sequence,
+        }
+    )
+    write_manifest(out_dir, manifest, sign_key=sign_key)
+    if corrupt == "hash":
+        with (out_dir / "model.onnx").open("r+b") as fh:
+            fh.seek(-4, 2)
+            fh.write(b"\0\0\0\0")
+    return out_dir
+
+
+def write_config(path: Path, **fields: Any) -> Path:
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(fields, default=str)), sort_keys=False))
+    return path
+
+
+class Subscriber:
+    """A separate paho client recording every message on `topic` (QoS 1, its own persistent session)."""
+
+    def __init__(self, port: int, topic: str, client_id: str = "test-subscriber", qos: int = 1):
+        import paho.mqtt.client as mqtt
+
+        self.topic = topic
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+        )
+        self._subscribed = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(topic, qos=qos)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise TimeoutError(f"subscription to {topic} not acknowledged within 10 s")
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self._cond:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self._cond.notify_all()
+
+    def payloads(self, suffix: str = "") -> list[dict[str, Any]]:
+        with self._cond:
+            return [json.loads(p) for t, p, _ in self.messages if t.endswith(suffix)]
+
+    def wait_for(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float, suffix: str = ""
+    ) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [json.loads(p) for t, p, _ in self.messages if t.endswith(suffix)]
+                if predicate(found):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.2))
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def make_sensor_package(out_dir: Path, window: int = 16, channels: int = 2) -> Path:
+    """A raw-output package whose output is the per-channel mean of a (window, channels) sensor window."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edge.package import Manifest, describe_file, utc_now, write_manifest
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["window"], ["mean"], axes=[1], keepdims=0)],
+        "sensor-mean",
+        [helper.make_tensor_value_info("window", TensorProto.FLOAT, [1, window, channels])],
+        [helper.make_tensor_value_info("mean", TensorProto.FLOAT, [1, channels])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    (out_dir / "model.onnx").write_bytes(model.SerializeToString())
+    golden_in = np.random.default_rng(1).standard_normal((1, window, channels)).astype(np.float32)
+    session = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    (out_dir / "golden").mkdir(exist_ok=True)
+    np.savez(out_dir / "golden" / "inputs.npz", window=golden_in)
+    np.savez(out_dir / "golden" / "outputs.npz", mean=session.run(None, {"window": golden_in})[0])
+    manifest = Manifest.model_validate(
+        {
+            "schema": "edge.package/1",
+            "name": "sensor-mean",
+            "version": "1.0.0",
+            "created": utc_now(),
+            "task": "raw",
+            "artifacts": [{**describe_file(out_dir, "model.onnx"), "format": "onnx", "precision": "fp32"}],
+            "inputs": [
+                {"name": "window", "shape": [1, window, channels], "dtype": "float32", "layout": "NTC"}
+            ],
+            "outputs": [{"name": "mean", "shape": [1, channels], "dtype": "float32"}],
+            "postprocess": {"type": "raw"},
+            "golden": {
+                "inputs": "golden/inputs.npz",
+                "outputs": "golden/outputs.npz",
+                "tolerance": {"atol": 1e-4},
+            },
+        }
+    )
+    write_manifest(out_dir, manifest)
+    return out_dir

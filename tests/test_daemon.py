@@ -1,0 +1,539 @@
+"""The daemon against a real mosquitto, a real clip and real ONNX Runtime sessions (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge.config import DaemonConfig
+from edge.daemon import Daemon
+from edge.errors import PackageError
+from edge.health import Notifier
+from tests.assets_media import labelled_clip, photo
+from tests.broker import Mosquitto
+from tests.daemon_helpers import TINY_LABELS, Subscriber, make_tiny_package, wait_until, write_config
+
+REPO = Path(__file__).resolve().parent.parent
+DEVICE = "cam-01"
+PREFIX = f"edge/{DEVICE}"
+
+
+@pytest.fixture(scope="module")
+def clip() -> Path:
+    return labelled_clip(fps=10.0, seconds_per_photo=1.0).path  # 50 frames of real photos
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    make_tiny_package(root / "v1", version="1.0.0", gain=4.0)
+    return root
+
+
+def _config(tmp_path: Path, models: Path, port: int, clip: Path, **over: Any) -> DaemonConfig:
+    source = over.pop(
+        "source", {"type": "video", "realtime": False, "uri": str(clip), "fps": 50, "loop": False}
+    )
+    data: dict[str, Any] = {
+        "device_id": DEVICE,
+        "profile": "x86-64-avx2",
+        "model": str(models / "v1"),
+        "source": source,
+        "mqtt": {"host": "127.0.0.1", "port": port, "qos": 1, "topic_prefix": "edge", "reconnect_max_s": 1.0},
+        "outbox": {"path": str(tmp_path / "state" / "outbox.db"), "max_bytes": 1 << 20},
+        "metrics": None,
+        "flush_timeout_s": 10.0,
+    }
+    data.update(over)
+    return DaemonConfig.model_validate(data)
+
+
+@contextmanager
+def running(config: DaemonConfig, notifier: Notifier | None = None) -> Iterator[Daemon]:
+    daemon = Daemon(config, notifier=notifier)
+    daemon.start()
+    thread = threading.Thread(target=daemon.run, name="daemon-run", daemon=True)
+    thread.start()
+    try:
+        yield daemon
+    finally:
+        daemon.request_stop()
+        thread.join(30)
+        assert not thread.is_alive(), "daemon did not stop within 30 s"
+
+
+def _seqs(messages: list[dict[str, Any]]) -> list[int]:
+    return sorted({m["seq"] for m in messages})
+
+
+def _validator() -> Any:
+    import jsonschema
+
+    from edge.publish.payload import prediction_schema
+
+    schema = prediction_schema()
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_clip_end_to_end_schema_and_seq_continuity(
+    tmp_path: Path, models: Path, clip: Path, mosquitto: Mosquitto
+) -> None:
+    sub = Subscriber(mosquitto.port, f"{PREFIX}/#")
+    try:
+        config = _config(tmp_path, models, mosquitto.port, clip)
+        with running(config) as daemon:
+            assert wait_until(daemon.sources_done.is_set, 60)
+        made = daemon.predictions
+        assert made >= 40  # 50 frames at a 50 fps cap: a slow CI box may drop a few, never most
+        assert sub.wait_for(lambda ms: len(_seqs(ms)) >= made, 20, suffix="/predictions")
+        predictions = sub.payloads("/predictions")
+        seqs = _seqs(predictions)
+        assert seqs == list(range(seqs[0], seqs[0] + made))  # no gap, no extra
+        validator = _validator()
+        for message in predictions:
+            validator.validate(message)
+            assert message["device_id"] == DEVICE
+            assert message["model"]["name"] == "tiny-colour"
+            assert message["runtime"]["provider"] == "CPUExecutionProvider"
+            assert message["result"]["type"] == "classification"
+        # The tiny model's logits are 4 x mean R, G, B (0..1) and a constant 1.8 for "gray": the label of
+        # every frame follows from the photo it shows, computed here from the photo itself.
+        expected = {}
+        for name in ("chelsea", "coffee", "rocket", "astronaut"):
+            logits = np.append(photo(name).mean(axis=(0, 1))[::-1] / 255 * 4, 1.8)
+            expected[name] = TINY_LABELS[int(np.argmax(logits))]
+        shown = labelled_clip(fps=10.0, seconds_per_photo=1.0)
+        hits = [
+            m["result"]["top_k"][0]["label"] == expected[shown.photo_at(m["source"]["frame"])]
+            for m in predictions
+        ]
+        assert sum(hits) >= 0.95 * len(hits)
+        assert len(set(expected.values())) > 1  # the clip really exercises more than one class
+        frames = [m["source"]["frame"] for m in sorted(predictions, key=lambda m: m["seq"])]
+        assert frames == sorted(frames)  # one source, one worker: order is kept end to end
+        assert len({m["boot_id"] for m in predictions}) == 1
+        statuses = sub.payloads("/status")
+        assert statuses[0]["state"] == "online" and statuses[-1]["state"] == "offline"
+        assert statuses[0]["model"]["sha256"] == predictions[0]["model"]["sha256"]
+    finally:
+        sub.close()
+
+
+def test_broker_down_for_a_while_then_back_loses_nothing(
+    tmp_path: Path, models: Path, clip: Path, mosquitto: Mosquitto
+) -> None:
+    sub = Subscriber(mosquitto.port, f"{PREFIX}/predictions", client_id="persistent-sub")
+    try:
+        config = _config(
+            tmp_path,
+            models,
+            mosquitto.port,
+            clip,
+            source={"type": "video", "realtime": False, "uri": str(clip), "fps": 20, "loop": True},
+        )
+        with running(config) as daemon:
+            assert sub.wait_for(lambda ms: len(ms) >= 10, 20)
+            mosquitto.stop()
+            before = daemon.predictions
+            assert wait_until(lambda: daemon.predictions >= before + 20, 20)  # made while the broker is away
+            assert daemon.outbox.depth > 0
+            mosquitto.start()
+            assert wait_until(lambda: daemon.publisher.connected, 30)
+            after = daemon.predictions
+            assert wait_until(lambda: daemon.predictions >= after + 10, 20)
+        made = daemon.predictions
+        complete = sub.wait_for(lambda ms: len(_seqs(ms)) >= made, 30)
+        seqs = _seqs(sub.payloads())
+        missing = sorted(set(range(seqs[0], seqs[0] + made)) - set(seqs))
+        assert complete and not missing, (
+            made,
+            len(seqs),
+            missing[:20],
+            daemon.outbox.stats,
+            daemon.publisher.stats,
+        )
+        assert seqs == list(range(seqs[0], seqs[0] + made))
+    finally:
+        sub.close()
+
+
+def test_outbox_bound_drops_oldest_and_counts_exactly(
+    tmp_path: Path, models: Path, clip: Path, mosquitto: Mosquitto
+) -> None:
+    sub = Subscriber(mosquitto.port, f"{PREFIX}/predictions", client_id="bound-sub")
+    try:
+        mosquitto.stop()
+        config = _config(
+            tmp_path,
+            models,
+            mosquitto.port,
+            clip,
+            outbox={"path": str(tmp_path / "state" / "outbox.db"), "max_bytes": 8192},
+            exit_on_source_end=False,
+        )
+        with running(config) as daemon:
+            assert wait_until(daemon.sources_done.is_set, 60)
+            made = daemon.predictions
+            depth, dropped = daemon.outbox.depth, daemon.outbox.dropped
+            assert dropped > 0 and depth + dropped == made
+            assert daemon.outbox.size_bytes <= 8192
+            mosquitto.start()
+            assert sub.wait_for(lambda ms: len(_seqs(ms)) >= depth, 30)
+            assert wait_until(lambda: daemon.outbox.depth == 0, 10)
+        seqs = _seqs(sub.payloads())
+        first = daemon.outbox.next_seq - made
+        assert seqs == list(range(first + dropped, first + made))  # exactly the newest survived
+    finally:
+        sub.close()
+
+
+def _send_command(port: int, name: str, body: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+    import paho.mqtt.client as mqtt
+
+    replies: list[dict[str, Any]] = []
+    got = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"cmd-{name}-{time.monotonic_ns()}")
+    client.on_message = lambda c, u, m: (replies.append(json.loads(m.payload)), got.set())
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.subscribe(f"{PREFIX}/cmd/{name}/reply", qos=1)
+        assert subscribed.wait(10)
+        client.publish(f"{PREFIX}/cmd/{name}", json.dumps(body), qos=1).wait_for_publish(10)
+        assert got.wait(timeout), f"no reply to cmd/{name} within {timeout} s"
+        return replies[0]
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_hot_swap_under_load_loses_nothing_and_never_mixes_models(
+    tmp_path: Path, models: Path, clip: Path, mosquitto: Mosquitto
+) -> None:
+    make_tiny_package(models / "v2", version="2.0.0", gain=6.0)
+    sha = {
+        v: json.loads((models / v / "manifest.json").read_text())["artifacts"][0]["sha256"]
+        for v in ("v1", "v2")
+    }
+    sub = Subscriber(mosquitto.port, f"{PREFIX}/#", client_id="swap-sub")
+    try:
+        config = _config(
+            tmp_path,
+            models,
+            mosquitto.port,
+            clip,
+            source={"type": "video", "realtime": False, "uri": str(clip), "fps": 40, "loop": True},
+        )
+        with running(config) as daemon:
+            assert sub.wait_for(lambda ms: len(ms) >= 10, 20, suffix="/predictions")
+            for target in ("v2", "v1", str(models / "v2")):
+                reply = _send_command(mosquitto.port, "reload", {"path": target, "id": target})
+                assert reply["ok"] is True, reply
+                assert reply["id"] == target
+                count = daemon.predictions
+                assert wait_until(lambda c=count: daemon.predictions >= c + 5, 20)
+            assert daemon.active is not None and daemon.active.info["sha256"] == sha["v2"]
+            assert daemon.previous is not None and daemon.previous.info["sha256"] == sha["v1"]
+            stats = _send_command(mosquitto.port, "stats", {})
+            assert stats["ok"] and stats["result"]["stats"]["model"]["version"] == "2.0.0"
+            check = _send_command(mosquitto.port, "selfcheck", {})
+            assert check["ok"] and check["result"]["passed"] and check["result"]["golden"]["passed"]
+        made = daemon.predictions
+        assert sub.wait_for(lambda ms: len(_seqs(ms)) >= made, 30, suffix="/predictions")
+        predictions = sorted(sub.payloads("/predictions"), key=lambda m: m["seq"])
+        seqs = _seqs(predictions)
+        assert seqs == list(range(seqs[0], seqs[0] + made))
+        assert {m["model"]["sha256"] for m in predictions} == set(sha.values())
+        versions = {sha["v1"]: "1.0.0", sha["v2"]: "2.0.0"}
+        assert all(versions[m["model"]["sha256"]] == m["model"]["version"] for m in predictions)
+        # The swaps are ordered: v1 ... v2 ... v1 ... v2, never interleaved.
+        runs = [predictions[0]["model"]["version"]]
+        for m in predictions[1:]:
+            if m["model"]["version"] != runs[-1]:
+                runs.append(m["model"]["version"])
+        assert runs == ["1.0.0", "2.0.0", "1.0.0", "2.0.0"]
+        swapped = [e for e in sub.payloads("/events") if e.get("event", e.get("name")) == "model_swapped"]
+        assert len(swapped) == 3
+    finally:
+        sub.close()
+
+
+def test_failed_swap_keeps_the_old_model_serving(
+    tmp_path: Path, models: Path, clip: Path, mosquitto: Mosquitto
+) -> None:
+    make_tiny_package(models / "bad-golden", version="9.0.0", corrupt="golden")
+    make_tiny_package(models / "bad-hash", version="9.0.1", corrupt="hash")
+    make_tiny_package(tmp_path / "elsewhere", version="9.0.2")
+    sub = Subscriber(mosquitto.port, f"{PREFIX}/#", client_id="fail-sub")
+    try:
+        config = _config(
+            tmp_path,
+            models,
+            mosquitto.port,
+            clip,
+            source={"type": "video", "realtime": False, "uri": str(clip), "fps": 30, "loop": True},
+        )
+        with running(config) as daemon:
+            serving = daemon.active
+            assert sub.wait_for(lambda ms: len(ms) >= 5, 20, suffix="/predictions")
+            for target, reason in (
+                ("bad-golden", "golden"),
+                ("bad-hash", "sha256"),
+                (str(tmp_path / "elsewhere"), "outside the models directory"),
+                ("../elsewhere", "outside the models directory"),
+            ):
+                reply = _send_command(mosquitto.port, "reload", {"path": target})
+                assert reply["ok"] is False, reply
+                assert reason in reply["error"], reply
+                assert daemon.active is serving
+            count = daemon.predictions
+            assert wait_until(lambda: daemon.predictions >= count + 5, 20)
+        made = daemon.predictions
+        assert sub.wait_for(lambda ms: len(_seqs(ms)) >= made, 30, suffix="/predictions")
+        assert {m["model"]["version"] for m in sub.payloads("/predictions")} == {"1.0.0"}
+        failed = [e for e in sub.payloads("/events") if e.get("event", e.get("name")) == "model_swap_failed"]
+        assert len(failed) == 4
+    finally:
+        sub.close()
+
+
+def test_sd_notify_and_metrics_from_a_running_daemon(
+    tmp_path: Path, models: Path, clip: Path, mosquitto: Mosquitto
+) -> None:
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(10)
+    notifier = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
+    config = _config(
+        tmp_path,
+        models,
+        mosquitto.port,
+        clip,
+        source={"type": "video", "realtime": False, "uri": str(clip), "fps": 20, "loop": True},
+        metrics={"port": 0, "addr": "127.0.0.1"},
+    )
+    messages: list[str] = []
+    try:
+        with running(config, notifier) as daemon:
+            while not any(m.startswith("READY=1") for m in messages):
+                messages.append(sock.recv(4096).decode())
+            started = time.monotonic()
+            pings = 0
+            while pings < 5:
+                if sock.recv(4096).decode() == "WATCHDOG=1":
+                    pings += 1
+            assert time.monotonic() - started < 5
+            assert wait_until(lambda: daemon.publisher.connected and daemon.predictions >= 10, 20)
+            assert daemon.metrics is not None and daemon.metrics.port
+            with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics.port}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        lines = text.splitlines()
+        frames_in = next(line for line in lines if line.startswith("edge_frames_in_total{"))
+        assert float(frames_in.rsplit(" ", 1)[1]) >= 10
+        assert any(
+            line.startswith("edge_inference_seconds_count ") and float(line.split()[1]) >= 10
+            for line in lines
+        )
+        assert "edge_mqtt_connected 1.0" in lines
+        assert any(
+            'provider="CPUExecutionProvider"' in line for line in lines if line.startswith("edge_model_info")
+        )
+        sock.settimeout(2)
+        tail = []
+        try:
+            while True:
+                tail.append(sock.recv(4096).decode())
+        except TimeoutError:
+            pass
+        assert any(m.startswith("STOPPING=1") for m in tail)
+    finally:
+        sock.close()
+
+
+def _start_subprocess(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge.cli", "run", "--config", str(config_path)],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_sigkill_and_restart_loses_nothing_and_never_reuses_seq(
+    tmp_path: Path, models: Path, clip: Path, mosquitto: Mosquitto
+) -> None:
+    sub = Subscriber(mosquitto.port, f"{PREFIX}/#", client_id="kill-sub")
+    config_path = write_config(
+        tmp_path / "edge.yaml",
+        device_id=DEVICE,
+        profile="x86-64-avx2",
+        model="models/v1",
+        source={"type": "video", "realtime": False, "uri": str(clip), "fps": 20, "loop": True},
+        mqtt={"host": "127.0.0.1", "port": mosquitto.port, "qos": 1, "topic_prefix": "edge"},
+        outbox={"path": "state/outbox.db", "max_bytes": 1 << 20},
+        metrics=None,
+    )
+    log = tmp_path / "daemon.log"
+    proc = _start_subprocess(config_path, log)
+    try:
+        assert sub.wait_for(lambda ms: len(ms) >= 15, 30, suffix="/predictions"), log.read_text()
+        mosquitto.pause()  # the next predictions pile up in the outbox, unacknowledged
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        mosquitto.resume()
+        proc = _start_subprocess(config_path, log)
+        assert sub.wait_for(
+            lambda ms: len({m["boot_id"] for m in ms}) == 2 and len(ms) >= 40, 30, "/predictions"
+        ), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+        # The clean stop flushed the outbox; wait for the subscriber to see the tail too.
+        assert sub.wait_for(lambda ms: ms and ms[-1]["state"] == "offline", 20, suffix="/status")
+        time.sleep(0.5)
+        predictions = sub.payloads("/predictions")
+        by_seq: dict[int, set[str]] = {}
+        for m in predictions:
+            by_seq.setdefault(m["seq"], set()).add(m["boot_id"])
+        seqs = sorted(by_seq)
+        assert seqs == list(range(seqs[0], seqs[-1] + 1)), "a prediction went missing across the kill"
+        assert all(len(boots) == 1 for boots in by_seq.values()), "a seq was reused after the restart"
+        first_boot = predictions[0]["boot_id"]
+        boundary = max(s for s, b in by_seq.items() if first_boot in b)
+        assert all(first_boot not in by_seq[s] for s in seqs if s > boundary)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        sub.close()
+
+
+def test_sensor_windows_from_a_file_reach_the_model_in_order(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    from tests.daemon_helpers import make_sensor_package
+
+    models = tmp_path / "models"
+    make_sensor_package(models / "sensor", window=16, channels=2)
+    windows = 30
+    samples = np.repeat(np.arange(windows, dtype=np.float32), 16)  # window k holds k in every sample
+    (tmp_path / "samples.f32").write_bytes(np.stack([samples, -samples], axis=1).astype("<f4").tobytes())
+    sub = Subscriber(mosquitto.port, f"{PREFIX}/predictions", client_id="sensor-sub")
+    try:
+        config = _config(
+            tmp_path,
+            models,
+            mosquitto.port,
+            tmp_path / "samples.f32",
+            model=str(models / "sensor"),
+            source={
+                "type": "sensor",
+                "uri": str(tmp_path / "samples.f32"),
+                "format": "f32le",
+                "channels": 2,
+                "window": 16,
+                "sample_rate": 160,
+                "realtime": True,
+            },
+        )
+        with running(config) as daemon:
+            assert wait_until(daemon.sources_done.is_set, 30)
+        made = daemon.predictions
+        assert made >= windows - 2
+        assert sub.wait_for(lambda ms: len(_seqs(ms)) >= made, 20)
+        for message in sub.payloads():
+            [output] = message["result"]["outputs"]
+            k = message["source"]["frame"]
+            assert output["name"] == "mean"
+            assert np.allclose(np.ravel(output["data"]), [k, -k]), message["result"]
+    finally:
+        sub.close()
+
+
+def test_source_file_vanishing_and_coming_back_reconnects_and_reports_it(
+    tmp_path: Path, models: Path, clip: Path, mosquitto: Mosquitto
+) -> None:
+    import shutil
+
+    local = tmp_path / "cam.mp4"
+    shutil.copy(clip, local)
+    sub = Subscriber(mosquitto.port, f"{PREFIX}/#", client_id="vanish-sub")
+    try:
+        source = {"type": "video", "realtime": False, "uri": str(local), "fps": 40, "loop": True}
+        source.update(reconnect_min_s=0.2, reconnect_max_s=0.4)
+        config = _config(tmp_path, models, mosquitto.port, local, source=source)
+        with running(config) as daemon:
+            assert sub.wait_for(lambda ms: len(ms) >= 5, 20, suffix="/predictions")
+            local.unlink()  # the open capture plays out its pass, then reopening fails and is retried
+            assert sub.wait_for(lambda es: any(e["event"] == "source_reconnected" for e in es), 40, "/events")
+            stalled = daemon.predictions
+            shutil.copy(clip, local)
+            assert wait_until(lambda: daemon.predictions >= stalled + 10, 40), daemon.stats()
+            assert not daemon.stop_event.is_set()
+    finally:
+        sub.close()
+
+
+def test_with_trusted_keys_only_signed_newer_packages_are_swapped_in(
+    tmp_path: Path, clip: Path, mosquitto: Mosquitto
+) -> None:
+    from edge.signing import generate_keypair, load_private_key
+
+    generate_keypair(tmp_path / "signing.pem", tmp_path / "signing.pub.pem")
+    other_key = tmp_path / "other.pem"
+    generate_keypair(other_key, tmp_path / "other.pub.pem")
+    key = load_private_key(tmp_path / "signing.pem")
+    models = tmp_path / "models"
+    make_tiny_package(models / "v1", version="1.0.0", sequence=5, sign_key=key)
+    make_tiny_package(models / "unsigned", version="1.1.0", sequence=6)
+    make_tiny_package(models / "stranger", version="1.2.0", sequence=6, sign_key=load_private_key(other_key))
+    make_tiny_package(models / "older", version="0.9.0", sequence=4, sign_key=key)
+    make_tiny_package(models / "v2", version="2.0.0", gain=6.0, sequence=6, sign_key=key)
+    (models / "current").symlink_to("v1")
+    config = _config(
+        tmp_path,
+        models,
+        mosquitto.port,
+        clip,
+        source={"type": "video", "realtime": False, "uri": str(clip), "fps": 30, "loop": True},
+        trusted_keys=[str(tmp_path / "signing.pub.pem")],
+        model=str(models / "current"),
+    )
+    with running(config) as daemon:
+        for target, reason in (
+            ("unsigned", "not signed"),
+            ("stranger", "signature does not match"),
+            ("older", "rollback refused"),
+        ):
+            reply = _send_command(mosquitto.port, "reload", {"path": target})
+            assert reply["ok"] is False and reason in reply["error"], reply
+            assert daemon.active is not None and daemon.active.info["version"] == "1.0.0"
+        reply = _send_command(mosquitto.port, "reload", {"path": "v2"})
+        assert reply["ok"] is True, reply
+        assert daemon.active is not None and daemon.active.info["version"] == "2.0.0"
+    # The swap is persisted (current -> v2), so a restart serves v2 ...
+    assert os.readlink(models / "current") == "v2"
+    with running(config) as daemon:
+        assert daemon.active is not None and daemon.active.info["version"] == "2.0.0"
+    # ... and the accepted sequence survives it: pointing `current` back at the older v1 is refused.
+    (models / "current").unlink()
+    (models / "current").symlink_to("v1")
+    with pytest.raises(PackageError, match="rollback refused"):
+        Daemon(config).start()

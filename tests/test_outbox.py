@@ -1,0 +1,189 @@
+"""The durable outbox on a real SQLite file: seq persistence, bound and drop accounting, recovery."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from edge.publish.outbox import SEQ_RESERVE, Outbox, OutboxError
+
+
+def message(i: int, size: int = 0) -> dict[str, object]:
+    return {"schema": "edge.prediction/1", "seq": None, "i": i, "pad": "x" * size}
+
+
+def stored_seqs(path: Path) -> list[int]:
+    with sqlite3.connect(path) as conn:
+        return [row[0] for row in conn.execute("SELECT seq FROM messages ORDER BY seq")]
+
+
+def test_add_assigns_consecutive_seq_and_pending_is_oldest_first(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "outbox.db") as outbox:
+        payloads = [message(i) for i in range(5)]
+        seqs = [outbox.add(p) for p in payloads]
+        assert seqs == [1, 2, 3, 4, 5]
+        assert [p["seq"] for p in payloads] == seqs  # written into the payload at persist time
+        pending = outbox.pending(10)
+        assert [seq for seq, _ in pending] == seqs
+        assert [json.loads(data)["seq"] for _, data in pending] == seqs
+        assert outbox.pending(2, after=3) == pending[3:5]
+        outbox.ack(2)
+        assert outbox.ack_many([1, 2, 99]) == 1  # already gone or never there: ignored
+        assert outbox.depth == 3
+        assert [seq for seq, _ in outbox.pending(10)] == [3, 4, 5]
+        conn = sqlite3.connect(tmp_path / "outbox.db")
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
+
+
+def test_seq_survives_restart_and_is_never_reused_after_acks(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as outbox:
+        for i in range(7):
+            outbox.add(message(i))
+        outbox.ack_many(range(1, 8))
+        assert outbox.depth == 0
+    with Outbox(path) as outbox:
+        assert outbox.add(message(7)) == 8
+        assert outbox.boots == 2
+    with Outbox(path) as outbox:
+        assert [seq for seq, _ in outbox.pending(10)] == [8]
+        assert outbox.add(message(8)) == 9
+
+
+def test_bound_drops_oldest_and_counts_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    total = 400
+    with Outbox(path, max_bytes=20_000) as outbox:
+        for i in range(total):
+            outbox.add(message(i, size=i % 300))
+            assert outbox.size_bytes <= 20_000
+        present = stored_seqs(path)
+        missing = set(range(1, total + 1)) - set(present)
+        assert outbox.dropped == len(missing) > 0
+        assert present == list(range(min(present), total + 1))  # only the oldest ones went
+        assert outbox.depth == len(present)
+        dropped = outbox.dropped
+    with Outbox(path, max_bytes=20_000) as outbox:
+        assert outbox.dropped == dropped  # persisted
+        assert outbox.depth == len(present)
+
+
+def test_concurrent_adds_and_acks_keep_seq_unique_and_contiguous(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    got: list[list[int]] = [[], []]
+    stop = threading.Event()
+    acked: list[int] = []
+
+    def produce(slot: int) -> None:
+        for i in range(300):
+            got[slot].append(outbox.add(message(i)))
+
+    def consume() -> None:
+        after = 0
+        while not stop.is_set() or outbox.depth:
+            rows = outbox.pending(50, after=after)
+            if rows:
+                after = rows[-1][0]
+                outbox.ack_many(seq for seq, _ in rows)
+                acked.extend(seq for seq, _ in rows)
+
+    threads = [threading.Thread(target=produce, args=(s,)) for s in (0, 1)]
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    stop.set()
+    consumer.join(30)
+    assert sorted(got[0] + got[1]) == list(range(1, 601))
+    assert sorted(acked) == list(range(1, 601))
+    assert outbox.depth == 0 and outbox.size_bytes == 0
+    outbox.close()
+
+
+def test_corrupt_database_is_moved_aside_and_seq_keeps_rising(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as outbox:
+        for i in range(10):
+            outbox.add(message(i))
+    path.write_bytes(b"this is not a database" * 100)
+    with caplog.at_level(logging.ERROR, logger="edge.publish.outbox"), Outbox(path) as outbox:
+        assert outbox.recovered_from is not None and outbox.recovered_from.exists()
+        assert outbox.recovered_from.name.startswith("outbox.db.corrupt-")
+        assert outbox.depth == 0
+        assert outbox.add(message(10)) > 10  # from the sidecar's reserved mark: a gap, never a reuse
+    assert "corrupt" in caplog.text and str(outbox.recovered_from) in caplog.text
+
+
+def test_deleted_database_seeds_seq_from_the_sidecar(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as outbox:
+        for i in range(SEQ_RESERVE + 5):  # crosses one reservation
+            outbox.add(message(i))
+    for leftover in tmp_path.glob("outbox.db*"):
+        if not leftover.name.endswith(".seq"):
+            leftover.unlink()
+    with Outbox(path) as outbox:
+        assert outbox.add(message(0)) > SEQ_RESERVE + 5
+
+
+def test_disk_full_is_counted_and_does_not_raise(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    outbox = Outbox(path)
+    pages = outbox._conn.execute("PRAGMA page_count").fetchone()[0]
+    outbox._conn.execute(f"PRAGMA max_page_count={pages + 2}")  # SQLITE_FULL, as a full disk gives
+    seqs = [outbox.add(message(i, size=3000)) for i in range(10)]
+    assert outbox.disk_full > 0
+    assert seqs == list(range(1, 11))  # every seq consumed once, so subscribers see the gap
+    assert outbox.depth == 10 - outbox.disk_full
+    outbox._conn.execute("PRAGMA max_page_count=1073741823")
+    assert outbox.add(message(10)) == 11
+    assert outbox.pending(100)[-1][0] == 11
+    outbox.close()
+
+
+def test_bad_bound_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(OutboxError, match="max_bytes"):
+        Outbox(tmp_path / "outbox.db", max_bytes=0)
+
+
+def test_truncated_database_is_recovered_without_reusing_seq(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as outbox:
+        for i in range(3000):
+            outbox.add(message(i, size=200))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 6 // 10])  # a torn copy, as a failing SD card leaves it
+    with Outbox(path) as outbox:
+        assert outbox.recovered_from is not None
+        assert outbox.add(message(0)) > 3000
+    with Outbox(path) as outbox:  # and the fresh database is healthy afterwards
+        assert outbox.recovered_from is None
+        assert outbox.depth == 1
+
+
+def test_ack_of_a_row_dropped_in_flight_takes_it_back_out_of_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    outbox = Outbox(path, max_bytes=5_000)
+    for i in range(10):
+        outbox.add(message(i, size=300))
+    in_flight = [seq for seq, _ in outbox.pending(4)]  # handed to the publisher, not yet acked
+    for i in range(10, 30):
+        outbox.add(message(i, size=300))
+    assert set(in_flight) <= set(range(1, outbox.dropped + 1))  # the bound dropped them meanwhile
+    before = outbox.dropped
+    assert outbox.ack_many(in_flight) == 0  # late PUBACKs: the broker has them after all
+    assert outbox.dropped == before - len(in_flight)
+    assert outbox.ack_many(in_flight) == 0 and outbox.dropped == before - len(in_flight)  # once only
+    outbox.close()
+    with Outbox(path, max_bytes=5_000) as reopened:
+        assert reopened.dropped == before - len(in_flight)  # persisted
