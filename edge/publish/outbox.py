@@ -93,6 +93,11 @@ class Outbox:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        # Keep the WAL in proportion to the bound: with SQLite's defaults (1000 pages, no size limit) a
+        # 32 KiB outbox grew a 4 MB WAL, so disk use was not bounded by max_bytes at all.
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, self.max_bytes // 4 // page_size)}")
+        conn.execute(f"PRAGMA journal_size_limit={max(64 * 1024, self.max_bytes // 2)}")
         return conn
 
     def _open(self) -> sqlite3.Connection:

@@ -59,7 +59,7 @@ class CountingSubscriber:
         )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.1, 1.0)
+        self.client.reconnect_delay_set(1, 2)
         self.host, self.port = host, port
 
     def _on_connect(self, client, _userdata, _flags, reason_code, _props) -> None:

@@ -1,0 +1,700 @@
+"""Fault scenarios (issue 7): a real mosquitto, the daemon as a real process, a counting subscriber.
+
+Each test asserts its guarantee and appends its counted figures to the session's table (report.py), which
+is written to $EDGE_CACHE/faults/report.md and printed at the end. The fast ones run in the default
+suite; `tools/faults.sh` runs them all, slow ones included.
+
+The load is a sensor file (real sensor source, real ONNX Runtime session of a tiny model) replayed at a
+fixed rate of windows per second, so every scenario produces a known, steady stream of QoS 1 predictions.
+
+Showing that the scenarios catch a broken guarantee ("disable the outbox"): the daemon has no switch to
+bypass its outbox, so `test_scenario_1_fails_when_the_outbox_cannot_hold_the_outage` runs scenario 1 with
+the outbox cut to its 4 KiB minimum and shows the same check failing. By hand:
+`EDGE_FAULTS_OUTBOX_MAX_BYTES=4096 tools/faults.sh -k sigterm_outage` fails with the count of lost seqs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.broker import Mosquitto
+from tests.faults.counting import CountingSubscriber, ScenarioResult
+from tests.faults.daemon_proc import (
+    DEVICE,
+    CommandClient,
+    DaemonProcess,
+    fault_config,
+    outbox_disk_bytes,
+    read_outbox,
+    rss_bytes,
+)
+from tests.faults.report import record
+
+
+def _wait(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def _max_seen(counter: CountingSubscriber) -> int:
+    return counter.snapshot(DEVICE).last_seq or 0
+
+
+def _produced(daemon: DaemonProcess) -> int:
+    return read_outbox(daemon.outbox_path)["next_seq"] - 1
+
+
+def _recovery_after(counter: CountingSubscriber, seen_before: int, since: float, timeout: float) -> float:
+    """Seconds from `since` until the counter receives a seq above `seen_before` (inf if it never does)."""
+    if _wait(lambda: _max_seen(counter) > seen_before, timeout, 0.01):
+        return time.monotonic() - since
+    return float("inf")
+
+
+def _result(
+    name: str,
+    counter: CountingSubscriber,
+    produced: int,
+    dropped: int,
+    recovery: float | None,
+    note: str,
+) -> ScenarioResult:
+    count = counter.snapshot(DEVICE)
+    missing = count.missing(1, produced)
+    return record(
+        ScenarioResult(
+            scenario=name,
+            produced=produced,
+            delivered=len(count.seqs & set(range(1, produced + 1))),
+            missing=len(missing),
+            duplicated=count.duplicates,
+            dropped_counted=dropped,
+            recovery_s=recovery,
+            note=note,
+        )
+    )
+
+
+def _start(daemons: list[DaemonProcess], config: Path, workdir: Path, **kw: Any) -> DaemonProcess:
+    daemon = DaemonProcess(config, workdir, **kw)
+    daemons.append(daemon)
+    daemon.start()
+    daemon.wait_ready()
+    return daemon
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. the broker goes away while the daemon publishes
+
+
+def _broker_outage(
+    tmp_path: Path,
+    broker: Mosquitto,
+    counter: CountingSubscriber,
+    daemons: list[DaemonProcess],
+    *,
+    sig: int,
+    windows: int,
+    rate: float,
+    outage_s: float,
+    max_bytes: int = 0,  # 0: 16 MiB (holds the whole outage) or $EDGE_FAULTS_OUTBOX_MAX_BYTES
+    label: str = "",
+    subscriber_offline_s: float = 0.0,
+) -> tuple[ScenarioResult, list[int], list[int], int]:
+    window = 100
+    max_bytes = max_bytes or int(os.environ.get("EDGE_FAULTS_OUTBOX_MAX_BYTES", 16 << 20))
+    config = fault_config(
+        tmp_path,
+        broker.port,
+        windows=windows,
+        rate=rate,
+        loop=False,
+        inflight_window=window,
+        max_bytes=max_bytes,
+    )
+    daemon = _start(daemons, config, tmp_path)
+    assert _wait(lambda: _max_seen(counter) >= windows // 5, 60), daemon.log_tail()
+    if subscriber_offline_s:
+        # The broker now has to queue (and persist) what it acknowledges instead of passing it straight on.
+        counter.stop()
+        time.sleep(subscriber_offline_s)
+    broker.stop(sig)
+    time.sleep(0.5)  # let the daemon settle the PUBACKs that arrived before the stop
+    unacked_at_stop = read_outbox(daemon.outbox_path)["pending"]
+    seen_before = _max_seen(counter)
+    time.sleep(outage_s - 0.5)
+    restarted = time.monotonic()
+    broker.start()
+    if subscriber_offline_s:
+        counter.start()
+    recovery = _recovery_after(counter, seen_before, restarted, 60)
+    assert daemon.wait_exit(120) == 0, daemon.log_tail()  # the file ended; it flushed and exited
+    state = read_outbox(daemon.outbox_path)
+    produced = state["next_seq"] - 1
+    assert state["pending"] == [], "the daemon exited with unacknowledged predictions"
+    if not counter.wait_for(DEVICE, produced, 30 if sig == signal.SIGTERM else 0.5):
+        # After a broker SIGKILL some may be gone for good: wait for the newest, then a short grace.
+        _wait(lambda: _max_seen(counter) >= produced, 30)
+        time.sleep(1.0)
+    missing = counter.snapshot(DEVICE).missing(1, produced)
+    name = f"1. broker {signal.Signals(sig).name} {outage_s:g} s{label}"
+    note = (
+        f"{windows} windows at {rate:.0f}/s; in-flight window {window}; "
+        f"{len(unacked_at_stop)} unacked in the outbox at the stop"
+    )
+    if subscriber_offline_s:
+        note += f"; subscriber offline {subscriber_offline_s:.1f} s before the stop"
+    if missing:
+        note += f"; missing seqs {missing[0]}..{missing[-1]}"
+        if not set(missing) & set(unacked_at_stop):
+            note += ", all acked by the broker before the stop"
+    result = _result(name, counter, produced, state["dropped"], recovery, note)
+    return result, missing, unacked_at_stop, window
+
+
+def _assert_outage(result: ScenarioResult, missing: list[int], unacked: list[int], window: int) -> None:
+    assert result.produced > 0
+    assert result.duplicated <= window, f"{result.duplicated} duplicates > in-flight window {window}"
+    # Everything the daemon had not seen acknowledged when the broker went away was sent again.
+    assert not set(missing) & set(unacked), (
+        f"unacked seqs never delivered: {sorted(set(missing) & set(unacked))}"
+    )
+    assert result.dropped_counted == 0
+
+
+def test_broker_sigterm_outage_loses_nothing(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    result, missing, unacked, window = _broker_outage(
+        tmp_path, broker, counter, daemons, sig=signal.SIGTERM, windows=1500, rate=250, outage_s=3
+    )
+    _assert_outage(result, missing, unacked, window)
+    assert missing == [], f"{len(missing)} predictions lost across a clean broker restart"
+    assert result.recovery_s is not None and result.recovery_s < 10
+
+
+def test_broker_sigkill_outage_resends_everything_unacked(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    result, missing, unacked, window = _broker_outage(
+        tmp_path, broker, counter, daemons, sig=signal.SIGKILL, windows=1500, rate=250, outage_s=3
+    )
+    _assert_outage(result, missing, unacked, window)
+    # Only what the broker acknowledged and had not persisted (autosave_interval 1 s) can be lost.
+    assert all(seq < min(unacked, default=result.produced + 1) for seq in missing)
+
+
+def test_broker_sigkill_with_subscriber_offline_loses_only_unpersisted_acked(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    """With the subscriber away, the broker holds what it acknowledged; a SIGKILL loses what it had not
+    yet saved (autosave_interval 1 s in tests/broker.py). The daemon cannot know: it saw the PUBACKs."""
+    rate = 250
+    result, missing, unacked, window = _broker_outage(
+        tmp_path,
+        broker,
+        counter,
+        daemons,
+        sig=signal.SIGKILL,
+        windows=2000,  # the file must outlast the outage, or the daemon exits with a full outbox
+        rate=rate,
+        outage_s=2.5,
+        label=", subscriber offline",
+        subscriber_offline_s=1.5,
+    )
+    _assert_outage(result, missing, unacked, window)
+    assert all(seq < min(unacked, default=result.produced + 1) for seq in missing)
+    # About one autosave interval of acknowledged messages (two allowed: saving takes time under load).
+    assert len(missing) <= 2 * rate + window
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_broker_outage_10k_predictions(
+    tmp_path: Path,
+    broker: Mosquitto,
+    counter: CountingSubscriber,
+    daemons: list[DaemonProcess],
+    sig: int,
+) -> None:
+    result, missing, unacked, window = _broker_outage(
+        tmp_path, broker, counter, daemons, sig=sig, windows=10_000, rate=400, outage_s=5
+    )
+    _assert_outage(result, missing, unacked, window)
+    if sig == signal.SIGTERM:
+        assert missing == []
+
+
+@pytest.mark.slow
+def test_scenario_1_fails_when_the_outbox_cannot_hold_the_outage(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    """The guarantee check of scenario 1 is not vacuous: with the outbox cut to its 4 KiB minimum (the
+    daemon has no switch to bypass it entirely) the same outage loses predictions and the check sees it."""
+    result, missing, _unacked, _window = _broker_outage(
+        tmp_path,
+        broker,
+        counter,
+        daemons,
+        sig=signal.SIGTERM,
+        windows=1500,
+        rate=250,
+        outage_s=3,
+        max_bytes=4096,
+        label=", outbox crippled to 4 KiB",
+    )
+    with pytest.raises(AssertionError):
+        assert missing == []  # the very check test_broker_sigterm_outage_loses_nothing makes
+    assert len(missing) == result.missing > 0
+    assert result.dropped_counted >= result.missing  # the loss is at least counted
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. the daemon is SIGKILLed at random moments and restarted
+
+
+def _daemon_kills(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess], kills: int
+) -> None:
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    config = fault_config(tmp_path, broker.port, windows=2000, rate=200, loop=True)
+    daemon = _start(daemons, config, tmp_path)
+    recoveries = []
+    for _ in range(kills):
+        time.sleep(rng.uniform(0.2, 1.5))
+        daemon.kill()
+        seen_before = _max_seen(counter)
+        restarted = time.monotonic()
+        daemon.start()
+        daemon.wait_ready()
+        recoveries.append(_recovery_after(counter, seen_before, restarted, 30))
+    time.sleep(1.0)
+    assert daemon.stop() == 0, daemon.log_tail()
+    state = read_outbox(daemon.outbox_path)
+    produced = state["next_seq"] - 1
+    assert state["pending"] == [], "a clean stop left unacknowledged predictions"
+    counter.wait_for(DEVICE, produced, 30)
+    reused = counter.ledger.reused()  # type: ignore[attr-defined]
+    count = counter.snapshot(DEVICE)
+    result = _result(
+        f"2. daemon SIGKILL x{kills}",
+        counter,
+        produced,
+        state["dropped"],
+        max(recoveries),
+        f"random kill moments (seed {seed}); {len(count.boot_ids)} boots seen; "
+        f"recovery = restart to the next new seq, worst of {kills}",
+    )
+    assert result.missing == 0, f"missing seqs {count.missing(1, produced)[:20]}"
+    assert reused == [], f"seqs reused with different payloads: {reused[:20]}"
+    assert count.duplicates <= kills * INFLIGHT_WINDOW  # at most one window re-sent per restart
+    assert len(count.boot_ids) >= kills + 1
+    assert state["boots"] == kills + 1
+
+
+def test_daemon_sigkilled_3_times_loses_nothing_and_never_reuses_seq(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    _daemon_kills(tmp_path, broker, counter, daemons, kills=3)
+
+
+@pytest.mark.slow
+def test_daemon_sigkilled_20_times_loses_nothing_and_never_reuses_seq(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    _daemon_kills(tmp_path, broker, counter, daemons, kills=20)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. the broker is away long enough to fill the outbox bound
+
+# What SQLite adds to `max_bytes` of payload: row/page overhead and free pages in the main file (bounded
+# here by a factor of two plus 64 KiB), and a WAL that grows up to its autocheckpoint (1000 pages of 4 KiB)
+# before it is reset.
+DB_OVERHEAD_FACTOR = 2
+DB_OVERHEAD_BYTES = 64 << 10
+WAL_LIMIT_BYTES = 1000 * 4096 + (64 << 10)
+INFLIGHT_WINDOW = 100  # the config default fault_config uses
+
+
+def test_outbox_bound_holds_and_drops_equal_missing_exactly(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    max_bytes = 32 << 10
+    config = fault_config(tmp_path, broker.port, windows=2000, rate=250, loop=True, max_bytes=max_bytes)
+    broker.stop()  # the counter's session (and its subscription) is persisted; predictions pile up
+    daemon = _start(daemons, config, tmp_path)
+    peak = {"db": 0, "-wal": 0, "-shm": 0}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for key, size in outbox_disk_bytes(daemon.outbox_path).items():
+            peak[key] = max(peak[key], size)
+        if read_outbox(daemon.outbox_path)["dropped"] >= 500:
+            break
+        time.sleep(0.1)
+    dropped_while_away = read_outbox(daemon.outbox_path)["dropped"]
+    assert dropped_while_away >= 500, daemon.log_tail()
+    restarted = time.monotonic()
+    broker.start()
+    recovery = _recovery_after(counter, 0, restarted, 60)
+    at_restart = _produced(daemon)
+    assert _wait(lambda: _max_seen(counter) >= at_restart, 60), daemon.log_tail()
+    assert daemon.stop() == 0, daemon.log_tail()
+    state = read_outbox(daemon.outbox_path)
+    produced = state["next_seq"] - 1
+    counter.wait_for(DEVICE, produced, 2)
+    count = counter.snapshot(DEVICE)
+    missing = count.missing(1, produced)
+    result = _result(
+        "3. outbox bound 32 KiB, broker away",
+        counter,
+        produced,
+        state["dropped"],
+        recovery,
+        f"peak on disk: db {peak['db'] // 1024} KiB, wal {peak['-wal'] // 1024} KiB, "
+        f"shm {peak['-shm'] // 1024} KiB (bound {max_bytes // 1024} KiB of payload)",
+    )
+    assert state["pending"] == []
+    assert peak["db"] <= DB_OVERHEAD_FACTOR * max_bytes + DB_OVERHEAD_BYTES, peak
+    assert peak["-wal"] <= WAL_LIMIT_BYTES, peak
+    assert result.duplicated <= INFLIGHT_WINDOW
+    assert missing == list(range(1, len(missing) + 1)), "only the oldest predictions may be dropped"
+    assert len(missing) <= state["dropped"], f"{len(missing)} missing but only {state['dropped']} counted"
+    counted_but_delivered = state["dropped"] - len(missing)
+    assert counted_but_delivered <= INFLIGHT_WINDOW
+    if counted_but_delivered:
+        # Known defect (reported on issue 7): when the broker returns while the outbox is still at its
+        # bound, `Outbox._trim` deletes rows the publisher already handed to paho; they are delivered
+        # anyway but counted as dropped, so the counter over-reports by up to the in-flight window.
+        result.note += f"; {counted_but_delivered} counted as dropped were delivered (trimmed in flight)"
+        pytest.xfail(
+            f"drop counter {state['dropped']} != missing {len(missing)}: "
+            f"{counted_but_delivered} in-flight rows trimmed and delivered anyway"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. the broker stops answering (SIGSTOP): a black hole, not a closed socket
+
+
+@pytest.mark.slow
+def test_paused_broker_is_noticed_within_keepalive_and_drained_after(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    keepalive = 5
+    config = fault_config(tmp_path, broker.port, windows=2000, rate=100, loop=True, keepalive=keepalive)
+    daemon = _start(daemons, config, tmp_path)
+    assert _wait(lambda: _max_seen(counter) >= 100, 30), daemon.log_tail()
+    log_before = daemon.log.read_text(errors="replace").count("mqtt disconnected")
+    produced_at_pause = _produced(daemon)
+    paused = time.monotonic()
+    broker.pause()
+    try:
+        noticed = _wait(
+            lambda: daemon.log.read_text(errors="replace").count("mqtt disconnected") > log_before,
+            3 * keepalive,
+            0.1,
+        )
+        noticed_after = time.monotonic() - paused
+        produced_in_pause = _produced(daemon) - produced_at_pause
+    finally:
+        broker.resume()
+    resumed = time.monotonic()
+    seen_before = _max_seen(counter)
+    recovery = _recovery_after(counter, seen_before, resumed, 60)
+    target = _produced(daemon)
+    assert _wait(lambda: _max_seen(counter) >= target, 60), daemon.log_tail()
+    assert daemon.stop() == 0, daemon.log_tail()
+    produced = _produced(daemon)
+    counter.wait_for(DEVICE, produced, 20)
+    result = _result(
+        f"4. broker SIGSTOP (keepalive {keepalive} s)",
+        counter,
+        produced,
+        read_outbox(daemon.outbox_path)["dropped"],
+        recovery,
+        f"disconnect noticed after {noticed_after:.1f} s; {produced_in_pause} predictions made while paused",
+    )
+    assert noticed and noticed_after <= 2 * keepalive + 1, f"noticed={noticed} after {noticed_after:.1f} s"
+    assert produced_in_pause > 0, "inference stopped while the broker was unreachable"
+    assert result.missing == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. the outbox's disk fills up
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, timeout=10
+    )
+    return done.returncode == 0
+
+
+@pytest.mark.slow
+def test_full_disk_under_the_outbox_keeps_the_daemon_running_and_recovers(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    state = tmp_path / "state"
+    if not _mount_tmpfs(state, "1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
+    try:
+        config = fault_config(tmp_path, broker.port, windows=2000, rate=250, loop=True, max_bytes=64 << 20)
+        broker.stop()  # predictions pile up until the 1 MiB filesystem is full
+        daemon = _start(daemons, config, tmp_path)
+        assert _wait(lambda: "predictions lost so far" in daemon.log.read_text(errors="replace"), 60), (
+            daemon.log_tail()
+        )
+        full_at = time.monotonic()
+        time.sleep(2.0)
+        assert daemon.running, f"the daemon died on a full disk:\n{daemon.log_tail()}"
+        restarted = time.monotonic()
+        broker.start()
+        recovery = _recovery_after(counter, 0, restarted, 60)
+        assert recovery < 60, "nothing stored before the disk filled was delivered"
+        # Recovered: once acks free space, new predictions are stored and delivered again.
+        resumed_from = _max_seen(counter)
+        recovered = _wait(lambda: _max_seen(counter) >= resumed_from + 200, 10)
+        if not recovered:
+            daemon.kill()
+            logged = re.findall(r"(\d+) predictions lost so far", daemon.log.read_text(errors="replace"))
+            lost = max((int(n) for n in logged), default=0)
+            stored = _max_seen(counter)
+            count = counter.snapshot(DEVICE)
+            record(
+                ScenarioResult(
+                    scenario="5. outbox on a full 1 MiB tmpfs",
+                    produced=stored + lost,
+                    delivered=len(count.seqs),
+                    missing=lost,
+                    duplicated=count.duplicates,
+                    dropped_counted=lost,
+                    recovery_s=None,
+                    note=f"NOT RECOVERED 10 s after the broker returned; >= {lost} lost while full (the "
+                    "log's disk-full counter, logged every 1000); the rows stored before were delivered, "
+                    "but with the disk full SQLite can neither delete them nor store new ones",
+                )
+            )
+            # Known defect (reported on issue 7): the WAL fills the disk; deleting acked rows needs WAL
+            # space too, so the outbox never frees space and every new prediction is lost until a restart.
+            pytest.xfail("the outbox does not recover from a full disk while the daemon runs")
+        assert daemon.stop() == 0, daemon.log_tail()
+        outbox = read_outbox(daemon.outbox_path)
+        produced = outbox["next_seq"] - 1
+        counter.wait_for(DEVICE, produced, 10)
+        missing = counter.snapshot(DEVICE).missing(1, produced)
+        result = _result(
+            "5. outbox on a full 1 MiB tmpfs",
+            counter,
+            produced,
+            outbox["dropped"],
+            recovery,
+            f"full after {full_at - restarted + 2.0:.0f} s of outage; the {len(missing)} missing are the "
+            "predictions made while the disk was full (counted only in Outbox.disk_full and its log line)",
+        )
+        assert outbox["pending"] == []
+        assert result.delivered > 0 and daemon.starts == 1
+    finally:
+        for proc in daemons:
+            proc.kill()
+        subprocess.run(["umount", "-l", str(state)], capture_output=True, timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. a corrupt outbox database at start
+
+
+def test_corrupt_outbox_is_moved_aside_and_a_fresh_one_serves(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    config = fault_config(tmp_path, broker.port, windows=2000, rate=100, loop=True)
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    garbage = b"this is not an SQLite database\0" * 512
+    (state_dir / "outbox.db").write_bytes(garbage)
+    started = time.monotonic()
+    daemon = _start(daemons, config, tmp_path)
+    assert _wait(lambda: _max_seen(counter) >= 20, 30), daemon.log_tail()
+    first_prediction = time.monotonic() - started
+    log = daemon.log.read_text(errors="replace")
+    assert daemon.stop() == 0, daemon.log_tail()
+    line = next((ln for ln in log.splitlines() if "is corrupt" in ln), None)
+    assert line is not None and "moved aside" in line, log[-3000:]
+    aside = [
+        p for p in state_dir.iterdir() if ".corrupt-" in p.name and not p.name.endswith(("-wal", "-shm"))
+    ]
+    assert len(aside) == 1 and aside[0].read_bytes() == garbage
+    produced = _produced(daemon)
+    counter.wait_for(DEVICE, produced, 20)
+    result = _result(
+        "6. corrupt outbox at start",
+        counter,
+        produced,
+        read_outbox(daemon.outbox_path)["dropped"],
+        first_prediction,
+        f"moved aside to {aside[0].name}; recovery = start to 20 predictions delivered",
+    )
+    assert result.missing == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. the camera's file disappears and comes back
+
+
+def test_vanished_source_reconnects_within_5_s_of_returning(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    import shutil
+
+    from tests.assets_media import labelled_clip
+
+    camera = tmp_path / "cam.mp4"
+    shutil.copy(labelled_clip(fps=10.0, seconds_per_photo=1.0).path, camera)
+    source = {
+        "type": "video",
+        "uri": str(camera),
+        "fps": 20,
+        "loop": True,
+        "realtime": False,
+        "reconnect_min_s": 0.2,
+        "reconnect_max_s": 0.4,
+    }
+    config = fault_config(tmp_path, broker.port, windows=0, rate=0, loop=True, source=source)
+    daemon = _start(daemons, config, tmp_path)
+    assert _wait(lambda: _max_seen(counter) >= 10, 30), daemon.log_tail()
+    away = camera.with_name("cam.away.mp4")
+    camera.rename(away)  # the open capture plays out its pass, then every reopen fails
+
+    def stalled() -> bool:
+        before = _max_seen(counter)
+        time.sleep(1.0)
+        return _max_seen(counter) == before
+
+    assert _wait(stalled, 20, 0), "predictions kept coming without the file"
+    seen_before = _max_seen(counter)
+    away.rename(camera)
+    returned = time.monotonic()
+    recovery = _recovery_after(counter, seen_before, returned, 20)
+    assert _wait(lambda: _max_seen(counter) >= seen_before + 10, 20), "the stream did not resume"
+    assert daemon.stop() == 0, daemon.log_tail()
+    produced = _produced(daemon)
+    counter.wait_for(DEVICE, produced, 20)
+    result = _result(
+        "7. source file gone and back",
+        counter,
+        produced,
+        read_outbox(daemon.outbox_path)["dropped"],
+        recovery,
+        "recovery = file back to the next prediction delivered (reconnect backoff 0.2-0.4 s)",
+    )
+    assert recovery <= 5.0, f"no prediction within 5 s of the file coming back ({recovery:.1f} s)"
+    assert result.missing == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. the watchdog: pings come from the inference loop and stop when the process does
+
+
+def test_watchdog_pings_stop_when_the_daemon_is_frozen(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    config = fault_config(tmp_path, broker.port, windows=2000, rate=100, loop=True)
+    daemon = _start(daemons, config, tmp_path, watchdog_usec=400_000)  # a ping every 0.1 s
+    assert _wait(lambda: len(daemon.notify.lines("WATCHDOG=1")) >= 5, 10), daemon.log_tail()
+    daemon.signal(signal.SIGSTOP)
+    time.sleep(0.5)  # a ping sent just before the stop may still be on its way to our reader thread
+    settled = len(daemon.notify.lines("WATCHDOG=1"))
+    time.sleep(1.5)
+    during = daemon.notify.lines("WATCHDOG=1")[settled:]
+    daemon.signal(signal.SIGCONT)
+    thawed = time.monotonic()
+    back = daemon.notify.wait_for("WATCHDOG=1", 5, after=thawed)
+    assert daemon.stop() == 0, daemon.log_tail()
+    produced = _produced(daemon)
+    counter.wait_for(DEVICE, produced, 20)
+    result = _result(
+        "8. watchdog while frozen (SIGSTOP 2 s)",
+        counter,
+        produced,
+        0,
+        None if back is None else back - thawed,
+        f"{len(during)} pings while frozen; WATCHDOG_USEC 400000; recovery = SIGCONT to the next ping",
+    )
+    assert during == [], "watchdog pings kept coming from a frozen process"
+    assert back is not None, "no watchdog ping after SIGCONT"
+    assert result.missing == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. hot swap under load
+
+
+def _hot_swaps(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess], swaps: int
+) -> int:
+    """Reload the configured package `swaps` times over MQTT while predictions flow; returns RSS growth."""
+    config = fault_config(tmp_path, broker.port, windows=2000, rate=200, loop=True)
+    daemon = _start(daemons, config, tmp_path)
+    assert daemon.proc is not None
+    commands = CommandClient(broker.port)
+    try:
+        warm = min(5, swaps)
+        failures = []
+        rss_after_warmup = 0
+        started = time.monotonic()
+        for n in range(swaps):
+            reply = commands.call("reload", {}, timeout=60)
+            if not reply.get("ok"):
+                failures.append(reply)
+            if n + 1 == warm:
+                rss_after_warmup = rss_bytes(daemon.proc.pid)
+        swap_s = (time.monotonic() - started) / swaps
+        rss_end = rss_bytes(daemon.proc.pid)
+    finally:
+        commands.close()
+    assert daemon.stop() == 0, daemon.log_tail()
+    produced = _produced(daemon)
+    counter.wait_for(DEVICE, produced, 20)
+    growth = rss_end - rss_after_warmup
+    result = _result(
+        f"9. hot swap x{swaps} under load",
+        counter,
+        produced,
+        read_outbox(daemon.outbox_path)["dropped"],
+        None,
+        f"{swap_s * 1e3:.0f} ms per swap; RSS {rss_after_warmup / 2**20:.1f} MiB after {warm} swaps, "
+        f"{rss_end / 2**20:.1f} MiB after {swaps} ({growth / 2**20:+.1f} MiB)",
+    )
+    assert failures == [], failures[:3]
+    assert result.missing == 0
+    return growth
+
+
+def test_hot_swap_10_times_under_load_loses_nothing(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    _hot_swaps(tmp_path, broker, counter, daemons, swaps=10)
+
+
+@pytest.mark.slow
+def test_hot_swap_1000_times_under_load_loses_nothing_and_rss_stays_flat(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    growth = _hot_swaps(tmp_path, broker, counter, daemons, swaps=1000)
+    # Flat: a leaked ORT session per swap (tens of MiB each for real models) would show long before this.
+    assert growth < 64 << 20, f"RSS grew {growth / 2**20:.1f} MiB over 1000 swaps"
