@@ -1,0 +1,316 @@
+"""The accuracy gate: how much worse is the compressed model than fp32, and which nodes to keep in float.
+
+Scores are in 0..1 where 1.0 means "as good as the reference"; the drop is in points (x100):
+- classification with ground-truth labels: top-1 accuracy of fp32 minus that of the candidate;
+- classification without labels: the expected top-1 accuracy drop if fp32's softmax is calibrated, i.e.
+  the mean over samples of p_fp32(fp32's top-1) - p_fp32(candidate's top-1). A flip between two classes
+  fp32 itself rates 0.35/0.33 costs 0.02 of a sample, a flip of a 0.95-confident answer costs 0.95 -
+  so a few dozen unlabelled photos resolve well below one point, where plain agreement moves in steps of
+  1/n. Agreement overall and where fp32 is confident (max softmax >= CONFIDENT) are reported beside it;
+- raw outputs: 1 - mean cosine similarity of the outputs (SNR in dB reported too);
+- detection: 1 - box mAP@0.5 of the candidate's detections against fp32's;
+- `--metric FILE.py:fn`: 1 - fn(reference, candidate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.errors import EdgeError
+
+CONFIDENT = 0.3
+Outputs = list[list[np.ndarray]]  # per sample, per model output
+MetricFn = Callable[[Outputs, Outputs], float]
+
+
+class GateError(EdgeError):
+    """No candidate model is within `--max-drop` of fp32."""
+
+
+@dataclass
+class Evaluation:
+    metric: str
+    drop_points: float
+    details: dict[str, float] = field(default_factory=dict)
+    # Per sample (classification): fp32 top-1, candidate top-1, fp32 confidence; used by the report.
+    reference_top1: list[int] = field(default_factory=list)
+    candidate_top1: list[int] = field(default_factory=list)
+    reference_confidence: list[float] = field(default_factory=list)
+
+
+def session(path: Path, threads: int = 2) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: Path, feeds: list[dict[str, np.ndarray]], threads: int = 2) -> Outputs:
+    sess = session(path, threads)
+    return [[np.asarray(o) for o in sess.run(None, feed)] for feed in feeds]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return np.asarray(exp / exp.sum(axis=-1, keepdims=True))
+
+
+def _probabilities(logits: np.ndarray) -> np.ndarray:
+    flat = logits.reshape(-1).astype(np.float64)
+    if np.all(flat >= 0) and abs(flat.sum() - 1.0) < 1e-3:
+        return flat
+    return softmax(flat)
+
+
+def classification(reference: Outputs, candidate: Outputs, labels: list[int] | None = None) -> Evaluation:
+    ref_probs = [_probabilities(s[0]) for s in reference]
+    ref_top = [int(np.argmax(p)) for p in ref_probs]
+    cand_top = [int(np.argmax(s[0].reshape(-1))) for s in candidate]
+    confidence = [float(p.max()) for p in ref_probs]
+    agree = np.array([r == c for r, c in zip(ref_top, cand_top, strict=True)], dtype=bool)
+    confident = np.array(confidence) >= CONFIDENT
+    details = {
+        "agreement_top1": float(agree.mean()),
+        "agreement_top1_confident": float(agree[confident].mean()) if confident.any() else float("nan"),
+        "confident_samples": int(confident.sum()),
+        "samples": len(agree),
+    }
+    if labels is not None and len(labels) == len(ref_top):
+        truth = np.array(labels)
+        details["accuracy_fp32"] = float((np.array(ref_top) == truth).mean())
+        details["accuracy_candidate"] = float((np.array(cand_top) == truth).mean())
+        metric, drop = "top1_accuracy", 100 * (details["accuracy_fp32"] - details["accuracy_candidate"])
+    else:
+        expected = [float(p[r] - p[c]) for p, r, c in zip(ref_probs, ref_top, cand_top, strict=True)]
+        details["expected_top1_drop"] = float(np.mean(expected))
+        metric, drop = "expected_top1_drop", 100 * details["expected_top1_drop"]
+    return Evaluation(metric, drop, details, ref_top, cand_top, confidence)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+    norm = float(np.linalg.norm(a64) * np.linalg.norm(b64))
+    if norm == 0:
+        return 1.0 if np.allclose(a64, b64) else 0.0
+    return float(np.dot(a64, b64) / norm)
+
+
+def snr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    noise = float(np.sum((reference.astype(np.float64) - candidate) ** 2))
+    if noise == 0:
+        return 100.0
+    return float(10 * np.log10(max(signal, 1e-30) / noise))
+
+
+def raw(reference: Outputs, candidate: Outputs) -> Evaluation:
+    cosines = [
+        cosine(r, c) for rs, cs in zip(reference, candidate, strict=True) for r, c in zip(rs, cs, strict=True)
+    ]
+    snrs = [
+        snr_db(r, c) for rs, cs in zip(reference, candidate, strict=True) for r, c in zip(rs, cs, strict=True)
+    ]
+    mean_cos = float(np.mean(cosines))
+    details = {
+        "cosine_mean": mean_cos,
+        "cosine_min": float(np.min(cosines)),
+        "snr_db_mean": float(np.mean(snrs)),
+    }
+    return Evaluation("output_cosine", 100 * (1 - mean_cos), details)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of x1,y1,x2,y2 boxes (N,4) x (M,4)."""
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return np.asarray(inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12))
+
+
+Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N,4), scores (N,), classes (N,)
+
+
+def decode_detections(outputs: list[np.ndarray], threshold: float = CONFIDENT) -> Detections:
+    """Decoded-detector conventions: one (1,N,6) x1,y1,x2,y2,score,class tensor; one (1,N,4+C) tensor of
+    boxes and per-class scores; or boxes (1,N,4) beside scores (1,N) / (1,N,C)."""
+    if len(outputs) == 1:
+        table = outputs[0].reshape(-1, outputs[0].shape[-1]).astype(np.float64)
+        if table.shape[1] == 6:
+            boxes, scores, classes = table[:, :4], table[:, 4], table[:, 5].astype(int)
+        elif table.shape[1] > 4:
+            boxes, per_class = table[:, :4], table[:, 4:]
+            scores, classes = per_class.max(axis=1), per_class.argmax(axis=1)
+        else:
+            raise EdgeError(
+                f"detection output of shape {list(outputs[0].shape)}: expected (1,N,6) or (1,N,4+C)"
+            )
+    else:
+        boxes = outputs[0].reshape(-1, 4).astype(np.float64)
+        score_table = outputs[1].reshape(boxes.shape[0], -1).astype(np.float64)
+        scores, classes = score_table.max(axis=1), score_table.argmax(axis=1)
+    keep = scores >= threshold
+    return boxes[keep], scores[keep], classes[keep]
+
+
+def average_precision(truth: list[Detections], predicted: list[Detections], iou: float = 0.5) -> float:
+    """VOC-style all-point AP over all classes pooled per class, averaged over classes present in `truth`."""
+    classes = sorted({int(c) for _, _, cls in truth for c in cls})
+    if not classes:
+        return 1.0 if all(len(p[0]) == 0 for p in predicted) else 0.0
+    aps = []
+    for cls in classes:
+        n_truth = sum(int((t[2] == cls).sum()) for t in truth)
+        hits: list[tuple[float, bool]] = []
+        for (t_boxes, _, t_cls), (p_boxes, p_scores, p_cls) in zip(truth, predicted, strict=True):
+            gt = t_boxes[t_cls == cls]
+            preds = p_boxes[p_cls == cls]
+            scores = p_scores[p_cls == cls]
+            used = np.zeros(len(gt), dtype=bool)
+            for order in np.argsort(-scores):
+                if len(gt):
+                    overlaps = box_iou(preds[order : order + 1], gt)[0]
+                    overlaps[used] = -1
+                    best = int(np.argmax(overlaps))
+                    if overlaps[best] >= iou:
+                        used[best] = True
+                        hits.append((float(scores[order]), True))
+                        continue
+                hits.append((float(scores[order]), False))
+        hits.sort(key=lambda h: -h[0])
+        tp = np.cumsum([h[1] for h in hits]) if hits else np.zeros(0)
+        precision = tp / np.arange(1, len(hits) + 1) if hits else np.zeros(0)
+        recall = tp / max(n_truth, 1) if hits else np.zeros(0)
+        envelope = np.maximum.accumulate(precision[::-1])[::-1] if hits else np.zeros(0)
+        previous = np.concatenate([[0.0], recall[:-1]]) if hits else np.zeros(0)
+        aps.append(float(np.sum((recall - previous) * envelope)))
+    return float(np.mean(aps))
+
+
+def detection(reference: Outputs, candidate: Outputs) -> Evaluation:
+    truth = [decode_detections(s) for s in reference]
+    predicted = [decode_detections(s, threshold=0.05) for s in candidate]
+    box_map = average_precision(truth, predicted)
+    evaluation = raw(reference, candidate)
+    evaluation.details["map50_vs_fp32"] = box_map
+    return Evaluation("box_map50_vs_fp32", 100 * (1 - box_map), evaluation.details)
+
+
+def evaluate(
+    task: str,
+    reference: Outputs,
+    candidate: Outputs,
+    labels: list[int] | None = None,
+    metric_fn: MetricFn | None = None,
+) -> Evaluation:
+    if metric_fn is not None:
+        score = float(metric_fn(reference, candidate))
+        return Evaluation("user_metric", 100 * (1 - score), {"user_metric": score})
+    if task == "classification":
+        return classification(reference, candidate, labels)
+    if task == "detection":
+        return detection(reference, candidate)
+    return raw(reference, candidate)
+
+
+# Per-layer sensitivity ---------------------------------------------------------------------------------
+
+
+def layer_sensitivity(
+    fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]], nodes: list[str], work_dir: Path
+) -> dict[str, float]:
+    """How much quantization error each weighted node *adds*: SQNR (dB, int8 vs fp32 on the same samples)
+    at the output of its nearest weighted producer minus SQNR at its own output. Larger = more sensitive.
+
+    Nodes are matched by name; the quantizer folds a trailing Relu into the node, so a node's output is
+    compared with the fp32 tensor of the same name (after the Relu)."""
+    import onnx
+
+    fp32 = onnx.load(str(fp32_path))
+    int8 = onnx.load(str(int8_path))
+    int8_out = {n.name: n.output[0] for n in int8.graph.node}
+    pairs: dict[str, tuple[str, str]] = {}  # node -> (fp32 tensor, int8 tensor)
+    for name in nodes:
+        if name in int8_out:
+            tensor = int8_out[name]
+            pairs[name] = (tensor.removesuffix("_QuantizeLinear_Input"), tensor)
+    fp32_acts = _activations(
+        fp32_path, sorted({a for a, _ in pairs.values()}), feeds, work_dir / "sens.fp32.onnx"
+    )
+    int8_acts = _activations(
+        int8_path, sorted({b for _, b in pairs.values()}), feeds, work_dir / "sens.int8.onnx"
+    )
+
+    def sqnr(node: str | None) -> float:
+        if node is None or node not in pairs:
+            return 60.0
+        a, b = pairs[node]
+        if a not in fp32_acts or b not in int8_acts:
+            return 60.0
+        values = [snr_db(r, c) for r, c in zip(fp32_acts[a], int8_acts[b], strict=True)]
+        return min(float(np.mean(values)), 60.0)
+
+    weighted = set(nodes)
+    return {name: sqnr(weighted_producer(fp32, name, weighted)[0]) - sqnr(name) for name in pairs}
+
+
+def weighted_producer(model: Any, node_name: str, weighted: set[str]) -> tuple[str | None, list[str]]:
+    """Walk back from a node's data input through unweighted nodes to the nearest weighted node:
+    (that node or None at a graph input, every node on the way including it)."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    path: list[str] = []
+    node = by_name.get(node_name)
+    while node is not None and node.input:
+        producer = producers.get(node.input[0])
+        if producer is None:
+            return None, path
+        path.append(producer.name)
+        if producer.name in weighted:
+            return producer.name, path
+        node = producer
+    return None, path
+
+
+def exclusion_units(model_path: Path, ranked: list[str], weighted: list[str]) -> list[list[str]]:
+    """For each ranked node: the node plus the nodes back to its weighted producer. Keeping only the node
+    in float would still quantize its input (the producer's output), so both sides stay float."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    weighted_set = set(weighted)
+    return [[name, *weighted_producer(model, name, weighted_set)[1]] for name in ranked]
+
+
+def _activations(
+    path: Path, names: list[str], feeds: list[dict[str, np.ndarray]], augmented: Path
+) -> dict[str, list[np.ndarray]]:
+    import onnx
+
+    model = onnx.load(str(path))
+    present = {o for n in model.graph.node for o in n.output}
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name in present and name not in existing:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    onnx.save(model, str(augmented))
+    sess = session(augmented)
+    out_names = [o.name for o in sess.get_outputs()]
+    collected: dict[str, list[np.ndarray]] = {n: [] for n in names if n in out_names}
+    for feed in feeds:
+        values = dict(zip(out_names, sess.run(None, feed), strict=True))
+        for name in collected:
+            collected[name].append(np.asarray(values[name]))
+    return collected

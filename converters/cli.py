@@ -1,0 +1,132 @@
+"""`edge-convert SOURCE --out PKG_DIR [...]` (DESIGN.md 2.1). Exit 0 only when the accuracy gate passed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from edge.errors import EdgeError
+
+EXIT_GATE_FAILED = 1
+EXIT_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from converters.calibration import parse_floats, parse_shape
+
+    parser = argparse.ArgumentParser(
+        prog="edge-convert",
+        description="Prune, distill, export and int8-quantize a model behind an accuracy gate; write a package.",
+    )
+    parser.add_argument(
+        "source", metavar="SOURCE", help="model.onnx, model.tflite, file.py:fn or pkg.module:fn"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, metavar="PKG_DIR", help="package directory to write"
+    )
+    parser.add_argument("--profile", help="device profile name or YAML path (default: this machine's)")
+    parser.add_argument("--calib", type=Path, metavar="PATH", help="image folder or .npz of input tensors")
+    parser.add_argument(
+        "--eval", type=Path, metavar="PATH", help="held-out samples (default: last 25%% of --calib)"
+    )
+    parser.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line")
+    parser.add_argument("--input-shape", type=parse_shape, metavar="1,3,224,224")
+    parser.add_argument("--mean", type=lambda t: parse_floats(t, "--mean"), metavar="127,127,127")
+    parser.add_argument("--std", type=lambda t: parse_floats(t, "--std"), metavar="128,128,128")
+    parser.add_argument("--layout", choices=["NCHW", "NHWC"])
+    parser.add_argument("--color", choices=["RGB", "BGR"])
+    parser.add_argument("--task", choices=["classification", "detection", "raw"])
+    parser.add_argument("--prune", type=float, default=0.0, metavar="RATIO", help="channel ratio to remove")
+    parser.add_argument("--prune-mode", choices=["structured", "unstructured"], default="structured")
+    parser.add_argument("--distill-steps", type=int, default=0, metavar="N")
+    parser.add_argument(
+        "--formats", type=lambda t: [f.strip() for f in t.split(",") if f.strip()], metavar="onnx,tflite"
+    )
+    parser.add_argument("--max-drop", type=float, default=1.0, metavar="PCT", help="points (default 1)")
+    parser.add_argument(
+        "--metric", metavar="FILE.py:fn", help="your own score fn(reference, candidate) -> float"
+    )
+    parser.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"], default="minmax")
+    parser.add_argument("--sign-key", type=Path, metavar="FILE", help="ed25519 private key PEM")
+    parser.add_argument("--report", action="store_true", help="write report/report.md with plots")
+    parser.add_argument(
+        "--weights", type=Path, metavar="FILE", help="state dict (.pt weights_only / .safetensors)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except EdgeError as exc:  # argument type callbacks raise ConfigError with the reason
+        print(f"edge-convert: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    logging.basicConfig(level=logging.WARNING, format="edge-convert: warning: %(message)s")
+    from converters.accuracy import GateError
+    from converters.pipeline import ConvertOptions, convert
+
+    options = ConvertOptions(
+        source=args.source,
+        out=args.out,
+        profile=args.profile,
+        calib=args.calib,
+        eval=args.eval,
+        labels=args.labels,
+        input_shape=args.input_shape,
+        mean=args.mean,
+        std=args.std,
+        layout=args.layout,
+        color=args.color,
+        task=args.task,
+        prune=args.prune,
+        prune_mode=args.prune_mode,
+        distill_steps=args.distill_steps,
+        formats=args.formats,
+        max_drop=args.max_drop,
+        metric=args.metric,
+        sign_key=args.sign_key,
+        report=args.report,
+        weights=args.weights,
+        calibration_method=args.calib_method,
+        quiet=args.quiet,
+    )
+    try:
+        result = convert(options)
+    except GateError as exc:
+        print(f"edge-convert: error: {exc}", file=sys.stderr)
+        return EXIT_GATE_FAILED
+    except EdgeError as exc:
+        print(f"edge-convert: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("edge-convert: error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    metrics = result.manifest.metrics
+    gate = metrics.get("gate", {})
+    summary = f"wrote {result.out} ({result.manifest.task}, {len(result.manifest.artifacts)} artifacts)"
+    if "latency_ratio_int8_fp32" in metrics:
+        summary += (
+            f"; int8/fp32 latency {metrics['latency_ratio_int8_fp32']:.2f}x, size "
+            f"{metrics['size_ratio_int8_fp32']:.2f}x; {gate.get('metric')} drop {gate.get('drop_points')} points"
+        )
+    if result.excluded_nodes:
+        summary += f"; {len(result.excluded_nodes)} node(s) kept in float"
+    if result.report is not None:
+        summary += f"; report {result.report}"
+    print(summary)
+    if not result.gate_passed:
+        print(
+            f"edge-convert: error: accuracy gate failed: {gate.get('metric')} drops {gate.get('drop_points')} "
+            f"points > --max-drop {gate.get('max_drop')}",
+            file=sys.stderr,
+        )
+        return EXIT_GATE_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

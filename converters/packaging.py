@@ -1,0 +1,183 @@
+"""Write the model package (DESIGN.md 2.2): artifacts, manifest with measured metrics, golden data, labels.
+
+Everything is written inside `edge.package.staged_package`, so a failure leaves no half package behind and
+an existing package at the destination is replaced only at the very end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.package import (
+    Artifact,
+    Golden,
+    Manifest,
+    TensorSpec,
+    describe_file,
+    load_package,
+    staged_package,
+    utc_now,
+    write_manifest,
+)
+
+GOLDEN_SAMPLES = 4
+
+
+@dataclass
+class ArtifactFile:
+    """A finished artifact in the work directory, copied into the package under `name`."""
+
+    source: Path
+    name: str
+    format: str
+    precision: str
+    quantization: dict[str, Any] | None = None
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+
+
+@dataclass
+class PackageSpec:
+    name: str
+    task: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    artifacts: list[ArtifactFile]
+    golden_feeds: list[dict[str, np.ndarray]]
+    golden_outputs: list[list[np.ndarray]]
+    tolerance: dict[str, float]
+    postprocess: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] | None = None
+    pruning: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    profile: str | None = None
+    extra_files: dict[str, Path] = field(default_factory=dict)  # package-relative name -> file (report)
+
+
+def measure_latency_ms(
+    paths: dict[str, Path],
+    feed: dict[str, np.ndarray],
+    runs: int = 30,
+    threads: int = 2,
+    budget_s: float = 10.0,
+) -> dict[str, dict[str, float]]:
+    """Median and p90 per model over `runs` (at least 5, fewer once `budget_s` is spent), sessions
+    interleaved run by run so that load on the box hits all of them alike."""
+    from converters.accuracy import session
+
+    sessions = {key: session(path, threads) for key, path in paths.items()}
+    for sess in sessions.values():
+        for _ in range(3):
+            sess.run(None, feed)
+    samples: dict[str, list[float]] = {key: [] for key in sessions}
+    deadline = time.perf_counter() + budget_s
+    for index in range(runs):
+        if index >= 5 and time.perf_counter() > deadline:
+            break
+        for key, sess in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, feed)
+            samples[key].append((time.perf_counter() - start) * 1000)
+    return {
+        key: {"p50": round(float(np.median(v)), 3), "p90": round(float(np.percentile(v, 90)), 3)}
+        for key, v in samples.items()
+    }
+
+
+def golden_tolerance(
+    golden: list[list[np.ndarray]], others: list[list[list[np.ndarray]]]
+) -> dict[str, float]:
+    """Tolerance for the runtime self-check, from what this machine measured between the artifacts: the
+    largest difference seen (with margin) and never tighter than float noise."""
+    from converters.accuracy import cosine
+
+    scale = max(float(np.max(np.abs(o))) for sample in golden for o in sample if o.size) or 1.0
+    worst_abs, worst_cos = 0.0, 1.0
+    for outputs in others:
+        for g_sample, o_sample in zip(golden, outputs, strict=True):
+            for g, o in zip(g_sample, o_sample, strict=True):
+                worst_abs = max(worst_abs, float(np.max(np.abs(g.astype(np.float64) - o))) if g.size else 0.0)
+                worst_cos = min(worst_cos, cosine(g, o))
+    return {
+        "atol": round(max(1.5 * worst_abs, 1e-3 * scale), 6),
+        "cosine": round(min(0.999, worst_cos - 0.01), 4),
+    }
+
+
+def git_short_hash() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=4", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+            check=False,
+        )
+        return out.stdout.strip() or "local"
+    except (OSError, subprocess.SubprocessError):
+        return "local"
+
+
+def write_package(out_dir: Path, spec: PackageSpec, sign_key: bytes | None = None) -> Manifest:
+    with staged_package(out_dir) as root:
+        artifacts = []
+        for artifact in spec.artifacts:
+            shutil.copyfile(artifact.source, root / artifact.name)
+            info = describe_file(root, artifact.name)
+            artifacts.append(
+                Artifact(
+                    **info,
+                    format=artifact.format,
+                    precision=artifact.precision,
+                    quantization=artifact.quantization,
+                    inputs=artifact.inputs,
+                    outputs=artifact.outputs,
+                )
+            )
+        (root / "golden").mkdir()
+        golden_inputs: dict[str, Any] = {
+            s.name: np.concatenate([f[s.name] for f in spec.golden_feeds]) for s in spec.inputs
+        }
+        golden_outputs: dict[str, Any] = {
+            o.name: np.concatenate([sample[i] for sample in spec.golden_outputs])
+            for i, o in enumerate(spec.outputs)
+        }
+        np.savez(root / "golden" / "inputs.npz", **golden_inputs)
+        np.savez(root / "golden" / "outputs.npz", **golden_outputs)
+        labels_name = None
+        if spec.labels:
+            labels_name = "labels.txt"
+            (root / labels_name).write_text("\n".join(spec.labels) + "\n", encoding="utf-8")
+        for relative, source in spec.extra_files.items():
+            target = root / relative
+            if source.is_dir():
+                shutil.copytree(source, target)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+        manifest = Manifest(
+            name=spec.name,
+            version=f"{time.strftime('%Y.%m.%d', time.gmtime())}+{git_short_hash()}",
+            created=utc_now(),
+            task=spec.task,
+            artifacts=artifacts,
+            inputs=spec.inputs,
+            outputs=spec.outputs,
+            postprocess=spec.postprocess,
+            labels=labels_name,
+            pruning=spec.pruning,
+            metrics=spec.metrics,
+            golden=Golden(inputs="golden/inputs.npz", outputs="golden/outputs.npz", tolerance=spec.tolerance),
+            profile=spec.profile,
+        )
+        write_manifest(root, manifest, sign_key=sign_key)
+        load_package(root)  # refuse to publish anything the runtime would refuse
+    return manifest

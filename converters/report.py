@@ -1,0 +1,159 @@
+"""`--report`: a markdown page with PNG plots (matplotlib, Agg backend) next to it.
+
+Plots: latency and size per model stage, time per conversion stage, per-layer quantization sensitivity
+(with the nodes kept in float marked), and for classifiers the fp32/int8 agreement against fp32 confidence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from converters.accuracy import Evaluation
+    from converters.pipeline import StageRecord
+
+
+def write_report(
+    out_dir: Path,
+    name: str,
+    stages: list[StageRecord],
+    latency: dict[str, dict[str, float]],
+    sizes: dict[str, int],
+    int8_eval: Evaluation,
+    fp32_eval: Evaluation,
+    sensitivity: dict[str, float],
+    excluded: list[str],
+    metrics: dict[str, Any],
+    pruning: dict[str, Any] | None = None,
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images: list[tuple[str, str]] = []
+
+    models = list(latency)
+    fig, (ax_lat, ax_size) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_lat.bar(models, [latency[m]["p50"] for m in models], color="#4477aa")
+    ax_lat.set_ylabel("latency p50 (ms, 2 threads)")
+    ax_lat.set_title("Latency per model stage")
+    size_models = list(sizes)
+    ax_size.bar(size_models, [sizes[m] / 1e6 for m in size_models], color="#ee7733")
+    ax_size.set_ylabel("file size (MB)")
+    ax_size.set_title("Size per model stage")
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_size.png", dpi=110)
+    plt.close(fig)
+    images.append(("Latency and size", "latency_size.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(stages) + 1.2))
+    ax.barh([s.name for s in stages][::-1], [s.seconds for s in stages][::-1], color="#228833")
+    ax.set_xlabel("seconds")
+    ax.set_title("Conversion time per stage")
+    fig.tight_layout()
+    fig.savefig(out_dir / "stages.png", dpi=110)
+    plt.close(fig)
+    images.append(("Conversion stages", "stages.png"))
+
+    if sensitivity:
+        ranked = sorted(sensitivity.items(), key=lambda kv: -kv[1])[:30]
+        fig, ax = plt.subplots(figsize=(8, 0.28 * len(ranked) + 1.2))
+        colors = ["#cc3311" if n in excluded else "#7799bb" for n, _ in ranked]
+        ax.barh([n for n, _ in ranked][::-1], [v for _, v in ranked][::-1], color=colors[::-1])
+        ax.set_xlabel("SQNR lost in this node (dB); red: kept in float")
+        ax.set_title("Per-layer quantization sensitivity")
+        fig.tight_layout()
+        fig.savefig(out_dir / "sensitivity.png", dpi=110)
+        plt.close(fig)
+        images.append(("Per-layer sensitivity", "sensitivity.png"))
+
+    if int8_eval.reference_confidence:
+        confidence = np.array(int8_eval.reference_confidence)
+        agree = np.array(int8_eval.reference_top1) == np.array(int8_eval.candidate_top1)
+        edges = np.linspace(0, 1, 6)
+        which = np.clip(np.digitize(confidence, edges) - 1, 0, len(edges) - 2)
+        rates = [
+            float(agree[which == b].mean()) if (which == b).any() else np.nan for b in range(len(edges) - 1)
+        ]
+        counts = [int((which == b).sum()) for b in range(len(edges) - 1)]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        labels = [f"{edges[b]:.1f}-{edges[b + 1]:.1f}\n(n={counts[b]})" for b in range(len(edges) - 1)]
+        ax.bar(labels, rates, color="#009988")
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("fp32 confidence (max softmax)")
+        ax.set_ylabel("int8 top-1 agrees with fp32")
+        ax.set_title("Agreement by fp32 confidence")
+        fig.tight_layout()
+        fig.savefig(out_dir / "agreement.png", dpi=110)
+        plt.close(fig)
+        images.append(("Agreement with fp32", "agreement.png"))
+
+    gate = metrics.get("gate", {})
+    lines = [
+        f"# Conversion report: {name}",
+        "",
+        f"Gate: **{'passed' if gate.get('passed') else 'failed'}**: {gate.get('metric')} drops "
+        f"{gate.get('drop_points')} points (limit {gate.get('max_drop')}).",
+        "",
+        "| model | latency p50 ms | latency p90 ms | size MB |",
+        "|---|---|---|---|",
+    ]
+    for model in models:
+        size = sizes.get(model)
+        lines.append(
+            f"| {model} | {latency[model]['p50']:.2f} | {latency[model]['p90']:.2f} | {size / 1e6:.2f} |"
+            if size
+            else f"| {model} | {latency[model]['p50']:.2f} | {latency[model]['p90']:.2f} | - |"
+        )
+    lines += ["", "| measure | float model | int8 |", "|---|---|---|"]
+    for key in sorted(set(int8_eval.details) | set(fp32_eval.details)):
+        lines.append(f"| {key} | {_fmt(fp32_eval.details.get(key))} | {_fmt(int8_eval.details.get(key))} |")
+    lines += ["", "| conversion stage | seconds |", "|---|---|"]
+    lines += [f"| {stage.name} | {stage.seconds:.1f} |" for stage in stages]
+    if pruning:
+        lines += [
+            "",
+            "## Pruning",
+            "",
+            f"{pruning['mode']} pruning, ratio {pruning['ratio']}: MACs {pruning['macs_before']:,} -> "
+            f"{pruning['macs_after']:,} (x{pruning['macs_after'] / max(pruning['macs_before'], 1):.2f}), "
+            f"parameters {pruning['params_before']:,} -> {pruning['params_after']:,}.",
+        ]
+        if "gzip_ratio" in pruning:
+            lines.append(
+                f"Zeroed weights: {100 * pruning.get('sparsity', 0):.1f} %; gzip-compressed weights "
+                f"x{pruning['gzip_ratio']:.2f}. Unstructured zeros shrink the compressed file but dense "
+                "kernels still multiply them: no speed-up from them, see the latency table."
+            )
+        if "sparsity_after_distillation" in pruning:
+            lines.append(
+                f"Zeroed weights after distillation: {100 * pruning['sparsity_after_distillation']:.1f} %."
+            )
+        lines += [f"- {note}" for note in pruning.get("notes", [])]
+        distillation = pruning.get("distillation") or {}
+        if distillation.get("steps"):
+            lines.append(
+                f"Distillation: {distillation['steps']} steps on {distillation.get('samples')} samples in "
+                f"{distillation.get('seconds')} s, loss {distillation.get('loss_first')} -> "
+                f"{distillation.get('loss_last')}."
+            )
+    if excluded:
+        lines += ["", f"Kept in float ({len(excluded)}): " + ", ".join(f"`{n}`" for n in excluded)]
+    for title, image in images:
+        lines += ["", f"## {title}", "", f"![{title}]({image})"]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)

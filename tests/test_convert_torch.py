@@ -1,0 +1,194 @@
+"""torch factory sources: loading, safe weights, export to ONNX checked against torch, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converters.cli import main
+from converters.export import ExportError, check_against_torch, export_onnx
+from converters.sources import load_source
+from edge.errors import ConfigError, PackageError
+from edge.package import load_package
+from tests.assets_models import write_photo_folder
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).eval()
+
+
+def broken():
+    raise RuntimeError("weights server unreachable")
+
+
+def not_a_module():
+    return 42
+"""
+
+
+@pytest.fixture
+def factory(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny_net.py"
+    path.write_text(FACTORY)
+    return path
+
+
+def _feeds(count: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"input": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(count)]
+
+
+def test_export_matches_torch(tmp_path: Path, factory: Path) -> None:
+    source = load_source(f"{factory}:build")
+    assert source.kind == "torch" and not source.module.training
+    result = export_onnx(source.module, _feeds(3), ["input"], tmp_path / "model.onnx")
+    assert result.exporter == "dynamo" and result.opset >= 18
+    assert result.max_abs_diff <= result.tolerance["atol"] + 1e-2
+    import onnx
+
+    model = onnx.load(str(result.path))
+    assert [i.name for i in model.graph.input] == ["input"]
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def test_export_check_catches_a_wrong_graph(tmp_path: Path, factory: Path) -> None:
+    import torch
+
+    source = load_source(f"{factory}:build")
+    result = export_onnx(source.module, _feeds(2), ["input"], tmp_path / "model.onnx")
+    with torch.no_grad():
+        source.module[-1].bias += 1.0  # the torch model changes; the exported graph no longer matches it
+    with pytest.raises(ExportError, match="differs from torch"):
+        check_against_torch(source.module, result.path, _feeds(2), ["input"])
+
+
+def test_weights_are_loaded_safely(tmp_path: Path, factory: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    source = load_source(f"{factory}:build")
+    state = {k: v + 0.5 for k, v in source.module.state_dict().items() if v.dtype.is_floating_point}
+    state.update({k: v for k, v in source.module.state_dict().items() if not v.dtype.is_floating_point})
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save(state, tmp_path / "w.pt")
+    for weights in (tmp_path / "w.safetensors", tmp_path / "w.pt"):
+        loaded = load_source(f"{factory}:build", weights).module
+        assert torch.allclose(loaded[0].weight, state["0.weight"])
+
+    from fractions import Fraction
+
+    torch.save({"0.weight": Fraction(1, 3)}, tmp_path / "evil.pt")  # any non-tensor class: not unpickled
+    with pytest.raises(PackageError, match="cannot read weights safely"):
+        load_source(f"{factory}:build", tmp_path / "evil.pt")
+    torch.save({"0.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
+    with pytest.raises(PackageError, match="does not fit the model"):
+        load_source(f"{factory}:build", tmp_path / "wrong.pt")
+
+
+def test_factory_errors(factory: Path) -> None:
+    with pytest.raises(ConfigError, match="raised RuntimeError: weights server unreachable"):
+        load_source(f"{factory}:broken")
+    with pytest.raises(ConfigError, match="not a torch.nn.Module"):
+        load_source(f"{factory}:not_a_module")
+    with pytest.raises(ConfigError, match="has no callable 'missing'"):
+        load_source(f"{factory}:missing")
+    with pytest.raises(ConfigError, match="not found"):
+        load_source("no/such/file.py:build")
+
+
+def test_factory_to_package(tmp_path: Path, factory: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    photos = write_photo_folder(tmp_path / "photos", 16, size=48)
+    out = tmp_path / "pkg"
+    code = main(
+        [f"{factory}:build", "--out", str(out), "--calib", str(photos), "--input-shape", "1,3,32,32",
+         "--formats", "onnx", "--task", "classification", "--max-drop", "100", "-q"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    manifest = load_package(out).manifest
+    assert manifest.name == "tiny-net"
+    assert manifest.outputs[0].shape == [1, 5]
+    assert manifest.inputs[0].layout == "NCHW" and manifest.inputs[0].resize == "center-crop"
+    assert manifest.pruning is None
+    export = manifest.metrics["export"]
+    assert export["exporter"] == "dynamo" and export["opset"] >= 18
+    assert export["max_abs_diff_vs_torch"] <= export["tolerance"]["atol"] + export["tolerance"]["rtol"] * 100
+
+
+def test_input_shape_the_model_rejects(
+    tmp_path: Path, factory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = write_photo_folder(tmp_path / "photos", 4, size=48)
+    out = tmp_path / "pkg"
+    code = main(
+        [f"{factory}:build", "--out", str(out), "--calib", str(photos), "--input-shape", "1,4,32,32", "-q"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edge-convert: error: --input-shape 1,4,32,32: the model rejects this input")
+    assert err.count("\n") == 0 and not out.exists()
+
+
+def test_raising_factory_is_one_line(
+    tmp_path: Path, factory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pkg"
+    assert main([f"{factory}:broken", "--out", str(out), "--calib", str(tmp_path), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("edge-convert: error: factory") and "weights server" in err
+    assert not out.exists()
+
+
+def test_prune_and_distill_stages(tmp_path: Path, factory: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    photos = write_photo_folder(tmp_path / "photos", 12, size=48)
+    out = tmp_path / "pkg"
+    code = main(
+        [f"{factory}:build", "--out", str(out), "--calib", str(photos), "--input-shape", "1,3,32,32",
+         "--formats", "onnx", "--prune", "0.5", "--distill-steps", "5", "--max-drop", "100", "-q"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    package = load_package(out)
+    pruning = package.manifest.pruning
+    assert pruning is not None and pruning["mode"] == "structured" and pruning["ratio"] == 0.5
+    assert pruning["params_after"] < pruning["params_before"]
+    assert pruning["distillation"]["steps"] == 5 and pruning["distillation"]["loss_last"] is not None
+    metrics = package.manifest.metrics
+    assert metrics["size_bytes"]["pruned_fp32"] < metrics["size_bytes"]["fp32"]
+    assert set(metrics["latency_ms"]) == {"fp32", "pruned_fp32", "int8"}
+
+
+@pytest.mark.slow
+def test_tflite_artifact_beside_onnx(
+    tmp_path: Path, factory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = write_photo_folder(tmp_path / "photos", 12, size=48)
+    out = tmp_path / "pkg"
+    code = main(
+        [f"{factory}:build", "--out", str(out), "--calib", str(photos), "--input-shape", "1,3,32,32",
+         "--formats", "onnx,tflite", "--max-drop", "100", "-q"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    manifest = load_package(out).manifest
+    tflite = manifest.artifact("tflite", "int8")
+    assert tflite.inputs is not None and tflite.inputs[0].layout == "NHWC"
+    assert tflite.inputs[0].mean == manifest.inputs[0].mean and tflite.inputs[0].color == "RGB"
+    assert manifest.metrics["tflite_int8"]["samples"] == 3
+
+    # The .tflite itself as SOURCE: packaged as it is after a check that it loads and runs.
+    shipped = tmp_path / "shipped"
+    assert main([str(out / "model.int8.tflite"), "--out", str(shipped), "--calib", str(photos), "-q"]) == 0
+    repackaged = load_package(shipped).manifest
+    assert [a.format for a in repackaged.artifacts] == ["tflite"] and repackaged.artifacts[
+        0
+    ].precision == "int8"
+    assert repackaged.inputs[0].scale is not None and repackaged.inputs[0].layout == "NHWC"
