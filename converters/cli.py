@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"], default="minmax")
     parser.add_argument("--sign-key", type=Path, metavar="FILE", help="ed25519 private key PEM")
+    parser.add_argument(
+        "--sequence",
+        type=int,
+        metavar="N",
+        help="anti-rollback counter signed into the manifest; devices refuse lower ones (default: now, Unix s)",
+    )
     parser.add_argument("--report", action="store_true", help="write report/report.md with plots")
     parser.add_argument(
         "--weights", type=Path, metavar="FILE", help="state dict (.pt weights_only / .safetensors)"
@@ -89,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         max_drop=args.max_drop,
         metric=args.metric,
         sign_key=args.sign_key,
+        sequence=args.sequence,
         report=args.report,
         weights=args.weights,
         calibration_method=args.calib_method,

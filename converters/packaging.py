@@ -126,7 +126,11 @@ def git_short_hash() -> str:
         return "local"
 
 
-def write_package(out_dir: Path, spec: PackageSpec, sign_key: bytes | None = None) -> Manifest:
+def write_package(
+    out_dir: Path, spec: PackageSpec, sign_key: bytes | None = None, sequence: int | None = None
+) -> Manifest:
+    """`sequence` is the signed anti-rollback counter devices compare (default: build time in Unix
+    seconds, so a later build always outranks an earlier one)."""
     with staged_package(out_dir) as root:
         artifacts = []
         for artifact in spec.artifacts:
@@ -177,6 +181,7 @@ def write_package(out_dir: Path, spec: PackageSpec, sign_key: bytes | None = Non
             metrics=spec.metrics,
             golden=Golden(inputs="golden/inputs.npz", outputs="golden/outputs.npz", tolerance=spec.tolerance),
             profile=spec.profile,
+            sequence=int(time.time()) if sequence is None else sequence,
         )
         write_manifest(root, manifest, sign_key=sign_key)
         load_package(root)  # refuse to publish anything the runtime would refuse

@@ -59,6 +59,7 @@ class ConvertOptions:
     max_drop: float = 1.0
     metric: str | None = None
     sign_key: Path | None = None
+    sequence: int | None = None
     report: bool = False
     weights: Path | None = None
     calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
@@ -292,7 +293,7 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
             from edge.signing import load_private_key
 
             sign_key = load_private_key(options.sign_key)
-        manifest = write_package(options.out, spec, sign_key)
+        manifest = write_package(options.out, spec, sign_key, options.sequence)
     return ConvertResult(
         options.out, manifest, gate_passed, int8_eval, stages.records, sensitivity, excluded, report_path
     )
@@ -704,6 +705,6 @@ def _package_tflite(
             from edge.signing import load_private_key
 
             sign_key = load_private_key(options.sign_key)
-        manifest = write_package(options.out, spec, sign_key)
+        manifest = write_package(options.out, spec, sign_key, options.sequence)
     evaluation = accuracy.Evaluation("none", 0.0)
     return ConvertResult(options.out, manifest, True, evaluation, stages.records)

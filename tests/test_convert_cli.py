@@ -40,12 +40,13 @@ def test_onnx_to_signed_package(tmp_path: Path, photos: Path, capsys: pytest.Cap
     out = tmp_path / "pkg"
     code = main(
         [str(source), "--out", str(out), "--calib", str(photos), "--input-shape", "1,3,32,32", "--labels",
-         str(labels), "--sign-key", str(tmp_path / "key.pem"), "--report", "-q"]
+         str(labels), "--sign-key", str(tmp_path / "key.pem"), "--sequence", "42", "--report", "-q"]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     package = load_package(out, trusted_keys=[load_public_key(tmp_path / "key.pub")])
     manifest = package.manifest
     assert package.signed
+    assert manifest.sequence == 42  # the anti-rollback counter is inside the signed bytes
     assert manifest.task == "classification"
     assert [a.path for a in manifest.artifacts] == ["model.int8.onnx", "model.fp32.onnx"]
     int8 = manifest.artifact("onnx", "int8")
