@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from converters.torch_outputs import flatten_outputs
 from edge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -89,8 +90,8 @@ def distill(
             if augment:
                 inputs = _augment(inputs, generator)
             with torch.no_grad():
-                targets = _flatten(teacher(*inputs))
-            loss = distillation_loss(_flatten(student(*inputs)), targets, temperature)
+                targets = flatten_outputs(teacher(*inputs))
+            loss = distillation_loss(flatten_outputs(student(*inputs)), targets, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -207,16 +208,3 @@ def _augment(inputs: tuple[Any, ...], generator: torch.Generator) -> tuple[Any, 
             out = torch.where(mixed, (1 - weight) * out + weight * out[partner], out)
         augmented.append(out)
     return tuple(augmented)
-
-
-def _flatten(outputs: Any) -> list[Any]:
-    import torch
-
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if isinstance(outputs, dict):
-        outputs = list(outputs.values())
-    flat: list[Any] = []
-    for item in outputs:
-        flat.extend(_flatten(item))
-    return flat

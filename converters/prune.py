@@ -13,6 +13,7 @@ import io
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from converters.torch_outputs import flatten_outputs
 from edge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def prune_model(
     pruned = copy.deepcopy(model).eval()
 
     with torch.no_grad():
-        reference_outputs = _flatten_outputs(pruned(*inputs))
+        reference_outputs = flatten_outputs(pruned(*inputs))
     macs_before, params_before = _count(tp, pruned, inputs)
     gzip_before = weights_gzip_bytes(pruned)
     kept = _output_layers(pruned, inputs, reference_outputs)
@@ -118,7 +119,7 @@ def prune_model(
     pruned.eval()
 
     with torch.no_grad():
-        new_outputs = _flatten_outputs(pruned(*inputs))
+        new_outputs = flatten_outputs(pruned(*inputs))
     old_shapes = [tuple(t.shape) for t in reference_outputs]
     new_shapes = [tuple(t.shape) for t in new_outputs]
     if old_shapes != new_shapes:
@@ -164,19 +165,6 @@ def _as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
     if not converted or not all(isinstance(x, torch.Tensor) for x in converted):
         raise PruneConfigError("prune: example_inputs must be a tensor or a tuple of tensors")
     return converted
-
-
-def _flatten_outputs(outputs: Any) -> list[Any]:
-    import torch
-
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if isinstance(outputs, dict):
-        outputs = list(outputs.values())
-    flat: list[Any] = []
-    for item in outputs:
-        flat.extend(_flatten_outputs(item))
-    return flat
 
 
 def _count(tp: Any, model: torch.nn.Module, inputs: tuple[Any, ...]) -> tuple[int, int]:
