@@ -132,8 +132,7 @@ def _broker_outage(
         counter.stop()
         time.sleep(subscriber_offline_s)
     broker.stop(sig)
-    time.sleep(0.5)  # let the daemon settle the PUBACKs that arrived before the stop
-    unacked_at_stop = read_outbox(daemon.outbox_path)["pending"]
+    unacked_at_stop = _settled_pending(daemon.outbox_path)
     seen_before = _max_seen(counter)
     time.sleep(outage_s - 0.5)
     restarted = time.monotonic()
@@ -163,6 +162,27 @@ def _broker_outage(
             note += ", all acked by the broker before the stop"
     result = _result(name, counter, produced, state["dropped"], recovery, note)
     return result, missing, unacked_at_stop, window
+
+
+def _settled_pending(outbox_path: Path, timeout: float = 10.0) -> list[int]:
+    """The outbox rows still unacknowledged once the daemon has processed every PUBACK that arrived before
+    the broker went away. A fixed sleep was not enough on a loaded machine: PUBACKs processed late made
+    messages the broker had acknowledged (and then lost in a SIGKILL) look like ones the daemon never resent.
+    """
+    # The daemon keeps inferring while the broker is away: only rows that existed at the stop can settle.
+    at_stop = read_outbox(outbox_path)["pending"]
+    cutoff = max(at_stop, default=0)
+    previous: list[int] | None = None
+    stable_reads = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        pending = [seq for seq in read_outbox(outbox_path)["pending"] if seq <= cutoff]
+        stable_reads = stable_reads + 1 if pending == previous else 0
+        if stable_reads >= 4:  # unchanged for a full second: nothing left in flight to settle
+            return pending
+        previous = pending
+    return previous or []
 
 
 def _assert_outage(result: ScenarioResult, missing: list[int], unacked: list[int], window: int) -> None:
