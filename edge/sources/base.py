@@ -91,3 +91,32 @@ class LatestFrameSlot:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+class CapturingSource:
+    """What every source keeps the same way: the newest-frame slot, counters and the end-of-input flag.
+    Subclasses run a capture thread that fills `_slot`, bumps `_counts` under `_lock`, and sets
+    `_finished` when a non-looping input ends."""
+
+    def __init__(self) -> None:
+        self._slot = LatestFrameSlot()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._counts = {"frames_in": 0, "reconnects": 0, "read_errors": 0}
+        self._index = -1
+        self._finished = False
+        self.last_error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict(self._counts)
+        counts["frames_dropped"] = self._slot.dropped
+        return counts
+
+    def read(self, timeout: float) -> Frame | None:
+        return self._slot.take(timeout)

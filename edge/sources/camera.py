@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.errors import ConfigError
-from edge.sources.base import Frame, LatestFrameSlot
+from edge.sources.base import CapturingSource, Frame
 from edge.sources.config import VideoSourceConfig
 
 log = logging.getLogger(__name__)
@@ -175,34 +175,17 @@ class _Session:
         self.outcome = "stopped"
 
 
-class VideoSource:
+class VideoSource(CapturingSource):
     """A camera, stream or video file whose newest frame is always the one `read()` returns."""
 
     def __init__(self, config: VideoSourceConfig) -> None:
+        super().__init__()
         self.config = config
         self.uri = str(config.uri)
         self.kind = uri_kind(config.uri)
-        self._slot = LatestFrameSlot()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._counts = {"frames_in": 0, "reconnects": 0, "read_errors": 0}
-        self._index = -1
-        self._finished = False
         self._supervisor: threading.Thread | None = None
-        self.last_error: str | None = None
         if self.kind == "file" and not Path(self.uri).is_file():
             raise ConfigError(f"video source {self.uri}: file not found")
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
-    @property
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            counts = dict(self._counts)
-        counts["frames_dropped"] = self._slot.dropped
-        return counts
 
     def start(self) -> None:
         if self._supervisor is not None:
@@ -213,9 +196,6 @@ class VideoSource:
         self._slot.reopen()
         self._supervisor = threading.Thread(target=self._supervise, name="video-supervisor", daemon=True)
         self._supervisor.start()
-
-    def read(self, timeout: float) -> Frame | None:
-        return self._slot.take(timeout)
 
     def stop(self) -> None:
         self._stop.set()

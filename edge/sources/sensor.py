@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge.errors import ConfigError
-from edge.sources.base import Frame, LatestFrameSlot
+from edge.sources.base import CapturingSource, Frame
 from edge.sources.config import SensorSourceConfig
 
 log = logging.getLogger(__name__)
@@ -114,39 +114,22 @@ def uri_kind(uri: str) -> str:
     return "file"
 
 
-class SensorSource:
+class SensorSource(CapturingSource):
     """Windows of sensor samples; `read()` returns the newest window not yet returned."""
 
     def __init__(self, config: SensorSourceConfig) -> None:
+        super().__init__()
         self.config = config
         self.uri = config.uri
         self.kind = uri_kind(config.uri)
         self.sample_format: str = config.format
         self.channels = config.channels
         self.sample_rate: int | None = config.sample_rate
-        self.last_error: str | None = None
-        self._slot = LatestFrameSlot()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._counts = {"frames_in": 0, "reconnects": 0, "read_errors": 0}
-        self._index = -1
-        self._finished = False
         self._thread: threading.Thread | None = None
         if self.kind in ("file", "wav") and not Path(self.uri).is_file():
             raise ConfigError(f"sensor source {self.uri}: file not found")
         if self.kind == "wav":
             self._read_wav_header()
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
-    @property
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            counts = dict(self._counts)
-        counts["frames_dropped"] = self._slot.dropped
-        return counts
 
     def describe(self) -> str:
         return f"sensor source {self.uri} ({self.sample_format}, {self.channels} channel(s))"
@@ -160,9 +143,6 @@ class SensorSource:
         self._slot.reopen()
         self._thread = threading.Thread(target=self._run, name=f"sensor-{self.kind}", daemon=True)
         self._thread.start()
-
-    def read(self, timeout: float) -> Frame | None:
-        return self._slot.take(timeout)
 
     def stop(self) -> None:
         self._stop.set()
