@@ -578,6 +578,7 @@ class Daemon:
             queue_dropped={public_uri(uri): count for uri, count in self.queue.dropped.items()},
             outbox_depth=int(self.outbox.depth) if self.outbox else 0,
             outbox_dropped=int(self.outbox.dropped) if self.outbox else 0,
+            outbox_disk_full=int(self.outbox.disk_full) if self.outbox else 0,
             mqtt_connected=bool(self.publisher.connected) if self.publisher else False,
             mqtt_reconnects=int(pub_stats.get("reconnects", 0)),
             predictions_published=int(pub_stats.get("acked", 0)),
@@ -599,7 +600,11 @@ class Daemon:
                 uri: {**stats, "queue_dropped": snap.queue_dropped.get(uri, 0)}
                 for uri, stats in snap.sources.items()
             },
-            "outbox": {"depth": snap.outbox_depth, "dropped": snap.outbox_dropped},
+            "outbox": {
+                "depth": snap.outbox_depth,
+                "dropped": snap.outbox_dropped,
+                "disk_full": snap.outbox_disk_full,
+            },
             "mqtt": {"connected": snap.mqtt_connected, **dict(getattr(self.publisher, "stats", {}) or {})},
             "model": self.active.info if self.active else None,
             "previous_model": self.previous.info if self.previous else None,

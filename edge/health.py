@@ -111,6 +111,7 @@ class StatsSnapshot:
     queue_dropped: dict[str, int] = field(default_factory=dict)  # uri -> dropped by the daemon's frame queue
     outbox_depth: int = 0
     outbox_dropped: int = 0
+    outbox_disk_full: int = 0  # predictions lost because the outbox's disk was full
     mqtt_connected: bool = False
     mqtt_reconnects: int = 0
     predictions_published: int = 0
@@ -201,6 +202,11 @@ class _SnapshotCollector:
         )
         yield CounterMetricFamily(
             "edge_outbox_dropped", "Predictions dropped because the outbox was full", snap.outbox_dropped
+        )
+        yield CounterMetricFamily(
+            "edge_outbox_disk_full",
+            "Predictions lost because the outbox could not be written (disk full)",
+            snap.outbox_disk_full,
         )
         yield GaugeMetricFamily(
             "edge_mqtt_connected", "1 while connected to the broker", int(snap.mqtt_connected)

@@ -252,6 +252,7 @@ def test_hot_swap_under_load_loses_nothing_and_never_mixes_models(
             assert daemon.previous is not None and daemon.previous.info["sha256"] == sha["v1"]
             stats = _send_command(mosquitto.port, "stats", {})
             assert stats["ok"] and stats["result"]["stats"]["model"]["version"] == "2.0.0"
+            assert stats["result"]["stats"]["outbox"]["disk_full"] == 0  # predictions lost to a full disk
             check = _send_command(mosquitto.port, "selfcheck", {})
             assert check["ok"] and check["result"]["passed"] and check["result"]["golden"]["passed"]
         made = daemon.predictions

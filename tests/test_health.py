@@ -91,6 +91,7 @@ def test_metrics_endpoint_serves_the_snapshot_and_latencies() -> None:
         queue_dropped={"clip.avi": 3},
         outbox_depth=7,
         outbox_dropped=5,
+        outbox_disk_full=4,
         mqtt_connected=True,
         mqtt_reconnects=2,
         predictions_published=20,
@@ -115,6 +116,7 @@ def test_metrics_endpoint_serves_the_snapshot_and_latencies() -> None:
     assert 'edge_frames_dropped_total{source="clip.avi"} 5.0' in lines
     assert "edge_outbox_depth 7.0" in lines
     assert "edge_outbox_dropped_total 5.0" in lines
+    assert "edge_outbox_disk_full_total 4.0" in lines
     assert "edge_mqtt_connected 1.0" in lines
     assert "edge_mqtt_reconnects_total 2.0" in lines
     assert "edge_predictions_published_total 20.0" in lines
