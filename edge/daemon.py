@@ -195,9 +195,9 @@ def open_session(
             raise BackendError(f"{package.root}: {report.summary()}")
         if report is None:
             log.warning("package %s has no golden data: served without a self-check", package.root)
-        # The manifest's spec (the artifact's own when it differs) carries resize/colour/mean/std; the
-        # backend's view of its inputs only knows names, shapes and dtypes.
-        spec = (loaded.artifact.inputs or package.manifest.inputs)[0]
+        # The manifest's spec carries resize/colour/mean/std; the backend's own view of its inputs
+        # only knows names, shapes and dtypes.
+        spec = loaded.input_specs[0]
         image_pre = None
         if len(spec.shape) == 4 and (spec.layout or "NCHW") in ("NCHW", "NHWC"):
             image_pre = ImagePreprocessor.from_spec(spec)
