@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        # No -h here: `edge-infer demo --help` must reach the subcommand's own parser, which knows its options.
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text, add_help=False)
         sub_parser.set_defaults(_module=module_name)
     return parser
 
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     # Parse the command name first, then let its module add its own arguments.
     known, _ = parser.parse_known_args(argv)
     module = importlib.import_module(known._module)
-    sub_parser = argparse.ArgumentParser(prog=f"edge-infer {known.command}")
+    sub_parser = argparse.ArgumentParser(
+        prog=f"edge-infer {known.command}", description=SUBCOMMANDS[known.command][1]
+    )
     sub_parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(argv[argv.index(known.command) + 1 :])

@@ -3,7 +3,8 @@
 1. a model package: `--package PATH`, or EfficientNet-Lite0 int8 built once by `edge-convert` from
    examples/efficientnet_lite0.py (needs the [convert] extra; cached under EDGE_CACHE);
 2. a clip written with OpenCV from real photos in scikit-image (also the [convert] extra);
-3. a private broker: the installed mosquitto on a free port (or amqtt, if installed, when there is none);
+3. a private broker on a free port: the installed mosquitto, else amqtt (the [broker] extra) in this
+   process, speaking MQTT 3.1.1; `--broker embedded` forces amqtt;
 4. the daemon, in this process, with a file source paced at the clip's frame rate;
 5. a separate MQTT subscriber that prints every prediction as it arrives.
 It exits 0 after `--count` predictions or at the end of the clip.
@@ -12,6 +13,7 @@ It exits 0 after `--count` predictions or at the end of the clip.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -24,8 +26,9 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -166,55 +169,123 @@ def _wait_listening(port: int, proc: Any, timeout: float) -> None:
     raise ConfigError(f"the local broker did not listen on port {port} within {timeout:.0f} s")
 
 
-@contextmanager
-def local_broker(workdir: Path) -> Iterator[int]:
-    """mosquitto on a free localhost port; amqtt (pure Python, optional) when mosquitto is missing."""
-    port = _free_port()
-    binary = shutil.which("mosquitto") or next(
+@dataclass(frozen=True)
+class LocalBroker:
+    port: int
+    name: str  # "mosquitto" or "amqtt"
+    protocol: Literal[5, 311]  # the newest MQTT version the broker speaks
+
+
+BROKER_CHOICES = ("auto", "mosquitto", "embedded")
+
+
+def find_mosquitto() -> str | None:
+    """mosquitto on PATH, else where Debian puts it (/usr/sbin is not on every user's PATH)."""
+    return shutil.which("mosquitto") or next(
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
     )
+
+
+def has_amqtt() -> bool:
+    return importlib.util.find_spec("amqtt") is not None
+
+
+@contextmanager
+def local_broker(workdir: Path, choice: str = "auto") -> Iterator[LocalBroker]:
+    """A private broker on a free localhost port: mosquitto, or amqtt inside this process.
+
+    `choice` is "auto" (mosquitto when installed, else amqtt), "mosquitto" or "embedded" (amqtt).
+    """
+    if choice not in BROKER_CHOICES:
+        raise ConfigError(f"--broker {choice}: expected one of {', '.join(BROKER_CHOICES)}")
+    binary = find_mosquitto() if choice in ("auto", "mosquitto") else None
     if binary:
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        proc = subprocess.Popen(
-            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            _wait_listening(port, proc, 10)
-            yield port
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        with _mosquitto(binary, workdir) as port:
+            yield LocalBroker(port, "mosquitto", 5)
         return
-    if shutil.which("amqtt"):
-        proc = subprocess.Popen(
-            ["amqtt", "-c", str(_amqtt_config(workdir, port))],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+    if choice == "mosquitto":
+        raise ConfigError("--broker mosquitto: mosquitto is not installed (apt install mosquitto)")
+    if not has_amqtt():
+        raise ConfigError(
+            "no MQTT broker found: install mosquitto (apt install mosquitto) "
+            "or the embedded one (pip install 'edge-runtime[broker]')"
         )
+    with _embedded_amqtt() as port:
+        yield LocalBroker(port, "amqtt", 311)  # amqtt 0.12 speaks MQTT 3.1.1 only
+
+
+@contextmanager
+def _mosquitto(binary: str, workdir: Path) -> Iterator[int]:
+    port = _free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(port, proc, 10)
+        yield port
+    finally:
+        proc.terminate()
         try:
-            _wait_listening(port, proc, 15)
-            yield port
-        finally:
-            proc.terminate()
             proc.wait(5)
-        return
-    raise ConfigError(
-        "no MQTT broker found: install mosquitto (apt install mosquitto) or `pip install amqtt`"
-    )
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
-def _amqtt_config(workdir: Path, port: int) -> Path:
-    path = workdir / "amqtt.yaml"
-    path.write_text(
-        f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\n"
-        "auth:\n  allow-anonymous: true\n  plugins: [auth_anonymous]\n"
-    )
-    return path
+def amqtt_config(port: int) -> dict[str, Any]:
+    """Localhost only, anonymous clients, no $SYS topics or packet logging."""
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+
+
+@contextmanager
+def _embedded_amqtt(timeout: float = 15.0) -> Iterator[int]:
+    """amqtt on its own event loop in a thread of this process: no PATH lookup, nothing left running."""
+    import asyncio
+
+    from amqtt.broker import Broker
+
+    port = _free_port()
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    failure: list[BaseException] = []
+    broker: list[Any] = []
+
+    async def start() -> None:
+        broker.append(Broker(amqtt_config(port), loop=loop))
+        await broker[0].start()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(start())
+        except Exception as exc:  # a port taken meanwhile, a broken plugin: reported by the caller
+            failure.append(exc)
+            started.set()
+            loop.close()
+            return
+        started.set()
+        try:
+            loop.run_forever()
+            loop.run_until_complete(asyncio.wait_for(broker[0].shutdown(), 5))
+        except Exception as exc:  # a broker that fails to shut down must not hide the demo's result
+            logging.getLogger(__name__).warning("embedded broker shutdown: %s", exc)
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=serve, name="amqtt-broker", daemon=True)
+    thread.start()
+    if not started.wait(timeout):
+        raise ConfigError(f"the embedded broker (amqtt) did not start within {timeout:.0f} s")
+    if failure:
+        raise ConfigError(f"the embedded broker (amqtt) failed to start: {failure[0]}")
+    try:
+        yield port  # start() returned: the listener is bound (a probe connection would log an error)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
 
 
 def format_prediction(message: dict[str, Any]) -> str:
@@ -243,6 +314,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=0, help="stop after this many predictions (0: clip end)")
     parser.add_argument("--fps", type=float, default=10.0, help="frames per second taken from the clip")
     parser.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    parser.add_argument(
+        "--broker",
+        choices=BROKER_CHOICES,
+        default="auto",
+        help="auto: mosquitto if installed, else amqtt; embedded: amqtt in this process",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -258,7 +335,12 @@ def main(args: argparse.Namespace) -> int:
     cache = cache_root()
     package = args.package or ensure_demo_package(cache)
     clip = args.clip or make_demo_clip(cache / "demo" / "photos-10fps.avi")
-    with tempfile.TemporaryDirectory(prefix="edge-demo-") as tmp, local_broker(Path(tmp)) as port:
+    broker_choice = getattr(args, "broker", "auto")
+    with (
+        tempfile.TemporaryDirectory(prefix="edge-demo-") as tmp,
+        local_broker(Path(tmp), broker_choice) as broker,
+    ):
+        port = broker.port
         work = Path(tmp)
         device = "demo-cam"
         models = work / "models"
@@ -269,7 +351,13 @@ def main(args: argparse.Namespace) -> int:
                 "device_id": device,
                 "model": str(models / "current"),
                 "source": {"type": "video", "uri": str(clip), "fps": args.fps, "loop": False},
-                "mqtt": {"host": "127.0.0.1", "port": port, "qos": 1, "topic_prefix": "edge"},
+                "mqtt": {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "protocol": broker.protocol,
+                    "qos": 1,
+                    "topic_prefix": "edge",
+                },
                 "outbox": {"path": str(work / "outbox.db")},
                 "metrics": None,
             }
@@ -294,7 +382,7 @@ def main(args: argparse.Namespace) -> int:
         if not subscribed.wait(10):
             raise ConfigError("the demo subscriber could not subscribe to the local broker")
 
-        print(f"demo: broker on 127.0.0.1:{port}, model {package}, clip {clip}", flush=True)
+        print(f"demo: broker {broker.name} on 127.0.0.1:{port}, model {package}, clip {clip}", flush=True)
         daemon = Daemon(config)
         daemon.start()
         session = daemon.active

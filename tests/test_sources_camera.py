@@ -146,6 +146,59 @@ def test_file_at_full_speed_goes_at_the_readers_pace(clip_20fps: Path) -> None:
     assert source.stats["frames_dropped"] == 0
 
 
+def frames_captured_within(source: VideoSource, window: float) -> list[Frame]:
+    """Every frame read whose capture time falls within `window` seconds of the first one's.
+
+    Reads go on past the window (or until the file ends), so the count does not depend on when the
+    reader happened to stop; only the source's pacing decides which capture times land in the window.
+    """
+    first = source.read(10)
+    assert first is not None, source.stats
+    frames = [first]
+    until = time.monotonic() + window + 1.0
+    while time.monotonic() < until:
+        frame = source.read(0.2)
+        if frame is not None:
+            frames.append(frame)
+        elif source.finished:
+            break
+    return [frame for frame in frames if frame.captured_mono - first.captured_mono <= window]
+
+
+# Bounds are loose on purpose (the machine is shared): each case must only stay apart from the others.
+PACING_CASES = {
+    # realtime false + fps 5 on a 25 fps clip: every frame, one per 0.2 s -> ~10 in 2 s
+    "fps_cap_on_a_file": ({"realtime": False, "fps": 5}, 25, 5, 15),
+    # realtime true on a 10 fps clip: the file's own rate -> ~20 in 2 s
+    "realtime_at_the_files_rate": ({"realtime": True}, 10, 10, 30),
+    # realtime true + fps 5 on a 25 fps clip: the file's clock, frames over the cap skipped -> ~10 in 2 s
+    "realtime_with_a_cap": ({"realtime": True, "fps": 5}, 25, 5, 15),
+    # realtime false, no fps: decoded flat out for benchmarks -> far more than any paced case
+    "flat_out": ({"realtime": False}, 25, 60, None),
+}
+
+
+@pytest.mark.parametrize("case", list(PACING_CASES))
+def test_file_pacing_over_a_two_second_window(case: str, cache_dir: Path) -> None:
+    options, clip_fps, at_least, at_most = PACING_CASES[case]
+    clip = make_clip(None, ["chelsea", "rocket"], fps=clip_fps, seconds=8, codec="mjpg", stamp=True)
+    source = VideoSource(VideoSourceConfig(uri=str(clip), **options))
+    source.start()
+    try:
+        frames = frames_captured_within(source, 2.0)
+    finally:
+        source.stop()
+    assert len(frames) >= at_least, (case, len(frames), source.stats)
+    if at_most is not None:
+        assert len(frames) <= at_most, (case, len(frames), source.stats)
+    assert [read_stamp(frame.data) for frame in frames] == [frame.index for frame in frames]
+    steps = {later.index - earlier.index for earlier, later in itertools.pairwise(frames)}
+    if options.get("realtime") and "fps" in options:
+        assert min(steps) >= 3, steps  # 25 fps capped at 5: about four of every five frames skipped
+    elif options.get("realtime") is False:
+        assert steps == {1}, steps  # a file not played in real time skips nothing
+
+
 def test_slow_consumer_gets_the_newest_frame_only(cache_dir: Path) -> None:
     clip = make_clip(None, ["astronaut"], fps=30, seconds=2, codec="mjpg", stamp=True)
     source = VideoSource(VideoSourceConfig(uri=str(clip), loop=True))

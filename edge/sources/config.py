@@ -16,12 +16,18 @@ class VideoSourceConfig(BaseModel):
 
     type: Literal["video"] = "video"
     uri: str | int = 0
-    fps: float | None = Field(default=None, gt=0, description="cap on frames delivered per second")
+    fps: float | None = Field(
+        default=None,
+        gt=0,
+        description="cap on frames delivered per second; cameras, streams and realtime files skip the frames "
+        "over it; a file with realtime false delivers every frame, one per 1/fps",
+    )
     loop: bool = Field(default=False, description="files only: restart at the end instead of finishing")
     realtime: bool = Field(
         default=True,
-        description="files only: play at the file's own timestamps like a camera, skipping frames under the fps "
-        "cap (false: every frame, one per 1/fps when fps is set, else as fast as the reader takes them)",
+        description="files only. true: play at the file's own frame rate like a camera (an fps cap skips "
+        "frames). false with fps: every frame, paced at fps. false without fps: decoded flat out, as fast "
+        "as the reader takes them, none skipped (benchmarks)",
     )
     width: int | None = Field(default=None, gt=0, description="USB cameras: requested frame width")
     height: int | None = Field(default=None, gt=0, description="USB cameras: requested frame height")
