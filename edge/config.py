@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edge.errors import ConfigError
 from edge.publish.mqtt import MqttConfig
 from edge.sources.config import SourceConfig
 from edge.trust import check_secret_file
@@ -31,8 +32,18 @@ class _Strict(BaseModel):
 
 
 class OutboxConfig(_Strict):
+    enabled: bool = Field(
+        default=True,
+        description="false: memory only; predictions made while the broker is away are lost",
+    )
     path: Path = Path("/var/lib/edge-infer/outbox.db")
     max_bytes: int = Field(default=64 << 20, ge=4096)
+    reserve_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="disk space held back so a full disk can be recovered from without a restart; "
+        "null: 1/8 of the filesystem within 128 KiB..8 MiB, 0: none",
+    )
 
 
 class MetricsConfig(_Strict):
@@ -61,7 +72,7 @@ class DaemonConfig(_Strict):
     @field_validator("device_id")
     @classmethod
     def _device_id_is_topic_safe(cls, value: str) -> str:
-        if not _DEVICE_ID.match(value):
+        if not _DEVICE_ID.fullmatch(value):  # `match` with `$` would let a trailing newline through
             raise ValueError("must be 1-128 of A-Z a-z 0-9 . _ : - (it becomes an MQTT topic level)")
         return value
 
@@ -86,6 +97,20 @@ def _relative_to(base: Path, path: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _resolved_path(config_path: Path, field: str, path: Path) -> Path:
+    """`path` made absolute against the config file's directory; a path the OS cannot take is refused."""
+    text = str(path)
+    if "\0" in text:
+        raise ConfigError(f"{config_path}: {field}: path contains a NUL byte")
+    try:
+        os.fsencode(text)
+        return _relative_to(config_path.absolute().parent, path)
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{config_path}: {field}: path is not valid text ({exc.reason})") from exc
+    except RuntimeError as exc:  # `~user/...` for a user that does not exist
+        raise ConfigError(f"{config_path}: {field}: cannot expand '{text}': {exc}") from exc
+
+
 def read_password(config: DaemonConfig, environ: dict[str, str] | None = None) -> str | None:
     """The MQTT password: from mqtt.password_file (EDGE_MQTT_PASSWORD_FILE overrides it), else from
     EDGE_MQTT_PASSWORD. A file other users can read is refused."""
@@ -95,7 +120,12 @@ def read_password(config: DaemonConfig, environ: dict[str, str] | None = None) -
         return env.get(ENV_PASSWORD) or None
     path = Path(file_value)
     check_secret_file(path, "mqtt.password_file")
-    return path.read_text(encoding="utf-8").strip("\r\n")
+    try:
+        return path.read_text(encoding="utf-8").strip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"mqtt.password_file: '{path}': cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"mqtt.password_file: '{path}': not UTF-8 text") from exc
 
 
 def load_config(path: str | Path, environ: dict[str, str] | None = None) -> DaemonConfig:
@@ -104,22 +134,26 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Daem
 
     path = Path(path)
     config = yamlio.load_model(path, DaemonConfig)
-    base = path.absolute().parent
     updates: dict[str, Any] = {
-        "model": _relative_to(base, config.model),
-        "trusted_keys": [_relative_to(base, key) for key in config.trusted_keys],
-        "outbox": config.outbox.model_copy(update={"path": _relative_to(base, config.outbox.path)}),
+        "model": _resolved_path(path, "model", config.model),
+        "trusted_keys": [
+            _resolved_path(path, f"trusted_keys.{index}", key)
+            for index, key in enumerate(config.trusted_keys)
+        ],
+        "outbox": config.outbox.model_copy(
+            update={"path": _resolved_path(path, "outbox.path", config.outbox.path)}
+        ),
     }
     env = os.environ if environ is None else environ
     mqtt_updates: dict[str, Any] = {}
     # The publisher reads the file itself; the environment may point it elsewhere (a systemd credential).
     password_file = env.get(ENV_PASSWORD_FILE) or config.mqtt.password_file
     if password_file:
-        mqtt_updates["password_file"] = _relative_to(base, Path(password_file))
+        mqtt_updates["password_file"] = _resolved_path(path, "mqtt.password_file", Path(password_file))
     tls = config.mqtt.tls
     if tls is not None:
         tls_updates = {
-            name: _relative_to(base, value)
+            name: _resolved_path(path, f"mqtt.tls.{name}", value)
             for name in ("ca_file", "cert_file", "key_file")
             if (value := getattr(tls, name)) is not None
         }
@@ -127,11 +161,12 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Daem
     if mqtt_updates:
         updates["mqtt"] = config.mqtt.model_copy(update=mqtt_updates)
     config = config.model_copy(update=updates)
-    read_password(
-        config, {k: v for k, v in env.items() if k != ENV_PASSWORD_FILE}
-    )  # fail now, not at connect
-    if config.mqtt.tls is not None and config.mqtt.tls.key_file is not None:
-        check_secret_file(config.mqtt.tls.key_file, "mqtt.tls.key_file")
+    try:  # fail now, not at connect; the message names the config file as well as the secret's
+        read_password(config, {k: v for k, v in env.items() if k != ENV_PASSWORD_FILE})
+        if config.mqtt.tls is not None and config.mqtt.tls.key_file is not None:
+            check_secret_file(config.mqtt.tls.key_file, "mqtt.tls.key_file")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     return config
 
 
@@ -167,6 +202,7 @@ def main(args: argparse.Namespace) -> int:
     )
     print(
         f"ok: {args.config}: device {config.device_id}, model {model_note}, sources {sources}, "
-        f"mqtt {config.mqtt.host}:{config.mqtt.port}, outbox {config.outbox.path}, {metrics}"
+        f"mqtt {config.mqtt.host}:{config.mqtt.port}, "
+        f"outbox {config.outbox.path if config.outbox.enabled else 'disabled (memory only)'}, {metrics}"
     )
     return 0

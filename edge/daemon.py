@@ -256,7 +256,7 @@ class Daemon:
         self._all_pumped = threading.Event()  # every source finished and its frames are in the queue
         self.predictions = 0
         self.inference_errors = 0
-        self.started_at = time.time()
+        self.started_at = time.monotonic()  # uptime, not a timestamp: immune to wall-clock jumps
         self.boot_id = str(uuid.uuid4())
         self._last_reconnects: dict[str, int] = {}
 
@@ -264,7 +264,7 @@ class Daemon:
 
     def start(self) -> None:
         from edge.profiles import resolve_profile
-        from edge.publish.outbox import Outbox
+        from edge.publish.outbox import MemoryOutbox, Outbox
         from edge.signing import load_public_key
         from edge.sources import open_source
 
@@ -284,8 +284,13 @@ class Daemon:
             self.active.backend_name,
             self.active.provider,
         )
-        self.outbox = Outbox(config.outbox.path, config.outbox.max_bytes)
+        if config.outbox.enabled:
+            self.outbox = Outbox(config.outbox.path, config.outbox.max_bytes, config.outbox.reserve_bytes)
+        else:
+            self.outbox = MemoryOutbox(config.outbox.max_bytes)  # logs that predictions can be lost
         self.publisher = self._make_publisher()
+        if isinstance(self.outbox, MemoryOutbox):
+            self.outbox.is_connected = lambda: self.publisher.connected
         self.publisher.set_status(self._status("online"))
         self.publisher.start()
         if config.metrics is not None and config.metrics.port is not None:
@@ -593,7 +598,7 @@ class Daemon:
     def stats(self) -> dict[str, Any]:
         snap = self.snapshot()
         return {
-            "uptime_s": round(time.time() - self.started_at, 3),
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
             "predictions": snap.predictions_made,
             "inference_errors": self.inference_errors,
             "sources": {

@@ -47,18 +47,22 @@ def fault_config(
     keepalive: int = 5,
     flush_timeout_s: float = 30.0,
     source: dict[str, Any] | None = None,
+    sources: list[dict[str, Any]] | None = None,
+    device_id: str = DEVICE,
+    outbox_enabled: bool = True,
 ) -> Path:
     """A config for the tiny sensor package fed `rate` windows per second from a file (real sensor
     source, real ONNX Runtime session), QoS 1 to the test's broker, the outbox under `workdir/state`.
-    A video `source` gets the tiny image classifier instead."""
+    A video `source` (or video `sources`, served by one model session) gets the tiny image classifier."""
     models = workdir / "models"
-    package = "tiny" if source is not None and source.get("type") == "video" else "sensor"
+    first = sources[0] if sources else source
+    package = "tiny" if first is not None and first.get("type") == "video" else "sensor"
     if not (models / package / "manifest.json").exists():
         if package == "tiny":
             make_tiny_package(models / package)
         else:
             make_sensor_package(models / package, window=WINDOW, channels=CHANNELS)
-    if source is None:
+    if source is None and sources is None:
         data = sensor_samples(workdir / "samples.f32", windows)
         source = {
             "type": "sensor",
@@ -72,10 +76,10 @@ def fault_config(
         }
     return write_config(
         workdir / "edge.yaml",
-        device_id=DEVICE,
+        device_id=device_id,
         profile="x86-64-avx2",
         model=f"models/{package}",
-        source=source,
+        **({"sources": sources} if sources is not None else {"source": source}),
         mqtt={
             "host": "127.0.0.1",
             "port": broker_port,
@@ -86,7 +90,7 @@ def fault_config(
             "reconnect_min_s": 0.5,
             "reconnect_max_s": 1.0,
         },
-        outbox={"path": "state/outbox.db", "max_bytes": max_bytes},
+        outbox={"enabled": outbox_enabled, "path": "state/outbox.db", "max_bytes": max_bytes},
         metrics=None,
         flush_timeout_s=flush_timeout_s,
         frame_queue=64,

@@ -7,9 +7,11 @@ suite; `tools/faults.sh` runs them all, slow ones included.
 The load is a sensor file (real sensor source, real ONNX Runtime session of a tiny model) replayed at a
 fixed rate of windows per second, so every scenario produces a known, steady stream of QoS 1 predictions.
 
-Showing that the scenarios catch a broken guarantee ("disable the outbox"): the daemon has no switch to
-bypass its outbox, so `test_scenario_1_fails_when_the_outbox_cannot_hold_the_outage` runs scenario 1 with
-the outbox cut to its 4 KiB minimum and shows the same check failing. By hand:
+Showing that the scenarios catch a broken guarantee ("disable the outbox"):
+`test_scenario_1_fails_with_the_outbox_disabled` runs scenario 1 with `outbox: {enabled: false}` and shows
+the same check failing, with its row in the table; the slow
+`test_scenario_1_fails_when_the_outbox_cannot_hold_the_outage` does the same with the outbox cut to its
+4 KiB minimum. By hand:
 `EDGE_FAULTS_OUTBOX_MAX_BYTES=4096 tools/faults.sh -k sigterm_outage` fails with the count of lost seqs.
 """
 
@@ -262,8 +264,8 @@ def test_broker_outage_10k_predictions(
 def test_scenario_1_fails_when_the_outbox_cannot_hold_the_outage(
     tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
 ) -> None:
-    """The guarantee check of scenario 1 is not vacuous: with the outbox cut to its 4 KiB minimum (the
-    daemon has no switch to bypass it entirely) the same outage loses predictions and the check sees it."""
+    """The guarantee check of scenario 1 is not vacuous: with the outbox cut to its 4 KiB minimum the same
+    outage loses predictions and the check sees it (and the bound's drop counter counts them)."""
     result, missing, _unacked, _window = _broker_outage(
         tmp_path,
         broker,
@@ -280,6 +282,46 @@ def test_scenario_1_fails_when_the_outbox_cannot_hold_the_outage(
         assert missing == []  # the very check test_broker_sigterm_outage_loses_nothing makes
     assert len(missing) == result.missing > 0
     assert result.dropped_counted >= result.missing  # the loss is at least counted
+
+
+def test_scenario_1_fails_with_the_outbox_disabled(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> None:
+    """The guarantee check of scenario 1 is not vacuous: with `outbox: {enabled: false}` the same broker
+    stop loses every prediction made while the broker is away, and the counting subscriber sees it."""
+    windows, rate, outage_s = 1500, 250, 2.5
+    config = fault_config(tmp_path, broker.port, windows=windows, rate=rate, loop=False, outbox_enabled=False)
+    daemon = _start(daemons, config, tmp_path)
+    assert "predictions are not persisted" in daemon.log_tail(20_000)
+    assert _wait(lambda: _max_seen(counter) >= windows // 5, 60), daemon.log_tail()
+    broker.stop(signal.SIGTERM)
+    seen_before = _max_seen(counter)
+    time.sleep(outage_s)
+    restarted = time.monotonic()
+    broker.start()
+    recovery = _recovery_after(counter, seen_before, restarted, 60)
+    assert daemon.wait_exit(120) == 0, daemon.log_tail()  # the file ended; it flushed and exited
+    summary = re.search(
+        r"outbox disabled: (\d+) predictions made, (\d+) lost", daemon.log.read_text(errors="replace")
+    )
+    assert summary is not None, daemon.log_tail()
+    produced, lost = int(summary[1]), int(summary[2])
+    _wait(lambda: _max_seen(counter) >= produced, 10)
+    missing = counter.snapshot(DEVICE).missing(1, produced)
+    result = _result(
+        f"1. broker SIGTERM {outage_s:g} s, outbox disabled",
+        counter,
+        produced,
+        lost,
+        recovery,
+        f"outbox disabled: {len(missing)} missing (seqs {_ranges(missing)}), {lost} counted as lost "
+        f"while the broker was away; {windows} windows at {rate:.0f}/s",
+    )
+    with pytest.raises(AssertionError):
+        assert missing == []  # the very check test_broker_sigterm_outage_loses_nothing makes
+    assert result.missing == len(missing) > 0
+    assert len(missing) <= lost  # every loss is at least counted
+    assert not daemon.outbox_path.exists(), "the disabled outbox wrote a database"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -470,6 +512,10 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 def test_full_disk_under_the_outbox_keeps_the_daemon_running_and_recovers(
     tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
 ) -> None:
+    """The outbox's filesystem (a 1 MiB tmpfs) fills while the broker is away. The daemon keeps inferring
+    and counts every prediction it cannot store; once the broker is back and its acks free space, it
+    stores and delivers new predictions again without a restart, and what is missing is exactly what it
+    counted (no seq reused)."""
     state = tmp_path / "state"
     if not _mount_tmpfs(state, "1m"):
         pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
@@ -477,62 +523,70 @@ def test_full_disk_under_the_outbox_keeps_the_daemon_running_and_recovers(
         config = fault_config(tmp_path, broker.port, windows=2000, rate=250, loop=True, max_bytes=64 << 20)
         broker.stop()  # predictions pile up until the 1 MiB filesystem is full
         daemon = _start(daemons, config, tmp_path)
-        assert _wait(lambda: "predictions lost so far" in daemon.log.read_text(errors="replace"), 60), (
-            daemon.log_tail()
-        )
+        ready = time.monotonic()
+
+        def logged(text: str) -> bool:
+            return text in daemon.log.read_text(errors="replace")
+
+        assert _wait(lambda: logged("predictions lost so far"), 60), daemon.log_tail()
         full_at = time.monotonic()
         time.sleep(2.0)
         assert daemon.running, f"the daemon died on a full disk:\n{daemon.log_tail()}"
+        assert not logged("storing again"), "space came back while the broker was still away"
         restarted = time.monotonic()
         broker.start()
-        recovery = _recovery_after(counter, 0, restarted, 60)
-        assert recovery < 60, "nothing stored before the disk filled was delivered"
-        # Recovered: once acks free space, new predictions are stored and delivered again.
-        resumed_from = _max_seen(counter)
-        recovered = _wait(lambda: _max_seen(counter) >= resumed_from + 200, 10)
-        if not recovered:
-            daemon.kill()
-            logged = re.findall(r"(\d+) predictions lost so far", daemon.log.read_text(errors="replace"))
-            lost = max((int(n) for n in logged), default=0)
-            stored = _max_seen(counter)
-            count = counter.snapshot(DEVICE)
-            record(
-                ScenarioResult(
-                    scenario="5. outbox on a full 1 MiB tmpfs",
-                    produced=stored + lost,
-                    delivered=len(count.seqs),
-                    missing=lost,
-                    duplicated=count.duplicates,
-                    dropped_counted=lost,
-                    recovery_s=None,
-                    note=f"NOT RECOVERED 10 s after the broker returned; >= {lost} lost while full (the "
-                    "log's disk-full counter, logged every 1000); the rows stored before were delivered, "
-                    "but with the disk full SQLite can neither delete them nor store new ones",
-                )
-            )
-            # Known defect (reported on issue 7): the WAL fills the disk; deleting acked rows needs WAL
-            # space too, so the outbox never frees space and every new prediction is lost until a restart.
-            pytest.xfail("the outbox does not recover from a full disk while the daemon runs")
+        delivered_after = _recovery_after(counter, 0, restarted, 60)
+        assert delivered_after < 60, "nothing stored before the disk filled was delivered"
+        assert _wait(lambda: logged("storing again"), 60), daemon.log_tail()
+        storing_after = time.monotonic() - restarted
+        # Recovered: predictions made from now on are stored and delivered again.
+        target = _produced(daemon) + 250
+        assert _wait(lambda: _max_seen(counter) >= target, 30), daemon.log_tail()
+        commands = CommandClient(broker.port)
+        try:
+            lost = int(commands.call("stats")["result"]["stats"]["outbox"]["disk_full"])
+        finally:
+            commands.close()
         assert daemon.stop() == 0, daemon.log_tail()
         outbox = read_outbox(daemon.outbox_path)
         produced = outbox["next_seq"] - 1
-        counter.wait_for(DEVICE, produced, 10)
+        _wait(lambda: _max_seen(counter) >= produced, 10)
         missing = counter.snapshot(DEVICE).missing(1, produced)
+        reused = counter.ledger.reused()  # type: ignore[attr-defined]
+        runs = _ranges(missing)
         result = _result(
             "5. outbox on a full 1 MiB tmpfs",
             counter,
             produced,
-            outbox["dropped"],
-            recovery,
-            f"full after {full_at - restarted + 2.0:.0f} s of outage; the {len(missing)} missing are the "
-            "predictions made while the disk was full (counted only in Outbox.disk_full and its log line)",
+            lost,
+            storing_after,
+            f"disk full {full_at - ready:.0f} s into the outage; {lost} predictions "
+            f"made while it was full counted in disk_full (seqs {runs}); first delivery "
+            f"{delivered_after:.1f} s after the broker returned; recovery = broker back to storing again, "
+            "no restart",
         )
         assert outbox["pending"] == []
-        assert result.delivered > 0 and daemon.starts == 1
+        assert lost > 0 and len(missing) == lost, f"{len(missing)} missing, {lost} counted: {runs}"
+        assert reused == [], f"seqs reused with different payloads: {reused[:20]}"
+        assert result.delivered > lost and daemon.starts == 1
     finally:
         for proc in daemons:
             proc.kill()
         subprocess.run(["umount", "-l", str(state)], capture_output=True, timeout=10)
+
+
+def _ranges(seqs: list[int]) -> str:
+    """`3..7, 12` for [3, 4, 5, 6, 7, 12]."""
+    runs: list[str] = []
+    start = prev = None
+    for seq in [*seqs, None]:
+        if seq is not None and prev is not None and seq == prev + 1:
+            prev = seq
+            continue
+        if start is not None:
+            runs.append(f"{start}..{prev}" if prev != start else f"{start}")
+        start = prev = seq
+    return ", ".join(runs) or "none"
 
 
 # ---------------------------------------------------------------------------------------------------------
