@@ -6,9 +6,13 @@ model (an accelerator that initialises but computes nothing, or computes wrong n
 the package's golden self-check, and install hints for accelerators the profile expects but that do not
 work here.
 
-The tiny model (1x1 Conv -> ReLU -> GlobalAveragePool) is built with `onnx.helper` when `onnx` is
+The tiny ONNX model (1x1 Conv -> ReLU -> GlobalAveragePool) is built with `onnx.helper` when `onnx` is
 installed; the device runtime does not depend on `onnx`, so the same bytes ship below as base64 (a test
-checks that both are identical).
+checks that both are identical). Its TFLite twin (NHWC CONV_2D with fused ReLU -> MEAN, under 1 KB) ships
+the same way: `build_tiny_tflite` writes it with the flatbuffers schema module that ai-edge-litert
+installs, and a test checks that the shipped bytes are that model. Inline bytes rather than a generated
+package-data file: no torch/TensorFlow step to regenerate it, nothing to list in pyproject, and the same
+bytes work with tflite-runtime, which ships no schema module.
 """
 
 from __future__ import annotations
@@ -29,6 +33,21 @@ TINY_MODEL_B64 = (
     "IhFHbG9iYWxBdmVyYWdlUG9vbBILZWRnZV9kb2N0b3IqJwgCCAMIAQgBEAFCAXdKGAAAIL8AAMC+AAAAvgAAAD4AAMA+AAAgP1obCgF4"
     "EhYKFAgBEhAKAggBCgIIAwoCCAQKAggEYhsKAXkSFgoUCAESEAoCCAEKAggCCgIIAQoCCAFCBAoAEA0="
 )
+TINY_TFLITE_B64 = (
+    "CAAAAFRGTDNG////FAAAAJgAAACkAAAA0AIAAAMAAAAHAAAAgAAAAHQAAABMAAAALAAAACQAAAAMAAAABAAAAKD////S////BAAAAAgA"
+    "AAABAAAAAgAAALj////q////BAAAAAgAAAAAAIA+AAAAvgAABgAIAAQABgAAAAQAAAAYAAAAAAAgvwAAwL4AAAC+AAAAPgAAwD4AACA/"
+    "/P///wQABAAEAAAACwAAAGVkZ2UtZG9jdG9yAAEAAAAUAAAAAAAOABgAFAAQAAwACAAEAA4AAAAUAAAAIAAAANAAAADUAAAA2AAAAAsA"
+    "AABlZGdlX2RvY3RvcgACAAAAZAAAABQAAAAAAA4AGgAUABAADAALAAQADgAAABwAAAAAAAAbHAAAACAAAAABAAAAAAAGAAgABwAGAAAA"
+    "AAAAAQEAAAAFAAAAAgAAAAMAAAAEAAAAAAAOABQAAAAQAAwACwAEAA4AAAAcAAAAAAAAASgAAAAsAAAADAAUABMADAAIAAcADAAAAAAA"
+    "AAEBAAAAAQAAAAAAAAEBAAAAAwAAAAMAAAAAAAAAAQAAAAIAAAABAAAABQAAAAEAAAAAAAAABgAAAPwAAADAAAAAnAAAAGwAAABAAAAA"
+    "BAAAACj///8MAAAABgAAAAwAAAABAAAAeQAAAAQAAAABAAAAAQAAAAEAAAACAAAADAAUABAADwAIAAQADAAAABAAAAAFAAAAAAAAAhAA"
+    "AAAEAAAAYXhlcwAAAAABAAAAAgAAAIj///8MAAAABAAAAAwAAAABAAAAYwAAAAQAAAABAAAABAAAAAQAAAACAAAAtP///wwAAAADAAAA"
+    "DAAAAAEAAABiAAAAAQAAAAIAAADU////DAAAAAIAAAAMAAAAAQAAAHcAAAAEAAAAAgAAAAEAAAABAAAAAwAAAAwAEAAMAAAACAAEAAwA"
+    "AAAMAAAAAQAAAAwAAAABAAAAeAAAAAQAAAABAAAABAAAAAQAAAADAAAAAgAAACAAAAAEAAAA9P///ygAAAAAAAAoDAAMAAsAAAAAAAQA"
+    "DAAAAAMAAAAAAAAD"
+)
+# Output tolerance on the tiny models: wrong numbers are off by far more; fp16 GPU delegates are not.
+TINY_ATOL = 5e-3
 INTERESTING_FLAGS = (
     "sse4_2",
     "avx",
@@ -93,6 +112,83 @@ def tiny_expected(x: np.ndarray) -> np.ndarray:
     return np.maximum(conv, 0).mean(axis=(2, 3), keepdims=True)
 
 
+def tiny_tflite_bias() -> np.ndarray:
+    return np.array([0.25, -0.125], dtype=np.float32)
+
+
+def build_tiny_tflite() -> bytes:
+    """The tiny doctor .tflite, written with the TFLite flatbuffers schema that ai-edge-litert ships."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    def tensor(name: str, shape: list[int], buffer: int, dtype: int = schema.TensorType.FLOAT32) -> Any:
+        result = schema.TensorT()
+        result.name, result.shape, result.buffer, result.type = name, shape, buffer, dtype
+        return result
+
+    def buffer(data: np.ndarray | None = None) -> Any:
+        result = schema.BufferT()
+        if data is not None:
+            result.data = list(np.ascontiguousarray(data).tobytes())
+        return result
+
+    def opcode(code: int) -> Any:
+        result = schema.OperatorCodeT()
+        result.builtinCode, result.deprecatedBuiltinCode, result.version = code, code, 1
+        return result
+
+    conv = schema.OperatorT()
+    conv.opcodeIndex, conv.inputs, conv.outputs = 0, [0, 1, 2], [3]
+    conv.builtinOptionsType = schema.BuiltinOptions.Conv2DOptions
+    conv.builtinOptions = schema.Conv2DOptionsT()
+    conv.builtinOptions.padding = schema.Padding.VALID
+    conv.builtinOptions.strideW = conv.builtinOptions.strideH = 1
+    conv.builtinOptions.dilationWFactor = conv.builtinOptions.dilationHFactor = 1
+    conv.builtinOptions.fusedActivationFunction = schema.ActivationFunctionType.RELU
+    mean = schema.OperatorT()
+    mean.opcodeIndex, mean.inputs, mean.outputs = 1, [3, 4], [5]
+    mean.builtinOptionsType = schema.BuiltinOptions.ReducerOptions
+    mean.builtinOptions = schema.ReducerOptionsT()
+    mean.builtinOptions.keepDims = True
+
+    graph = schema.SubGraphT()
+    graph.name = "edge_doctor"
+    graph.tensors = [
+        tensor("x", [1, 4, 4, 3], 1),
+        tensor("w", [2, 1, 1, 3], 2),
+        tensor("b", [2], 3),
+        tensor("c", [1, 4, 4, 2], 4),
+        tensor("axes", [2], 5, schema.TensorType.INT32),
+        tensor("y", [1, 1, 1, 2], 6),
+    ]
+    graph.inputs, graph.outputs, graph.operators = [0], [5], [conv, mean]
+    model = schema.ModelT()
+    model.version = 3
+    model.description = "edge-doctor"
+    model.operatorCodes = [opcode(schema.BuiltinOperator.CONV_2D), opcode(schema.BuiltinOperator.MEAN)]
+    model.subgraphs = [graph]
+    filters_ohwi = tiny_weights()[:, :, 0, 0].reshape(2, 1, 1, 3)
+    axes = np.array([1, 2], dtype=np.int32)
+    model.buffers = [buffer(), buffer(), buffer(filters_ohwi), buffer(tiny_tflite_bias()), buffer()]
+    model.buffers += [buffer(axes), buffer()]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def tiny_tflite() -> bytes:
+    return base64.b64decode(TINY_TFLITE_B64)
+
+
+def tiny_tflite_input() -> np.ndarray:
+    return np.linspace(-1, 1, 48, dtype=np.float32).reshape(1, 4, 4, 3)
+
+
+def tiny_tflite_expected(x: np.ndarray) -> np.ndarray:
+    conv = x @ tiny_weights()[:, :, 0, 0].T + tiny_tflite_bias()
+    return np.maximum(conv, 0).mean(axis=(1, 2), keepdims=True)
+
+
 def check_provider(provider: str) -> dict[str, Any]:
     """Run the tiny model on one provider: does it hold nodes, and are the numbers right?"""
     import onnxruntime as ort
@@ -120,29 +216,60 @@ def check_provider(provider: str) -> dict[str, Any]:
     return {"name": provider, "works": True, "nodes": held[provider]}
 
 
-def check_delegate(delegate: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Built-in delegates work when an interpreter imports; external ones when the library loads."""
+def check_delegate(
+    delegate: str, options: dict[str, Any] | None = None, model: bytes | None = None
+) -> dict[str, Any]:
+    """Run the tiny .tflite on one delegate: does its library load, does it take nodes, are the numbers right?
+
+    `xnnpack` is the interpreter's default path, `cpu` its reference kernels with no delegate at all;
+    anything else is an external delegate library (`gpu`, `nnapi`, `edgetpu`, ... or a library name)."""
     from edge.backends import litert
 
+    entry: dict[str, Any] = {"name": delegate}
+    if delegate not in litert.BUILTIN:
+        entry["library"] = litert.delegate_library(delegate)
     try:
-        module = litert.interpreter_module()
+        litert.interpreter_module()
     except BackendError as exc:
-        return {"name": delegate, "works": False, "reason": str(exc)}
-    if delegate in litert.BUILTIN:
-        return {"name": delegate, "works": True}
-    library = litert.DELEGATE_LIBRARIES.get(delegate, delegate)
-    loader = getattr(litert._module_of(getattr(module, "Interpreter", module)), "load_delegate", None)
-    if loader is None:
-        return {"name": delegate, "works": False, "reason": "this interpreter cannot load delegates"}
-    try:
-        loader(library, {k: str(v) for k, v in (options or {}).items()})
-    except (ValueError, OSError, RuntimeError) as exc:
         return {
-            "name": delegate,
+            **entry,
+            "present": False,
             "works": False,
-            "reason": f"cannot load '{library}': {' '.join(str(exc).split())[:160]}",
+            "reason": str(exc),
+            "install": litert.RUNTIME_INSTALL,
         }
-    return {"name": delegate, "works": True, "library": library}
+    try:
+        interpreter, kept = litert.open_interpreter(
+            delegate, options or {}, 1, model_content=model or tiny_tflite()
+        )
+    except litert.DelegateUnavailable as exc:
+        reason = str(exc).removeprefix(f"delegate {delegate}: ")
+        return {**entry, "present": False, "works": False, "reason": reason, "install": exc.install}
+    except BackendError as exc:
+        return {**entry, "present": True, "works": False, "reason": str(exc)}
+    entry["present"] = True
+    x = tiny_tflite_input()
+    try:
+        nodes = litert.delegated_nodes(interpreter)
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+        interpreter.invoke()
+        y = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    except (ValueError, RuntimeError) as exc:
+        return {**entry, "works": False, "reason": f"tiny model failed: {' '.join(str(exc).split())[:160]}"}
+    finally:
+        del interpreter, kept  # the interpreter goes before the delegate it runs on
+    error = float(np.abs(y - tiny_tflite_expected(x)).max()) if y.shape == (1, 1, 1, 2) else float("inf")
+    entry.update({"nodes": nodes, "max_error": error})
+    if error > TINY_ATOL:
+        return {**entry, "works": False, "reason": f"wrong numbers on the tiny model (max error {error:.3g})"}
+    if delegate == "cpu" or nodes is None:  # reference kernels; or an interpreter that cannot show its graph
+        return {**entry, "works": True}
+    if nodes == 0:
+        if litert.delegate_short_name(delegate) == "edgetpu":
+            # The Edge TPU runs only graphs compiled by edgetpu_compiler: loading is all a float model shows.
+            return {**entry, "works": True, "note": "library loads; only edgetpu_compiler graphs run on it"}
+        return {**entry, "works": False, "reason": "loads but takes no node of the tiny model"}
+    return {**entry, "works": True}
 
 
 def _backend_versions() -> dict[str, str]:
@@ -198,12 +325,13 @@ def collect(profile_name: str | None = None, package_dir: str | None = None) -> 
 
     delegates: list[dict[str, Any]] = []
     litert_pref = profile.backend("litert") if profile else None
-    for name in dict.fromkeys(["xnnpack", *(litert_pref.delegates if litert_pref else [])]):
+    for name in dict.fromkeys(["xnnpack", "cpu", *(litert_pref.delegates if litert_pref else [])]):
         delegates.append(check_delegate(name, litert_pref.options.get(name) if litert_pref else None))
     report["delegates"] = delegates
 
     broken = {e["name"] for e in providers + delegates if not e["works"]}
-    hints = profile.install_hints if profile else {}
+    hints = {e["name"]: e["install"] for e in delegates if not e["works"] and e.get("install")}
+    hints.update(profile.install_hints if profile else {})  # the profile knows its device best
     report["install_hints"] = {name: hint for name, hint in hints.items() if name in broken}
 
     if package_dir:
@@ -260,8 +388,7 @@ def render(report: dict[str, Any]) -> str:
     lines.append("backends     " + "; ".join(f"{k} {v}" for k, v in report["backends"].items()))
     for kind in ("providers", "delegates"):
         for entry in report[kind]:
-            state = "works" if entry["works"] else f"NOT usable: {entry.get('reason', '')}"
-            lines.append(f"{kind[:-1]:<12} {entry['name']:<34} {state}")
+            lines.append(f"{kind[:-1]:<12} {entry['name']:<34} {_state(entry)}")
     for name, hint in report["install_hints"].items():
         lines.append(f"hint         {name}: {hint}")
     if "package" in report:
@@ -274,6 +401,19 @@ def render(report: dict[str, Any]) -> str:
                 f"{' (fallback)' if pkg['fallback'] else ''}: {pkg['golden_summary']}"
             )
     return "\n".join(lines)
+
+
+def _state(entry: dict[str, Any]) -> str:
+    if entry["works"]:
+        detail = [f"holds {entry['nodes']} node(s)"] if entry.get("nodes") else []
+        if "max_error" in entry:
+            detail.append(f"tiny model max error {entry['max_error']:.1e}")
+        if "note" in entry:
+            detail.append(entry["note"])
+        return "works" + (f" ({'; '.join(detail)})" if detail else "")
+    if not entry.get("present", True):
+        return f"ABSENT: {entry.get('reason', '')}"
+    return f"FAILING: {entry.get('reason', '')}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

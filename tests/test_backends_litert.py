@@ -1,20 +1,75 @@
 """LiteRT backend on a real third-party .tflite (MediaPipe short-range face detector) with XNNPACK;
-delegate fallback with a library that does not exist; an artifact that loads but fails its golden check."""
+delegate fallback with a library that does not exist (the profiles' own GPU / NNAPI / Edge TPU delegates
+are absent here) or that loads but takes no node; an artifact that loads but fails its golden check."""
 
 from __future__ import annotations
 
+import ctypes
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge.backends import fallback_counts, load_model
+from edge.backends import fallback_counts, litert, load_model
 from edge.errors import BackendError
 from edge.package import load_package
-from edge.profiles import DeviceProfile
+from edge.profiles import DeviceProfile, available_profiles
 from tests.test_backends_support import face_detector_package
 
 MISSING_DELEGATE = "libedge_test_no_such_delegate.so"
+
+# An external delegate that loads and accepts the graph but claims no node of it: a driver that
+# initialises and computes nothing. Built from source at test time, the smallest honest stand-in for
+# an accelerator library that cannot exist on this machine.
+NOOP_DELEGATE_C = r"""
+#include <stddef.h>
+#include <stdint.h>
+typedef struct TfLiteDelegate {
+  void* data_;
+  int (*Prepare)(void* context, struct TfLiteDelegate* delegate);
+  void* CopyFromBufferHandle;
+  void* CopyToBufferHandle;
+  void* FreeBufferHandle;
+  int64_t flags;
+  void* opaque_delegate_builder;
+} TfLiteDelegate;
+static int prepare(void* context, TfLiteDelegate* delegate) { return 0; }
+static TfLiteDelegate noop = {0, prepare, 0, 0, 0, 0, 0};
+TfLiteDelegate* tflite_plugin_create_delegate(char** keys, char** values, size_t count,
+                                              void (*report_error)(const char*)) { return &noop; }
+void tflite_plugin_destroy_delegate(TfLiteDelegate* delegate) {}
+"""
+
+
+def noop_delegate_library(directory: Path) -> Path:
+    """Compile the no-op external delegate (skips the test when no C compiler is installed)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the no-op delegate library")
+    source, library = directory / "noop_delegate.c", directory / "libedge_noop_delegate.so"
+    source.write_text(NOOP_DELEGATE_C)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True, timeout=60)
+    return library
+
+
+def profile_accelerator_delegates() -> list[str]:
+    """The external delegates the shipped device profiles ask for, plus the short names a profile may use
+    for GPU, NNAPI and Edge TPU (none of them can load on this machine)."""
+    named = {
+        delegate
+        for profile in available_profiles().values()
+        for preference in profile.backends
+        if preference.name == "litert"
+        for delegate in preference.delegates
+        if delegate not in litert.BUILTIN
+    }
+    assert {"gpu", "libedgetpu.so.1"} <= named  # rockchip-rk3588 and coral-edgetpu
+    return sorted(named | {"gpu", "nnapi", "edgetpu"})
+
+
+ACCELERATOR_DELEGATES = profile_accelerator_delegates()
 
 
 def litert_profile(delegates: list[str], fallback: str = "allow", onnx_first: bool = False) -> DeviceProfile:
@@ -72,6 +127,65 @@ def test_missing_edgetpu_under_warn_publishes_event(face) -> None:
 def test_missing_delegate_under_forbid_names_it(face) -> None:
     with pytest.raises(BackendError, match=f"litert {MISSING_DELEGATE} unusable .*forbid"):
         load_model(face, litert_profile([MISSING_DELEGATE, "xnnpack"], "forbid"))
+
+
+@pytest.mark.parametrize("delegate", ACCELERATOR_DELEGATES)
+def test_profile_delegate_absent_here_falls_back_under_allow_and_counts(face, delegate: str) -> None:
+    library = litert.delegate_library(delegate)
+    before = fallback_counts().get(delegate, 0)
+    model = load_model(face, litert_profile([delegate, "xnnpack"], "allow"))
+    assert model.fallback and model.provider == "xnnpack" and model.golden is not None and model.golden.passed
+    assert fallback_counts()[delegate] == before + 1
+    failed = model.attempts[0]
+    assert failed.accelerator == delegate and not failed.ok and f"cannot load '{library}'" in failed.reason
+
+
+@pytest.mark.parametrize("delegate", ACCELERATOR_DELEGATES)
+def test_profile_delegate_absent_here_under_warn_publishes_the_library(face, delegate: str) -> None:
+    events: list[tuple[str, dict]] = []
+    before = fallback_counts().get(delegate, 0)
+    model = load_model(
+        face, litert_profile([delegate, "xnnpack"], "warn"), on_event=lambda n, d: events.append((n, d))
+    )
+    assert model.provider == "xnnpack" and fallback_counts()[delegate] == before + 1
+    (name, data), *_ = events
+    given_up = data["from"][0]
+    assert name == "fallback" and given_up["accelerator"] == delegate
+    assert litert.delegate_library(delegate) in given_up["reason"]
+
+
+@pytest.mark.parametrize("delegate", ACCELERATOR_DELEGATES)
+def test_profile_delegate_absent_here_is_refused_under_forbid(face, delegate: str) -> None:
+    library = litert.delegate_library(delegate)
+    with pytest.raises(BackendError) as raised:
+        load_model(face, litert_profile([delegate, "xnnpack"], "forbid"))
+    message = str(raised.value)
+    assert f"litert {delegate} unusable" in message and "forbid" in message and library in message
+    assert "\n" not in message
+
+
+def test_absent_delegate_error_says_what_to_install() -> None:
+    with pytest.raises(litert.DelegateUnavailable) as raised:
+        litert.open_interpreter("edgetpu", {}, 1, model_content=b"unused: the library fails first")
+    assert raised.value.library == "libedgetpu.so.1" and "libedgetpu1-std" in raised.value.install
+
+
+def test_delegate_that_loads_but_takes_no_node_falls_back(face, tmp_path: Path) -> None:
+    library = str(noop_delegate_library(tmp_path))
+    model = load_model(face, litert_profile([library, "xnnpack"], "allow"))
+    assert model.fallback and model.provider == "xnnpack"
+    assert model.attempts[0].accelerator == library and "holds no nodes" in model.attempts[0].reason
+    with pytest.raises(BackendError, match="holds no nodes"):
+        load_model(face, litert_profile([library, "xnnpack"], "forbid"))
+
+
+def test_library_that_is_no_delegate_is_reported_as_such(face) -> None:
+    try:
+        ctypes.CDLL("libc.so.6")
+    except OSError:
+        pytest.skip("no glibc here to stand for a library that is no delegate")
+    model = load_model(face, litert_profile(["libc.so.6", "xnnpack"], "allow"))
+    assert model.fallback and "no TFLite external delegate" in model.attempts[0].reason
 
 
 def test_artifact_that_loads_but_disagrees_with_golden_falls_back(tmp_path: Path, cache_dir: Path) -> None:

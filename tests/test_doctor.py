@@ -1,4 +1,5 @@
-"""`edge-infer doctor`: real providers checked with the tiny built-in model, a real package self-check."""
+"""`edge-infer doctor`: real providers and delegates checked with the tiny built-in models, the profiles'
+accelerator delegates reported absent with their library, a real package self-check."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge import doctor
+from edge.backends import litert
 from edge.cli import main as cli_main
+from tests.test_backends_litert import ACCELERATOR_DELEGATES, noop_delegate_library
 from tests.test_backends_support import classifier_package
 
 
@@ -27,10 +31,69 @@ def test_cpu_provider_works_and_a_provider_holding_nothing_does_not() -> None:
     assert not azure["works"] and "holds no nodes" in azure["reason"]
 
 
-def test_missing_delegate_library_is_not_working() -> None:
-    assert doctor.check_delegate("xnnpack")["works"]
-    missing = doctor.check_delegate("edgetpu")
-    assert not missing["works"] and "libedgetpu.so.1" in missing["reason"]
+def test_shipped_tiny_tflite_is_the_model_the_schema_builds() -> None:
+    pytest.importorskip("ai_edge_litert")
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    # Re-packed with the same flatbuffers version, so the check does not depend on byte layout choices.
+    shipped = schema.ModelT.InitFromPackedBuf(bytearray(doctor.tiny_tflite()))
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(shipped.Pack(builder), file_identifier=b"TFL3")
+    assert bytes(builder.Output()) == doctor.build_tiny_tflite()
+    assert len(doctor.tiny_tflite()) < 1024
+
+
+def test_tiny_tflite_runs_on_xnnpack_and_on_reference_kernels() -> None:
+    xnnpack = doctor.check_delegate("xnnpack")
+    assert xnnpack["works"] and xnnpack["nodes"] >= 1 and xnnpack["max_error"] < 1e-5
+    reference = doctor.check_delegate("cpu")  # no delegate at all: the numbers the others must match
+    assert reference["works"] and reference["nodes"] == 0 and reference["max_error"] < 1e-5
+
+
+def test_tflite_with_wrong_numbers_is_failing() -> None:
+    bias = doctor.tiny_tflite_bias().tobytes()
+    model = doctor.tiny_tflite()
+    assert model.count(bias) == 1
+    wrong = model.replace(bias, np.array([2.0, -0.125], np.float32).tobytes())
+    entry = doctor.check_delegate("xnnpack", model=wrong)
+    assert entry["present"] and not entry["works"] and "wrong numbers" in entry["reason"]
+
+
+@pytest.mark.parametrize("delegate", ACCELERATOR_DELEGATES)
+def test_profile_accelerator_delegate_is_absent_with_its_library(delegate: str) -> None:
+    entry = doctor.check_delegate(delegate)
+    library = litert.delegate_library(delegate)
+    assert entry["library"] == library and not entry["present"] and not entry["works"]
+    assert f"cannot load '{library}'" in entry["reason"] and entry["install"]
+
+
+def test_delegate_that_loads_but_takes_no_node_is_failing(tmp_path: Path) -> None:
+    entry = doctor.check_delegate(str(noop_delegate_library(tmp_path)))
+    assert entry["present"] and not entry["works"] and "takes no node" in entry["reason"]
+    assert "FAILING" in doctor._state(entry)
+
+
+def test_json_reports_the_tiny_tflite_on_each_delegate(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["doctor", "--json", "--profile", "rockchip-rk3588"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    delegates = {d["name"]: d for d in report["delegates"]}
+    assert list(delegates) == ["xnnpack", "cpu", "gpu"]
+    assert delegates["xnnpack"]["works"] is True and delegates["xnnpack"]["nodes"] >= 1
+    assert delegates["cpu"]["works"] is True
+    gpu = delegates["gpu"]
+    assert gpu["library"] == "libtensorflowlite_gpu_delegate.so" and gpu["present"] is False
+    assert not gpu["works"] and "libtensorflowlite_gpu_delegate.so" in gpu["reason"]
+    assert "libmali" in report["install_hints"]["gpu"]  # the profile's own hint wins
+
+
+def test_text_report_shows_the_absent_edgetpu_and_what_to_install(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["doctor", "--profile", "coral-edgetpu"]) == 0
+    out = capsys.readouterr().out
+    line = next(row for row in out.splitlines() if row.startswith("delegate") and "libedgetpu.so.1" in row)
+    assert "ABSENT" in line and "cannot load 'libedgetpu.so.1'" in line
+    assert "hint         libedgetpu.so.1: apt-get install libedgetpu1-std" in out
+    assert any(row.startswith("delegate") and "xnnpack" in row and "works" in row for row in out.splitlines())
 
 
 def test_json_report_with_package_self_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

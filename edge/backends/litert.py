@@ -12,6 +12,7 @@ caller's spec says float.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 from typing import Any, ClassVar
@@ -22,16 +23,56 @@ from edge.backends import LoadRequest, check_feeds
 from edge.errors import BackendError
 from edge.package import TensorSpec
 
-# Short names for the delegate libraries a profile may ask for.
+# Short names for the delegate libraries a profile may ask for. Each is an *external delegate* library
+# (it exports `tflite_plugin_create_delegate`), the only kind the Python interpreter can load.
 DELEGATE_LIBRARIES: dict[str, str] = {
-    "gpu": "libLiteRtGpuAccelerator.so",
+    "gpu": "libtensorflowlite_gpu_delegate.so",
     "nnapi": "libnnapi_delegate.so",
     "edgetpu": "libedgetpu.so.1",
     "qnn": "libQnnTFLiteDelegate.so",
     "vx": "libvx_delegate.so",
 }
+# What to install when a delegate library does not load (a profile's install_hints take precedence).
+DELEGATE_INSTALL: dict[str, str] = {
+    "gpu": "build tensorflow/lite/delegates/gpu:libtensorflowlite_gpu_delegate.so as an external delegate "
+    "and install the GPU's OpenCL/OpenGL ES driver, then put the library on LD_LIBRARY_PATH",
+    "nnapi": "NNAPI exists only on Android: build tensorflow/lite/delegates/nnapi as the external delegate "
+    "libnnapi_delegate.so for the device",
+    "edgetpu": "apt-get install libedgetpu1-std (Coral apt repository, https://coral.ai/software/)",
+    "qnn": "install the Qualcomm AI Engine Direct (QNN) SDK, which ships libQnnTFLiteDelegate.so",
+    "vx": "install the NPU vendor's TIM-VX delegate (libvx_delegate.so and libtim-vx.so)",
+}
+RUNTIME_INSTALL = "pip install ai-edge-litert"
 BUILTIN = ("xnnpack", "cpu")
 _MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow.lite")
+
+
+class DelegateUnavailable(BackendError):
+    """A delegate library that does not load; `library` and `install` say what is missing."""
+
+    def __init__(self, delegate: str, library: str, detail: str) -> None:
+        self.delegate = delegate
+        self.library = library
+        self.install = install_hint(delegate)
+        super().__init__(f"delegate {delegate}: cannot load '{library}': {detail}")
+
+
+def delegate_library(delegate: str) -> str:
+    """The shared library behind a delegate name; a name that is not a short name is a library already."""
+    return DELEGATE_LIBRARIES.get(delegate, delegate)
+
+
+def delegate_short_name(delegate: str) -> str:
+    """`libedgetpu.so.1` -> `edgetpu`; short names and unknown libraries stay as they are."""
+    by_library = {library: short for short, library in DELEGATE_LIBRARIES.items()}
+    return by_library.get(delegate, delegate)
+
+
+def install_hint(delegate: str) -> str:
+    short = delegate_short_name(delegate)
+    return DELEGATE_INSTALL.get(
+        short, f"install the library '{delegate_library(delegate)}' where the dynamic loader finds it"
+    )
 
 
 def interpreter_module() -> Any:
@@ -42,7 +83,7 @@ def interpreter_module() -> Any:
         except ImportError:
             continue
         return module.Interpreter if name == "tensorflow.lite" else module
-    raise BackendError("no TFLite interpreter installed: pip install ai-edge-litert")
+    raise BackendError(f"no TFLite interpreter installed: {RUNTIME_INSTALL}")
 
 
 def _module_of(interpreter: Any) -> Any:
@@ -76,34 +117,83 @@ def _physical_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _check_delegate_library(delegate_name: str, library: str) -> None:
+    """Open the library first: `load_delegate` on a missing one leaves a half-built Delegate whose
+    finalizer raises, and a library without the external-delegate entry point is no delegate at all."""
+    try:
+        handle = ctypes.CDLL(library)
+    except OSError as exc:
+        detail = " ".join(str(exc).split()).removeprefix(f"{library}: ")
+        raise DelegateUnavailable(delegate_name, library, detail[:200]) from exc
+    if not hasattr(handle, "tflite_plugin_create_delegate"):
+        raise DelegateUnavailable(
+            delegate_name, library, "it is no TFLite external delegate (no tflite_plugin_create_delegate)"
+        )
+
+
+def open_interpreter(
+    delegate_name: str,
+    options: dict[str, Any],
+    threads: int,
+    *,
+    model_path: str | None = None,
+    model_content: bytes | None = None,
+) -> tuple[Any, list[Any]]:
+    """An allocated interpreter on one delegate, and the delegate objects it needs kept alive.
+
+    `xnnpack` is the interpreter's default path; `cpu` and every external delegate switch the default
+    delegates off, so a DELEGATE node in the graph can only come from the delegate that was asked for.
+    Raises `DelegateUnavailable` when the delegate library does not load, `BackendError` otherwise."""
+    module = interpreter_module()
+    interpreter_cls = module.Interpreter if hasattr(module, "Interpreter") else module
+    kwargs: dict[str, Any] = {"num_threads": threads}
+    if model_content is not None:
+        kwargs["model_content"] = model_content
+    else:
+        kwargs["model_path"] = model_path
+    resolver = getattr(_module_of(interpreter_cls), "OpResolverType", None)
+    if (delegate_name == "cpu" or delegate_name not in BUILTIN) and resolver is not None:
+        kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    delegates: list[Any] = []
+    if delegate_name not in BUILTIN:
+        library = delegate_library(delegate_name)
+        loader = getattr(_module_of(interpreter_cls), "load_delegate", None)
+        if loader is None:
+            raise BackendError(f"delegate {delegate_name}: this TFLite interpreter cannot load delegates")
+        _check_delegate_library(delegate_name, library)
+        try:
+            delegates.append(loader(library, {k: str(v) for k, v in options.items()}))
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise DelegateUnavailable(delegate_name, library, " ".join(str(exc).split())[:200]) from exc
+        kwargs["experimental_delegates"] = delegates
+    where = model_path or "the model"
+    try:
+        interpreter = interpreter_cls(**kwargs)
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise BackendError(f"{where}: LiteRT cannot load it with {delegate_name}: {exc}") from exc
+    return interpreter, delegates
+
+
+def delegated_nodes(interpreter: Any) -> int | None:
+    """How many graph nodes a delegate took over (DELEGATE nodes); None when this interpreter cannot tell."""
+    details = getattr(interpreter, "_get_ops_details", None)
+    if details is None:
+        return None
+    return sum(1 for op in details() if op.get("op_name") == "DELEGATE")
+
+
 class LiteRTBackend:
     name: ClassVar[str] = "litert"
 
     def __init__(self, request: LoadRequest) -> None:
-        module = interpreter_module()
-        interpreter_cls = module.Interpreter if hasattr(module, "Interpreter") else module
         delegate_name = request.accelerators[0]
-        threads = request.threads or _physical_cores()
-        kwargs: dict[str, Any] = {"model_path": str(request.path), "num_threads": threads}
-        resolver = getattr(_module_of(interpreter_cls), "OpResolverType", None)
-        if (delegate_name == "cpu" or delegate_name not in BUILTIN) and resolver is not None:
-            kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        if delegate_name not in BUILTIN:
-            library = DELEGATE_LIBRARIES.get(delegate_name, delegate_name)
-            options = {k: str(v) for k, v in request.options.get(delegate_name, {}).items()}
-            loader = getattr(_module_of(interpreter_cls), "load_delegate", None)
-            if loader is None:
-                raise BackendError(f"delegate {delegate_name}: this TFLite interpreter cannot load delegates")
-            try:
-                kwargs["experimental_delegates"] = [loader(library, options)]
-            except (ValueError, OSError, RuntimeError) as exc:
-                raise BackendError(f"delegate {delegate_name}: cannot load '{library}': {exc}") from exc
-        try:
-            self.interpreter = interpreter_cls(**kwargs)
-            self.interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as exc:
-            raise BackendError(f"{request.path}: LiteRT cannot load it with {delegate_name}: {exc}") from exc
-
+        self.interpreter, self._delegates = open_interpreter(
+            delegate_name,
+            request.options.get(delegate_name, {}),
+            request.threads or _physical_cores(),
+            model_path=str(request.path),
+        )
         self.providers_in_use = self._in_use(delegate_name)
         details_in = self.interpreter.get_input_details()
         details_out = self.interpreter.get_output_details()
@@ -113,11 +203,9 @@ class LiteRTBackend:
         self.outputs = [self._spec(name, d, spec) for name, d, spec in self._out]
 
     def _in_use(self, delegate_name: str) -> list[str]:
-        details = getattr(self.interpreter, "_get_ops_details", None)
-        if details is None:  # old tflite-runtime: cannot see the graph; report what was asked for
+        delegated = delegated_nodes(self.interpreter)
+        if delegated is None:  # old tflite-runtime: cannot see the graph; report what was asked for
             return [delegate_name]
-        ops = details()
-        delegated = any(op.get("op_name") == "DELEGATE" for op in ops)
         if delegate_name == "cpu":
             return ["cpu"]
         return [delegate_name, "cpu"] if delegated else ["cpu"]
@@ -186,4 +274,6 @@ class LiteRTBackend:
             raise BackendError(f"LiteRT run failed: {exc}") from exc
 
     def close(self) -> None:
+        # The interpreter must go before the delegate it runs on.
         self.__dict__.pop("interpreter", None)
+        self.__dict__.pop("_delegates", None)
