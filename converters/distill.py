@@ -72,7 +72,7 @@ def distill(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        _set_train_mode(student, batch_norm_in_train=batch > 1)
+        _set_train_mode(student)
         # A pruned copy of a frozen teacher inherits requires_grad=False: the whole student learns.
         trainable = [p.requires_grad_(True) for p in student.parameters() if p.is_floating_point()]
         optimizer = torch.optim.Adam(trainable, lr=lr)
@@ -166,15 +166,19 @@ def _stack_samples(samples: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(stacked)
 
 
-def _set_train_mode(student: torch.nn.Module, *, batch_norm_in_train: bool) -> None:
-    """Train mode, but dropout off (the targets are already soft) and BatchNorm frozen at batch size 1."""
+def _set_train_mode(student: torch.nn.Module) -> None:
+    """Train mode with dropout off (the targets are already soft) and BatchNorm frozen.
+
+    BatchNorm keeps the running statistics learnt on the original training set: re-estimated on a few
+    calibration photos they describe those photos, not the world (measured on EfficientNet-Lite0: the
+    unpruned model's top-1 agreement with itself falls to 0.19 after re-estimating BN on 70 photo crops).
+    Its affine weights still learn.
+    """
     import torch
 
     student.train()
     for module in student.modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
-            module.eval()
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not batch_norm_in_train:
+        if isinstance(module, (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)):
             module.eval()
 
 

@@ -364,7 +364,13 @@ def _prune(
         except ImportError as exc:
             raise ConfigError(f"--prune: pruning is not available in this install ({exc})") from exc
         example = tuple(torch.from_numpy(feeds[0][s.name]) for s in inputs)
-        result = prune_model(copy.deepcopy(teacher), example, options.prune, options.prune_mode)
+        calibration = [
+            tuple(torch.from_numpy(np.concatenate([f[s.name] for f in feeds[i : i + 16]])) for s in inputs)
+            for i in range(0, len(feeds), 16)
+        ]
+        result = prune_model(
+            copy.deepcopy(teacher), example, options.prune, options.prune_mode, calibration=calibration
+        )
         note(f"MACs x{result.macs_after / max(result.macs_before, 1):.2f}")
         info = {
             "mode": result.mode,

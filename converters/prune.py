@@ -72,11 +72,13 @@ def prune_model(
     ratio: float,
     mode: PruneMode,
     round_to: int = 8,
+    calibration: list[Any] | None = None,
 ) -> PruneResult:
     """Prune a copy of `model`; the original is left untouched.
 
     `example_inputs` is one tensor or a tuple of tensors (a batch of one is enough) used to trace the
-    dependency graph and count MACs.
+    dependency graph and count MACs. `calibration` (batches shaped like `example_inputs`) lets structured
+    pruning fold what each removed channel contributed on average into the next layer's bias.
     """
     import copy
 
@@ -89,25 +91,45 @@ def prune_model(
 
     with torch.no_grad():
         reference_outputs = flatten_outputs(pruned(*inputs))
-    macs_before, params_before = _count(tp, pruned, inputs)
+    macs_before, params_before = _count(pruned, inputs)
     gzip_before = weights_gzip_bytes(pruned)
     kept = _output_layers(pruned, inputs, reference_outputs)
     notes: list[str] = []
 
     if ratio > 0 and mode == "structured":
-        pruner = tp.pruner.MagnitudePruner(
-            pruned,
-            inputs if len(inputs) > 1 else inputs[0],
-            importance=tp.importance.MagnitudeImportance(p=1),
-            pruning_ratio=float(ratio),
-            ignored_layers=[module for _, module in kept],
-            round_to=round_to,
-        )
-        pruner.step()
+        plan = plan_structured(tp, pruned, inputs, float(ratio), round_to, [module for _, module in kept])
+        means = _input_channel_means(pruned, [_as_input_tuple(batch) for batch in calibration or []])
+        if plan.ratios:
+            pruner = tp.pruner.MagnitudePruner(
+                pruned,
+                inputs if len(inputs) > 1 else inputs[0],
+                importance=tp.importance.MagnitudeImportance(p=1),
+                pruning_ratio=0.0,
+                pruning_ratio_dict=plan.ratios,
+                ignored_layers=[module for _, module in kept],
+            )
+            for group in pruner.step(interactive=True):
+                for dep, indices in group:
+                    if pruner.DG.is_in_channel_pruning_fn(dep.handler) and dep.target.module in means:
+                        _fold_removed_inputs_into_bias(dep.target.module, indices, means[dep.target.module])
+                group.prune()
         notes.append(
-            f"structured: whole channels removed (multiples of {round_to}); the exported graph is smaller "
-            "and runs faster"
+            f"structured: whole channels removed from {len(plan.ratios)} channel groups, each left with a "
+            f"multiple of {round_to} channels (rounded up: never more removed than asked); the exported graph "
+            "is smaller and runs faster"
         )
+        if means:
+            notes.append(
+                "structured: each removed channel's mean activation on the calibration samples is folded "
+                "into the next layer's bias (the BatchNorm offset it carried is not simply lost)"
+            )
+        if plan.residual_groups:
+            notes.append(
+                f"structured: {plan.residual_groups} residual streams left whole (channels shared by several "
+                "layers through additions; one channel there feeds every block of a stage)"
+            )
+        if plan.too_narrow:
+            notes.append(f"structured: {plan.too_narrow} groups too narrow to lose a multiple of {round_to}")
     elif ratio > 0:
         # Shapes do not change, so output layers are thinned too: `ratio` is the real weight sparsity.
         _unstructured_l1(pruned, float(ratio))
@@ -128,7 +150,7 @@ def prune_model(
             "its output layers could not be identified to keep them whole"
         )
 
-    macs_after, params_after = _count(tp, pruned, inputs)
+    macs_after, params_after = _count(pruned, inputs)
     if mode == "unstructured":
         macs_after = macs_before  # dense kernels multiply the zeros too
     return PruneResult(
@@ -145,6 +167,116 @@ def prune_model(
         kept_layers=[name for name, _ in kept],
         notes=notes,
     )
+
+
+@dataclass
+class StructuredPlan:
+    ratios: dict[Any, float]  # root module -> fraction of its channels to remove
+    residual_groups: int = 0
+    too_narrow: int = 0
+
+
+def plan_structured(
+    tp: Any, model: torch.nn.Module, inputs: tuple[Any, ...], ratio: float, round_to: int, ignored: list[Any]
+) -> StructuredPlan:
+    """Per channel group, how many channels to remove.
+
+    torch-pruning's own `round_to` rounds the kept channels *down*, so a 16-channel layer asked to lose
+    10 % loses half; here the kept count is rounded *up* to a multiple of `round_to` instead. Groups
+    coupled through residual additions (several full convolutions write the same channels) are left
+    whole: removing one channel there changes every block of the stage at once (measured on
+    EfficientNet-Lite0: one residual channel of 40 alone drops the output cosine to 0.90).
+    """
+    import torch
+
+    graph = tp.DependencyGraph().build_dependency(
+        model, example_inputs=inputs if len(inputs) > 1 else inputs[0]
+    )
+    plan = StructuredPlan(ratios={})
+    for group in graph.get_all_groups(
+        ignored_layers=ignored, root_module_types=(torch.nn.modules.conv._ConvNd, torch.nn.Linear)
+    ):
+        writers = [
+            dep.target.module
+            for dep, _ in group
+            if graph.is_out_channel_pruning_fn(dep.handler) and _is_full_layer(dep.target.module)
+        ]
+        if len(writers) > 1:
+            plan.residual_groups += 1
+            continue
+        root = group[0].dep.target.module
+        channels = graph.get_out_channels(root)
+        if not channels:
+            continue
+        wanted_kept = channels - int(channels * ratio)
+        kept_channels = min(channels, -(-wanted_kept // round_to) * round_to)
+        if kept_channels >= channels:
+            plan.too_narrow += 1
+            continue
+        # tp keeps int(channels * (1 - r)); the half channel absorbs float error in that product.
+        plan.ratios[root] = (channels - kept_channels - 0.5) / channels
+    return plan
+
+
+def _input_channel_means(model: torch.nn.Module, batches: list[tuple[Any, ...]]) -> dict[Any, Any]:
+    """Mean of every input channel of every channel-mixing layer, over the calibration batches."""
+    import torch
+
+    if not batches:
+        return {}
+    sums: dict[Any, Any] = {}
+
+    def record(module: Any, args: tuple[Any, ...]) -> None:
+        tensor = args[0].detach().float()
+        axes = (
+            [0, *range(2, tensor.dim())]
+            if not isinstance(module, torch.nn.Linear)
+            else [*range(tensor.dim() - 1)]
+        )
+        sums[module] = sums.get(module, 0) + tensor.mean(dim=axes)
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if _is_full_layer(m)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(*batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {module: total / len(batches) for module, total in sums.items()}
+
+
+def _fold_removed_inputs_into_bias(layer: Any, indices: list[int], channel_means: Any) -> None:
+    """Add W[:, removed] · mean(removed inputs) to the bias: the layer's output keeps its expected value.
+
+    For a k x k convolution the border (zero padding) makes this approximate; for 1 x 1 and Linear it is
+    exact in expectation.
+    """
+    import torch
+
+    index = torch.as_tensor(indices, dtype=torch.long)
+    if index.numel() == 0 or layer.weight.dim() < 2 or int(index.max()) >= layer.weight.shape[1]:
+        return
+    weight = layer.weight.detach()
+    removed = weight[:, index]
+    if removed.dim() > 2:
+        removed = removed.sum(dim=tuple(range(2, removed.dim())))
+    shift = removed @ channel_means[index].to(weight.dtype)
+    with torch.no_grad():
+        if layer.bias is None:
+            layer.bias = torch.nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype))
+        layer.bias += shift
+
+
+def _is_full_layer(module: Any) -> bool:
+    """A Linear or a convolution that mixes channels (not depthwise, which only follows its input)."""
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return True
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return not (module.groups > 1 and module.groups == module.in_channels)
+    return False
 
 
 def weights_gzip_bytes(model: torch.nn.Module) -> int:
@@ -167,9 +299,39 @@ def _as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
     return converted
 
 
-def _count(tp: Any, model: torch.nn.Module, inputs: tuple[Any, ...]) -> tuple[int, int]:
-    macs, params = tp.utils.count_ops_and_params(model, inputs if len(inputs) > 1 else inputs[0])
-    return int(macs), int(params)
+def _count(model: torch.nn.Module, inputs: tuple[Any, ...]) -> tuple[int, int]:
+    """Multiply-accumulates of one forward pass and parameter count.
+
+    Counted with hooks on every Conv/Linear *subclass* too: torch-pruning's counter looks modules up by
+    exact type and misses wrappers such as EfficientNet's Conv2dStaticSamePadding (it saw 5 % of the MACs).
+    """
+    import math
+
+    import torch
+
+    macs = 0
+
+    def count(module: Any, _args: Any, output: Any) -> None:
+        nonlocal macs
+        per_output = (
+            module.in_features
+            if isinstance(module, torch.nn.Linear)
+            else module.in_channels // module.groups * math.prod(module.kernel_size)
+        )
+        macs += output.numel() // max(1, output.shape[0]) * per_output
+
+    handles = [
+        module.register_forward_hook(count)
+        for module in model.modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+    ]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return macs, sum(p.numel() for p in model.parameters())
 
 
 def _output_layers(

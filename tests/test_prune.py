@@ -17,7 +17,8 @@ from edge.errors import ConfigError  # noqa: E402
 
 
 class ResidualNet(torch.nn.Module):
-    """Conv/BN stem, a residual pair (the add couples channels), a depthwise conv and a classifier."""
+    """Conv/BN stem, an inverted-residual block (1x1 expand, depthwise, 1x1 project, added back to the
+    stem: the add couples their channels), a 1x1 expansion and a classifier."""
 
     def __init__(self, classes: int = 10) -> None:
         super().__init__()
@@ -25,10 +26,13 @@ class ResidualNet(torch.nn.Module):
             torch.nn.Conv2d(3, 64, 3, padding=1, bias=False), torch.nn.BatchNorm2d(64), torch.nn.ReLU()
         )
         self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(64, 64, 3, padding=1, bias=False),
-            torch.nn.BatchNorm2d(64),
-            torch.nn.ReLU(),
-            torch.nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False),
+            torch.nn.Conv2d(64, 128, 1, bias=False),
+            torch.nn.BatchNorm2d(128),
+            torch.nn.ReLU6(),
+            torch.nn.Conv2d(128, 128, 3, padding=1, groups=128, bias=False),
+            torch.nn.BatchNorm2d(128),
+            torch.nn.ReLU6(),
+            torch.nn.Conv2d(128, 64, 1, bias=False),
             torch.nn.BatchNorm2d(64),
         )
         self.expand = torch.nn.Conv2d(64, 128, 1)
@@ -36,7 +40,7 @@ class ResidualNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        x = torch.relu(x + self.body(x))
+        x = x + self.body(x)
         x = torch.relu(self.expand(x)).mean(dim=(2, 3))
         return self.head(x)
 
@@ -76,27 +80,61 @@ def test_structured_pruning_removes_whole_channels_in_multiples_of_8(tmp_path: P
 
     convs = [m for m in result.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(conv.out_channels % 8 == 0 for conv in convs)
-    assert convs[0].out_channels < 64 and result.model.expand.out_channels < 128
-    # the residual add forces stem and body to keep the same channels: the dependency graph saw it
-    assert result.model.stem[0].out_channels == result.model.body[3].out_channels
+    # inside the block and the last expansion: half the channels are gone
+    assert result.model.body[0].out_channels == result.model.body[3].out_channels == 64
+    assert result.model.expand.out_channels == 64
+    # the residual stream (stem and project write the same channels through the add) is left whole
+    assert result.model.stem[0].out_channels == result.model.body[6].out_channels == 64
+    assert any("residual streams left whole" in note for note in result.notes)
     assert result.model.head.out_features == 10, "the classifier's outputs are kept"
     assert "head" in result.kept_layers
-    assert result.macs_after < 0.6 * result.macs_before
-    assert result.params_after < 0.6 * result.params_before
+    assert result.macs_after < 0.75 * result.macs_before
+    assert result.params_after < 0.7 * result.params_before
     assert result.nonzero_params_after <= result.params_after
 
     with torch.no_grad():
         assert result.model(example).shape == model(example).shape == (1, 10)
     # the original is untouched
-    assert model.stem[0].out_channels == 64
+    assert model.body[0].out_channels == 128
 
     full = _export(model, example, tmp_path / "full.onnx")
     small = _export(result.model, example, tmp_path / "pruned.onnx")
-    assert small.stat().st_size < 0.6 * full.stat().st_size
+    assert small.stat().st_size < 0.75 * full.stat().st_size
     session = ort.InferenceSession(str(small), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"input": example.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(logits, result.model(example).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_channel_counts_are_rounded_up_never_cut_deeper_than_asked() -> None:
+    model = _model()
+    result = prune_model(model, torch.randn(1, 3, 32, 32), 0.1, "structured", round_to=8)
+    # 128 * 0.9 = 115.2 kept -> 120, not torch-pruning's own rounding down to 112
+    assert result.model.body[0].out_channels == 120
+    assert result.model.expand.out_channels == 120
+    narrow = prune_model(model, torch.randn(1, 3, 32, 32), 0.05, "structured", round_to=16)
+    assert narrow.model.body[0].out_channels == 128, "128 * 0.95 rounds up to 128: nothing removed"
+    assert any("too narrow" in note for note in narrow.notes)
+
+
+def test_removed_channels_mean_is_folded_into_the_next_bias() -> None:
+    model = _model()
+    with torch.no_grad():  # BN offsets that make the activations far from zero-mean, as in real nets
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.bias.uniform_(0.5, 2.0)
+    torch.manual_seed(1)
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(4)]
+    held_out = torch.randn(16, 3, 32, 32)
+    plain = prune_model(model, held_out[:1], 0.5, "structured")
+    folded = prune_model(model, held_out[:1], 0.5, "structured", calibration=batches)
+    assert any("folded into the next layer's bias" in note for note in folded.notes)
+    assert folded.model.body[6].bias is not None, "a bias was added where the layer had none"
+    with torch.no_grad():
+        reference = model(held_out)
+        error_plain = float((plain.model(held_out) - reference).abs().mean())
+        error_folded = float((folded.model(held_out) - reference).abs().mean())
+    assert error_folded < 0.5 * error_plain
 
 
 def test_unstructured_pruning_gives_the_asked_sparsity_and_compresses_but_keeps_shapes(
@@ -172,6 +210,6 @@ def test_efficientnet_lite0_structured_0_3_is_smaller_and_keeps_its_classifier(t
     assert all(conv.out_channels % 8 == 0 for conv in convs)
     full = _export(model, example, tmp_path / "full.onnx")
     small = _export(result.model, example, tmp_path / "pruned.onnx")
-    assert small.stat().st_size < 0.7 * full.stat().st_size
+    assert small.stat().st_size < 0.75 * full.stat().st_size
     session = ort.InferenceSession(str(small), providers=["CPUExecutionProvider"])
     assert session.run(None, {"input": example.numpy()})[0].shape == (1, 1000)
