@@ -225,8 +225,9 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
     if int8_path is not None:
         artifacts.insert(0, ArtifactFile(int8_path, "model.int8.onnx", "onnx", "int8", quant_info))
     tflite_metrics: dict[str, Any] = {}
+    tflite_outputs: accuracy.Outputs = []
     if "tflite" in formats:
-        tflite_artifacts, tflite_metrics = _export_tflite(
+        tflite_artifacts, tflite_metrics, tflite_outputs = _export_tflite(
             options, source, tflite_model, calib_feeds, evaluation_set, reference_outputs, inputs, task, work,
             stages, metric_fn,
         )  # fmt: skip
@@ -245,6 +246,8 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
         golden_feeds = evaluation_set.feeds[:GOLDEN_SAMPLES]
         golden_outputs = accuracy.run_onnx(shipped, golden_feeds)
         others = [accuracy.run_onnx(fp32_path, golden_feeds)] if int8_path is not None else []
+        if tflite_outputs:  # the .tflite is checked against the same golden outputs at load
+            others.append(tflite_outputs[:GOLDEN_SAMPLES])
         tolerance = golden_tolerance(golden_outputs, others)
     metrics = _metrics(task, int8_eval, fp32_eval, latency, sizes, len(evaluation_set))
     if export_info:
@@ -541,11 +544,12 @@ def _export_tflite(
     work: Path,
     stages: Stages,
     metric_fn: accuracy.MetricFn | None,
-) -> tuple[list[ArtifactFile], dict[str, Any]]:
-    """The int8 .tflite beside the ONNX artifacts, held to the same accuracy gate against fp32."""
+) -> tuple[list[ArtifactFile], dict[str, Any], accuracy.Outputs]:
+    """The int8 .tflite beside the ONNX artifacts, held to the same accuracy gate against fp32; also its
+    outputs on the evaluation samples, so the golden tolerance covers it."""
     if source.kind != "torch" or model is None:
         log.warning("--formats tflite: only torch factory sources can be exported to TFLite; skipped")
-        return [], {}
+        return [], {}, []
     import torch
 
     with stages.stage("export tflite int8") as note:
@@ -592,7 +596,7 @@ def _export_tflite(
         artifact = ArtifactFile(
             Path(exported.path), "model.int8.tflite", "tflite", "int8", None, tflite_inputs, exported.outputs
         )
-        return [artifact], metrics
+        return [artifact], metrics, outputs
 
 
 def _finite(details: dict[str, Any]) -> dict[str, Any]:

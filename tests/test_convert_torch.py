@@ -183,6 +183,15 @@ def test_tflite_artifact_beside_onnx(
     assert tflite.inputs is not None and tflite.inputs[0].layout == "NHWC"
     assert tflite.inputs[0].mean == manifest.inputs[0].mean and tflite.inputs[0].color == "RGB"
     assert manifest.metrics["tflite_int8"]["samples"] == 3
+    # The golden outputs come from the int8 ONNX; their tolerance covers the .tflite too, so it passes.
+    from edge.backends import load_model
+    from edge.profiles import load_profile
+
+    loaded = load_model(
+        load_package(out), load_profile(manifest.profile or "x86-64-generic"), backend="litert"
+    )
+    assert loaded.backend_name == "litert" and not loaded.fallback
+    assert loaded.golden is not None and loaded.golden.passed, loaded.golden
 
     # The .tflite itself as SOURCE: packaged as it is after a check that it loads and runs.
     shipped = tmp_path / "shipped"
