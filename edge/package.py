@@ -138,8 +138,12 @@ def safe_member(root: Path, relative: str, what: str) -> Path:
         raise PackageError(f"{root / MANIFEST}: {what}: path '{relative}' must be relative to the package")
     if ".." in Path(relative).parts:
         raise PackageError(f"{root / MANIFEST}: {what}: path '{relative}' leaves the package directory")
-    resolved_root = root.resolve()
-    target = (root / relative).resolve()
+    try:
+        os.fsencode(relative)
+        resolved_root = root.resolve()
+        target = (root / relative).resolve()
+    except (ValueError, RuntimeError, OSError) as exc:  # NUL byte, lone surrogate, symlink loop
+        raise PackageError(f"{root / MANIFEST}: {what}: path {relative!r} is unusable: {exc}") from exc
     if target != resolved_root and resolved_root not in target.parents:
         raise PackageError(f"{root / MANIFEST}: {what}: path '{relative}' resolves outside the package")
     return target
@@ -160,14 +164,20 @@ class Package:
     def labels(self) -> list[str]:
         if not self.manifest.labels:
             return []
-        return self.path(self.manifest.labels).read_text(encoding="utf-8").splitlines()
+        path = self.path(self.manifest.labels)
+        try:
+            return path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PackageError(f"{self.root / MANIFEST}: labels: cannot read '{path.name}': {exc}") from exc
 
 
 def parse_manifest(raw: bytes, where: Path) -> Manifest:
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # also UnicodeDecodeError and a number over the int digit limit
         raise PackageError(f"{where}: not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise PackageError(f"{where}: not valid JSON: nested too deeply") from exc
     if not isinstance(data, dict):
         raise PackageError(f"{where}: expected a JSON object")
     schema = data.get("schema")
@@ -210,11 +220,18 @@ def load_package(path: str | Path, trusted_keys: list[bytes] | None = None) -> P
         _verify_file(root, artifact.path, artifact.sha256, artifact.bytes, f"artifacts[{index}]")
     for relative, what in _referenced_files(manifest):
         target = safe_member(root, relative, what)
-        if not target.is_file():
+        if not _is_file(target):
             raise PackageError(f"{manifest_path}: {what}: file '{relative}' is missing")
     return Package(
         root=root, manifest=manifest, manifest_sha256=hashlib.sha256(raw).hexdigest(), signed=signed
     )
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # ENAMETOOLONG and friends: not a file the package can have
+        return False
 
 
 def _referenced_files(manifest: Manifest) -> Iterator[tuple[str, str]]:
@@ -227,14 +244,21 @@ def _referenced_files(manifest: Manifest) -> Iterator[tuple[str, str]]:
 
 def _verify_file(root: Path, relative: str, sha256: str, size: int, what: str) -> None:
     target = safe_member(root, relative, what)
-    if not target.is_file():
+    try:
+        is_file = target.is_file()
+        actual_size = target.stat().st_size if is_file else 0
+    except OSError as exc:  # a name too long for the file system, an unreadable directory
+        raise PackageError(f"{root / MANIFEST}: {what}: cannot stat '{relative}': {exc.strerror}") from exc
+    if not is_file:
         raise PackageError(f"{root / MANIFEST}: {what}: file '{relative}' is missing")
-    actual_size = target.stat().st_size
     if actual_size != size:
         raise PackageError(
             f"{root / MANIFEST}: {what}: '{relative}' is {actual_size} bytes, manifest says {size} (truncated?)"
         )
-    actual = sha256_file(target)
+    try:
+        actual = sha256_file(target)
+    except OSError as exc:
+        raise PackageError(f"{root / MANIFEST}: {what}: cannot read '{relative}': {exc.strerror}") from exc
     if actual != sha256:
         raise PackageError(
             f"{root / MANIFEST}: {what}: sha256 of '{relative}' is {actual[:12]}…, "
@@ -314,6 +338,8 @@ def extract_archive(archive: Path, dest: Path, max_member_bytes: int = MAX_ARCHI
             tar.extractall(dest, members=members, filter="data")
     except tarfile.TarError as exc:
         raise PackageError(f"{archive}: not a readable tar archive: {exc}") from exc
+    except (OSError, EOFError) as exc:  # missing file, a truncated gzip, a member `.` that is a file
+        raise PackageError(f"{archive}: cannot unpack: {getattr(exc, 'strerror', None) or exc}") from exc
     roots = {Path(m.name).parts[0] for m in members if Path(m.name).parts}
     if (dest / MANIFEST).is_file():
         return dest

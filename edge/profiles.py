@@ -48,6 +48,8 @@ class QuantizationScheme(_Strict):
     activations: Literal["uint8", "int8"] = "uint8"
     weights: Literal["int8", "uint8"] = "int8"
     per_channel: bool = True
+    # 7-bit weights: x86 without VNNI sums u8 x s8 pairs in int16 (VPMADDUBSW), which full-range weights saturate.
+    reduce_range: bool = False
     formats: list[Literal["onnx", "tflite"]] = Field(default_factory=lambda: ["onnx"])  # type: ignore[arg-type]
 
 
@@ -111,15 +113,22 @@ def load_profile(name_or_path: str, directory: Path | None = None) -> DeviceProf
     """A profile by name (from the profiles directory) or by path to a YAML file."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or os.sep in name_or_path:
-        if not candidate.is_file():
+        if not _is_file(candidate):
             raise ConfigError(f"{candidate}: device profile file not found")
         return load_profile_file(candidate)
     directory = directory or profiles_dir()
     path = directory / f"{name_or_path}.yaml"
-    if not path.is_file():
+    if not _is_file(path):
         known = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
         raise ConfigError(f"unknown device profile '{name_or_path}' (known: {known})")
     return load_profile_file(path)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system is not a profile either
+        return False
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,11 @@ Loc = tuple[str | int, ...]
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
+# Config files nest a few levels; refusing deep nesting early keeps PyYAML's scanner (whose simple-key
+# bookkeeping is quadratic in flow depth) and its recursive composer from spending seconds on a tiny file.
+MAX_NESTING = 64
+
+
 class _LineLoader(yaml.SafeLoader):
     """SafeLoader that records the line of every mapping key and sequence item."""
 
@@ -23,19 +28,48 @@ class _LineLoader(yaml.SafeLoader):
         self.lines: dict[Loc, int] = {}
 
     def construct_document(self, node: yaml.Node) -> Any:
-        self._walk(node, ())
+        self._walk(node, (), set())
         return super().construct_document(node)
 
-    def _walk(self, node: yaml.Node, loc: Loc) -> None:
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        if self.flow_level >= MAX_NESTING:
+            raise yaml.scanner.ScannerError(
+                None, None, f"nested deeper than {MAX_NESTING} levels", self.get_mark()
+            )
+        super().fetch_flow_collection_start(TokenClass)
+
+    def add_indent(self, column: int) -> bool:
+        if len(self.indents) >= MAX_NESTING and self.indent < column:
+            raise yaml.scanner.ScannerError(
+                None, None, f"nested deeper than {MAX_NESTING} levels", self.get_mark()
+            )
+        return bool(super().add_indent(column))
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as exc:  # PyYAML's constructors trust explicit tags: `!!int abc`, a 13th month
+            problem = f"cannot read a {node.tag} value: {type(exc).__name__}: {exc}"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from exc
+
+    def _walk(self, node: yaml.Node, loc: Loc, seen: set[int]) -> None:
         self.lines.setdefault(loc, node.start_mark.line + 1)
+        # An alias points at a node already walked: walking it again would loop on `&a [*a]` and
+        # explode on nested aliases (a "billion laughs" document). Its lines are the anchor's anyway.
+        if id(node) in seen:
+            return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
+                # a non-scalar key cannot become a dict key (construction refuses it): no line to record
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else f"<{key_node.tag}>"
                 self.lines[(*loc, key)] = key_node.start_mark.line + 1
-                self._walk(value_node, (*loc, key))
+                self._walk(value_node, (*loc, key), seen)
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
-                self._walk(item, (*loc, index))
+                self._walk(item, (*loc, index), seen)
 
 
 def load_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
@@ -44,7 +78,14 @@ def load_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    loader = _LineLoader(text)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+    try:
+        loader = _LineLoader(text)  # the reader refuses control characters here, before parsing
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise ConfigError(f"{path}:{line}: invalid YAML: character #x{code:04x} is not allowed") from exc
     try:
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
@@ -52,6 +93,8 @@ def load_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
         raise ConfigError(f"{path}:{line}: invalid YAML: {exc.problem}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from exc
     finally:
         loader.dispose()
     return data, loader.lines

@@ -83,9 +83,11 @@ def parse_command(
     if not payload:
         return None
     try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
+        body = json.loads(payload, parse_constant=_refuse_constant)
+    except ValueError as exc:  # also UnicodeDecodeError
         raise CommandRejected(f"{topic}: payload is not valid JSON: {exc}", name, route) from exc
+    except RecursionError as exc:
+        raise CommandRejected(f"{topic}: payload is not valid JSON: nested too deeply", name, route) from exc
     if not isinstance(body, dict):
         raise CommandRejected(
             f"{topic}: payload must be a JSON object, got {type(body).__name__}", name, route
@@ -96,6 +98,11 @@ def parse_command(
             f"{topic}: unknown command {name!r} (known: {', '.join(known)})", name, route, request_id
         )
     return Command(name=name, args=body, reply=route, request_id=request_id)
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; echoed back in a reply they would make it invalid JSON.
+    raise ValueError(f"{name} is not JSON")
 
 
 def reply_body(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import struct
 import threading
 import time
 import wave
@@ -109,9 +110,16 @@ def uri_kind(uri: str) -> str:
 
         if stat.S_ISCHR(os.stat(uri).st_mode):
             return "serial"
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the name
         pass
     return "file"
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
 
 
 class SensorSource(CapturingSource):
@@ -126,7 +134,7 @@ class SensorSource(CapturingSource):
         self.channels = config.channels
         self.sample_rate: int | None = config.sample_rate
         self._thread: threading.Thread | None = None
-        if self.kind in ("file", "wav") and not Path(self.uri).is_file():
+        if self.kind in ("file", "wav") and not _is_file(Path(self.uri)):
             raise ConfigError(f"sensor source {self.uri}: file not found")
         if self.kind == "wav":
             self._read_wav_header()
@@ -164,10 +172,14 @@ class SensorSource(CapturingSource):
         try:
             with wave.open(self.uri, "rb") as wav:
                 width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
-        except (wave.Error, EOFError) as exc:
+        except (wave.Error, EOFError, RuntimeError, ValueError, OverflowError, struct.error) as exc:
+            # the wave module raises a bare RuntimeError or struct.error on some damaged chunk headers
+            reason = str(exc) or type(exc).__name__
             raise ConfigError(
-                f"sensor source {self.uri}: not a PCM WAV file the wave module reads: {exc}"
+                f"sensor source {self.uri}: not a PCM WAV file the wave module reads: {reason}"
             ) from exc
+        except OSError as exc:
+            raise ConfigError(f"sensor source {self.uri}: cannot open: {exc.strerror or exc}") from exc
         if width not in WAV_FORMATS:
             raise ConfigError(f"sensor source {self.uri}: {8 * width}-bit WAV samples are not supported")
         explicit = self.config.model_fields_set
