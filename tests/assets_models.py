@@ -227,7 +227,9 @@ def efficientnet_package(cache_dir: Path) -> Path:
     key = converter_source_hash()
     out = cache_dir / "packages" / f"efficientnet-lite0-{key}"
     if (out / "manifest.json").is_file():
+        out.touch()  # mtime = last use, for forget_stale_packages
         return out
+    forget_stale_packages(out.parent, "efficientnet-lite0-*")
     calib = write_photo_folder(cache_dir / "photos" / "calib-224", 64, size=256, seed=1)
     evaluation = write_photo_folder(cache_dir / "photos" / "eval-224", 48, size=256, seed=2)
     command = [
@@ -246,6 +248,20 @@ def efficientnet_package(cache_dir: Path) -> Path:
     if result.returncode != 0:
         raise RuntimeError(f"edge-convert failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
     return out
+
+
+def forget_stale_packages(folder: Path, pattern: str, keep: int = 3, unused_days: float = 7.0) -> None:
+    """Delete cached packages built by older converter code: beyond the `keep` most recently used, those
+    not used for `unused_days` (another checkout sharing the cache may still be using a recent one)."""
+    import shutil
+    import time
+
+    if not folder.is_dir():
+        return
+    by_last_use = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in by_last_use[keep:]:
+        if time.time() - stale.stat().st_mtime > unused_days * 86400:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def example_labels(cache_dir: Path) -> Path | None:
