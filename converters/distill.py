@@ -38,7 +38,7 @@ def distill(
     samples: Sequence[Any],
     steps: int,
     temperature: float = 4.0,
-    lr: float = 1e-3,
+    lr: float = 1e-4,
     batch_size: int = 16,
     on_step: Callable[[int, float], None] | None = None,
     *,
