@@ -524,6 +524,8 @@ def _quantize_and_gate(
         "activations": scheme.activations,
         "weights": scheme.weights,
         "per_channel": scheme.per_channel,
+        "reduce_range": scheme.reduce_range,
+        "bias_correction": True,  # quantize_model's default, used by every attempt above
         "calibration": {"method": options.calibration_method, "samples": len(calib_feeds)},
         "excluded_nodes": excluded,
         "opset": {"source": prepared.opset_before, "quantized": prepared.opset_after},

@@ -45,6 +45,8 @@ class Quantization(_Model):
     activations: str = "uint8"
     weights: str = "int8"
     per_channel: bool = True
+    reduce_range: bool = False  # 7-bit weights: int8 kernels without VNNI cannot overflow
+    bias_correction: bool = False  # float biases absorb the mean shift that weight rounding causes
     calibration: Calibration = Field(default_factory=Calibration)
     excluded_nodes: list[str] = Field(default_factory=list)
 

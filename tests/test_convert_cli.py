@@ -52,6 +52,8 @@ def test_onnx_to_signed_package(tmp_path: Path, photos: Path, capsys: pytest.Cap
     int8 = manifest.artifact("onnx", "int8")
     assert int8.quantization is not None and int8.quantization.per_channel
     assert int8.quantization.calibration.samples == 18  # 24 photos, the last quarter held out
+    assert int8.quantization.bias_correction
+    assert int8.quantization.reduce_range == manifest_profile_reduces_range(manifest.profile)
     ops = Counter(n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
     assert manifest.inputs[0].shape == [1, 3, 32, 32] and manifest.inputs[0].resize == "center-crop"
@@ -234,3 +236,9 @@ def test_failed_run_keeps_the_previous_package(
     _run_error([source, "--out", str(out), "--calib", str(empty), "--input-shape", "1,3,32,32"], capsys)
     assert (out / "manifest.json").read_bytes() == before
     load_package(out)
+
+
+def manifest_profile_reduces_range(profile_name: str | None) -> bool:
+    from edge.profiles import resolve_profile
+
+    return resolve_profile(profile_name).profile.quantization.reduce_range

@@ -111,3 +111,70 @@ def test_percentile_calibration_warns_about_memory(tmp_path: Path, caplog: pytes
     # Percentile clips the rare extremes MinMax keeps: some activation range must shrink.
     pct, mm = activation_scales(percentile.path), activation_scales(minmax.path)
     assert any(pct[name] < mm[name] for name in pct if name in mm)
+
+
+def _rounding_biased_conv(path: Path, channels: int = 16, outputs: int = 4) -> Path:
+    """A 1x1 Conv whose int8 weights all round the same way: per output channel one weight of 1.0 sets the
+    scale (1/127, or 1/64 with reduce_range) and the other weights sit at 0.75 / 0.38 of a step, so int8
+    adds (or drops) the same amount per input. With positive inputs that is a shift of the output mean."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.full((outputs, channels, 1, 1), 0.0059, dtype=np.float32)
+    weight[:, 0] = 1.0
+    bias = np.linspace(-0.2, 0.2, outputs).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w", "b"], ["output"], name="conv")],
+        "rounding_biased_conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, channels, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, outputs, 8, 8])],
+        initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("profile", ["x86-64-vnni", "x86-64-avx2"])
+def test_bias_correction_removes_the_mean_shift_of_rounded_weights(tmp_path: Path, profile: str) -> None:
+    source = _rounding_biased_conv(tmp_path / "conv.onnx")
+    prepared = prepare_for_quantization(source, tmp_path)
+    rng = np.random.default_rng(0)
+    samples = [{"input": rng.uniform(0.5, 1.5, (1, 16, 8, 8)).astype(np.float32)} for _ in range(32)]
+    calibration, held_out = samples[:16], samples[16:]
+    scheme = load_profile(profile).quantization
+
+    def mean_shift(path: Path) -> float:
+        reference = np.stack([r[0] for r in run_onnx(source, held_out)])
+        quantized = np.stack([q[0] for q in run_onnx(path, held_out)])
+        return float(np.abs((quantized - reference).mean(axis=(0, 1, 3, 4))).max())
+
+    plain = quantize_model(prepared, tmp_path / "plain.onnx", calibration, scheme, bias_correction=False)
+    corrected = quantize_model(prepared, tmp_path / "corrected.onnx", calibration, scheme)
+
+    assert plain.bias_corrected == [] and corrected.bias_corrected == ["conv"]
+    assert mean_shift(plain.path) > 0.02  # 15 inputs x ~1.0 x the rounding error of each weight
+    assert mean_shift(corrected.path) < 0.2 * mean_shift(plain.path)
+    # Same int8 weights and activation ranges: only the int32 bias moved.
+    assert per_channel_weight_scales(corrected.path) == per_channel_weight_scales(plain.path)
+
+
+@pytest.mark.parametrize(
+    ("profile", "limit"), [("x86-64-avx2", 64), ("x86-64-generic", 64), ("x86-64-vnni", 127)]
+)
+def test_x86_without_vnni_quantizes_weights_to_seven_bits(tmp_path: Path, profile: str, limit: int) -> None:
+    from onnx import numpy_helper
+
+    source = tiny_classifier(tmp_path / "tiny.onnx")
+    prepared = prepare_for_quantization(source, tmp_path)
+    scheme = load_profile(profile).quantization
+    assert scheme.reduce_range is (limit == 64)
+    result = quantize_model(prepared, tmp_path / "int8.onnx", _feeds(8), scheme)
+    model = onnx.load(str(result.path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = [
+        inits[n.input[0]]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8
+    ]
+    assert weights and max(int(np.abs(w).max()) for w in weights) == limit
