@@ -32,6 +32,7 @@ missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 command -v strace >/dev/null 2>&1 || missing+=(strace)
+command -v faketime >/dev/null 2>&1 || missing+=(faketime)  # clock-jump fault scenario
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: apt-get install ${missing[*]}" >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

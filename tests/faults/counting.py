@@ -7,7 +7,9 @@ import json
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -49,6 +51,8 @@ class CountingSubscriber:
     ):
         self.counts: dict[str, SeqCount] = defaultdict(SeqCount)
         self.invalid: list[str] = []
+        # Called with every valid payload after it is counted (latency and per-source figures).
+        self.on_payload: Callable[[dict[str, Any]], None] | None = None
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._topic = f"{prefix}/+/predictions"
@@ -79,6 +83,8 @@ class CountingSubscriber:
         with self._arrived:
             self.counts[device].add(seq, boot_id)
             self._arrived.notify_all()
+        if self.on_payload is not None:
+            self.on_payload(payload)
 
     def start(self) -> CountingSubscriber:
         self.client.connect(self.host, self.port, keepalive=5)

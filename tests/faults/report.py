@@ -39,12 +39,10 @@ Limits of this table:
 - 5 (disk full) only where a tmpfs can be mounted (root / CAP_SYS_ADMIN); skipped elsewhere.
 - 9 swaps the same package (a reload of the configured path): the anti-rollback check refuses older
   versions, so alternating two packages would need 1,000 of them.
-- The soak (30 min) and load (several sources/daemons) runs: not written yet.
-- 10 (clock jumps): no faketime on this machine; by reading the code, every latency, timeout and backoff
-  uses `time.monotonic()`/`perf_counter()` (frames carry `captured_mono`, the watchdog's rate limit, the
-  publisher's flush deadline, paho's own keepalive); wall time is used only for timestamps in payloads
-  (`ts`, `captured_at`), the outbox's `created` column and the `stats` reply's `uptime_s` (which a clock
-  jump would distort).
+- 10 (clock jumps) runs under libfaketime (Debian `faketime`) with the real monotonic clock; skipped where
+  it is not installed.
+- The 30-minute soak is its own command (`python benchmarks/soak.py`, report and PNG in $EDGE_CACHE/soak);
+  the load figures at full speed are `python benchmarks/load_bench.py`.
 """
 
 
