@@ -326,10 +326,10 @@ def efficientnet_part(settings: Settings, work: Path, ratios: tuple[float, ...] 
         pruned = prune_model(
             teacher, torch.from_numpy(example), ratio, "structured", round_to=8, calibration=distill_batches
         )
-        tag = f"p{ratio:.1f}"
+        tag = f"p{ratio:g}"
         variants.append(
             Variant(
-                f"pruned {ratio:.1f} fp32 (no distill)",
+                f"pruned {ratio:g} fp32 (no distill)",
                 export(pruned.model, example, work / f"{tag}-raw.onnx", "input", "logits"),
                 prune_ratio=ratio,
                 macs_ratio=pruned.macs_ratio,
@@ -346,7 +346,7 @@ def efficientnet_part(settings: Settings, work: Path, ratios: tuple[float, ...] 
             on_step=_progress(f"[effnet] distill {tag}", settings.distill_steps),
         )
         log(
-            f"[effnet] pruned {ratio:.1f}: MACs x{pruned.macs_ratio:.2f}, params "
+            f"[effnet] pruned {ratio:g}: MACs x{pruned.macs_ratio:.2f}, params "
             f"x{pruned.params_after / pruned.params_before:.2f}; distilled {settings.distill_steps} steps in "
             f"{time.perf_counter() - t0:.0f} s, KL {result.losses[0]:.3f} -> {np.mean(result.losses[-5:]):.3f}"
         )
@@ -357,11 +357,11 @@ def efficientnet_part(settings: Settings, work: Path, ratios: tuple[float, ...] 
             "macs_ratio": pruned.macs_ratio,
             "params_ratio": pruned.params_after / pruned.params_before,
         }
-        variants.append(Variant(f"pruned {ratio:.1f} + distill fp32", fp32_path, **common))
+        variants.append(Variant(f"pruned {ratio:g} + distill fp32", fp32_path, **common))
         quantize(fp32_path, work / f"{tag}-int8.onnx", calib_feeds, work / f"q-{tag}")
         variants.append(
             Variant(
-                f"pruned {ratio:.1f} + distill + int8", work / f"{tag}-int8.onnx", precision="int8", **common
+                f"pruned {ratio:g} + distill + int8", work / f"{tag}-int8.onnx", precision="int8", **common
             )
         )
 
@@ -506,7 +506,7 @@ def write_outputs(out: Path, effnet: dict[str, Any] | None, digits: dict[str, An
             )
             for v in chosen:
                 axis.annotate(
-                    f"p{v.prune_ratio:.1f}",
+                    f"p{v.prune_ratio:g}",
                     (1 / v.latency_ratio, v.agreement),
                     fontsize=8,
                     textcoords="offset points",
