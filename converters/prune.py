@@ -236,13 +236,7 @@ def _input_channel_means(model: torch.nn.Module, batches: list[tuple[Any, ...]])
         sums[module] = sums.get(module, 0) + tensor.mean(dim=axes)
 
     handles = [m.register_forward_pre_hook(record) for m in model.modules() if _is_full_layer(m)]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(*batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_then_remove(model, batches, handles)
     return {module: total / len(batches) for module, total in sums.items()}
 
 
@@ -266,6 +260,19 @@ def _fold_removed_inputs_into_bias(layer: Any, indices: list[int], channel_means
         if layer.bias is None:
             layer.bias = torch.nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype))
         layer.bias += shift
+
+
+def _forward_then_remove(model: torch.nn.Module, batches: list[tuple[Any, ...]], handles: list[Any]) -> None:
+    """Run `batches` through `model` for the hooks behind `handles`, which are removed even on error."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(*batch)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _is_full_layer(module: Any) -> bool:
@@ -325,12 +332,7 @@ def _count(model: torch.nn.Module, inputs: tuple[Any, ...]) -> tuple[int, int]:
         for module in model.modules()
         if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
     ]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_then_remove(model, [inputs], handles)
     return macs, sum(p.numel() for p in model.parameters())
 
 
@@ -354,12 +356,7 @@ def _output_layers(
                 executed.append((name, mod, channels))
 
             handles.append(module.register_forward_hook(record))
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_then_remove(model, [inputs], handles)
 
     kept: dict[str, torch.nn.Module] = {}
     for output in outputs:

@@ -94,7 +94,55 @@ def _free_bytes(directory: Path) -> int:
     return stat.f_bavail * stat.f_frsize
 
 
-class Outbox:
+class _OutboxCounters:
+    """What the SQLite outbox and the memory-only one report alike (stats, Prometheus, the `stats` reply)."""
+
+    _bytes: int
+    _dropped: int
+    _next_seq: int
+    disk_full: int
+
+    @property
+    def depth(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {
+            "depth": self.depth,
+            "bytes": self._bytes,
+            "dropped": self._dropped,
+            "disk_full": self.disk_full,
+            "next_seq": self._next_seq,
+        }
+
+    def pending_messages(self, limit: int, after: int = 0) -> list[OutboxMessage]:
+        raise NotImplementedError
+
+    def pending(self, limit: int, after: int = 0) -> list[tuple[int, bytes]]:
+        """Up to `limit` (seq, payload) pairs with seq > `after`, oldest first."""
+        return [(m.seq, m.payload) for m in self.pending_messages(limit, after)]
+
+    def ack_many(self, seqs: Iterable[int]) -> int:
+        raise NotImplementedError
+
+    def ack(self, seq: int) -> None:
+        self.ack_many((seq,))
+
+
+class Outbox(_OutboxCounters):
     """SQLite (WAL, synchronous=NORMAL) queue of serialized messages, bounded by `max_bytes` of payload.
 
     Thread-safe: one connection guarded by a lock (the inference worker adds, the publisher reads/acks).
@@ -390,13 +438,6 @@ class Outbox:
                 self._handed_out = max(self._handed_out, rows[-1][0])
         return [OutboxMessage(seq, topic, bytes(data), qos) for seq, topic, data, qos in rows]
 
-    def pending(self, limit: int, after: int = 0) -> list[tuple[int, bytes]]:
-        """Up to `limit` (seq, payload) pairs with seq > `after`, oldest first."""
-        return [(m.seq, m.payload) for m in self.pending_messages(limit, after)]
-
-    def ack(self, seq: int) -> None:
-        self.ack_many((seq,))
-
     def ack_many(self, seqs: Iterable[int]) -> int:
         """Delete acknowledged messages; returns how many rows were deleted.
 
@@ -598,28 +639,6 @@ class Outbox:
     def depth(self) -> int:
         return self._depth
 
-    @property
-    def dropped(self) -> int:
-        return self._dropped
-
-    @property
-    def size_bytes(self) -> int:
-        return self._bytes
-
-    @property
-    def next_seq(self) -> int:
-        return self._next_seq
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return {
-            "depth": self._depth,
-            "bytes": self._bytes,
-            "dropped": self._dropped,
-            "disk_full": self.disk_full,
-            "next_seq": self._next_seq,
-        }
-
     def close(self) -> None:
         with self._lock:
             if self._closed:
@@ -636,7 +655,7 @@ class Outbox:
         self.close()
 
 
-class MemoryOutbox:
+class MemoryOutbox(_OutboxCounters):
     """`outbox: {enabled: false}`: the same queue interface with nothing persisted.
 
     A prediction made while `is_connected()` is false is lost at once (counted in `dropped`); one made
@@ -693,12 +712,6 @@ class MemoryOutbox:
                         break
             return out
 
-    def pending(self, limit: int, after: int = 0) -> list[tuple[int, bytes]]:
-        return [(m.seq, m.payload) for m in self.pending_messages(limit, after)]
-
-    def ack(self, seq: int) -> None:
-        self.ack_many((seq,))
-
     def ack_many(self, seqs: Iterable[int]) -> int:
         deleted = 0
         with self._lock:
@@ -712,28 +725,6 @@ class MemoryOutbox:
     @property
     def depth(self) -> int:
         return len(self._rows)
-
-    @property
-    def dropped(self) -> int:
-        return self._dropped
-
-    @property
-    def size_bytes(self) -> int:
-        return self._bytes
-
-    @property
-    def next_seq(self) -> int:
-        return self._next_seq
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return {
-            "depth": self.depth,
-            "bytes": self._bytes,
-            "dropped": self._dropped,
-            "disk_full": 0,
-            "next_seq": self._next_seq,
-        }
 
     def close(self) -> None:
         with self._lock:
