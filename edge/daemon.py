@@ -52,7 +52,8 @@ def public_uri(uri: str) -> str:
 
 class FrameQueue:
     """Frames from every source waiting for the one inference worker; when full the oldest is dropped
-    (a fresh frame is worth more than a stale one) and the drop is counted against its source."""
+    (a fresh frame is worth more than a stale one) and the drop is counted against its source, except
+    for lossless sources (files read at their reader's pace), whose put waits for room instead."""
 
     def __init__(self, maxsize: int):
         self._items: collections.deque[Any] = collections.deque()
@@ -60,19 +61,25 @@ class FrameQueue:
         self._cond = threading.Condition()
         self.dropped: dict[str, int] = collections.defaultdict(int)
 
-    def put(self, frame: Any) -> None:
+    def put(self, frame: Any, wait_for_room: bool = False, stop: threading.Event | None = None) -> None:
         with self._cond:
+            while wait_for_room and len(self._items) >= self._maxsize and not (stop and stop.is_set()):
+                self._cond.wait(0.2)
             if len(self._items) >= self._maxsize:
                 oldest = self._items.popleft()
                 self.dropped[oldest.uri] += 1
             self._items.append(frame)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def get(self, timeout: float) -> Any | None:
         with self._cond:
             if not self._items:
                 self._cond.wait(timeout)
-            return self._items.popleft() if self._items else None
+            if not self._items:
+                return None
+            frame = self._items.popleft()
+            self._cond.notify_all()  # a lossless source may be waiting for this room
+            return frame
 
     def discard_all(self) -> int:
         with self._cond:
@@ -380,15 +387,16 @@ class Daemon:
     # -- threads -------------------------------------------------------------------------------------------
 
     def _pump(self, source: Any) -> None:
+        lossless = bool(getattr(source, "lossless", False))
         while not self._worker_stop.is_set():
             frame = source.read(0.2)
             if frame is not None:
-                self.queue.put(frame)
+                self.queue.put(frame, wait_for_room=lossless, stop=self._worker_stop)
             elif source.finished:
                 # The last frame may have landed between the timed-out read and `finished` turning true.
                 last = source.read(0)
                 if last is not None:
-                    self.queue.put(last)
+                    self.queue.put(last, wait_for_room=lossless, stop=self._worker_stop)
                 break
         with self._pumps_lock:
             self._pumps_running -= 1

@@ -133,6 +133,25 @@ def test_clip_end_to_end_schema_and_seq_continuity(
         sub.close()
 
 
+def test_files_read_flat_out_lose_no_frame_even_when_sources_share_a_full_queue(
+    tmp_path: Path, models: Path, clip: Path, mosquitto: Mosquitto
+) -> None:
+    """realtime: false and no fps means every frame (benchmarks, batch jobs): three such sources and a
+    one-frame queue make the pumps wait for room instead of dropping the oldest frame."""
+    copies = []
+    for index in range(3):
+        copy = tmp_path / f"clip-{index}{clip.suffix}"
+        copy.write_bytes(clip.read_bytes())
+        copies.append({"type": "video", "realtime": False, "uri": str(copy), "loop": False})
+    config = _config(tmp_path, models, mosquitto.port, clip, source=None, sources=copies, frame_queue=1)
+    with running(config) as daemon:
+        assert wait_until(daemon.sources_done.is_set, 120)
+        assert wait_until(lambda: daemon.predictions >= 150, 60), daemon.predictions
+    assert all(source.lossless for source in daemon.sources)
+    assert daemon.predictions == 150, "50 frames from each of the 3 files"
+    assert sum(daemon.queue.dropped.values()) == 0
+
+
 def test_broker_down_for_a_while_then_back_loses_nothing(
     tmp_path: Path, models: Path, clip: Path, mosquitto: Mosquitto
 ) -> None:

@@ -112,6 +112,12 @@ class CapturingSource:
         return self._finished
 
     @property
+    def lossless(self) -> bool:
+        """True for a file read at the reader's pace: every frame must reach inference, so the daemon waits
+        for room in its queue instead of dropping the oldest (live inputs keep the freshest instead)."""
+        return False
+
+    @property
     def stats(self) -> dict[str, int]:
         with self._lock:
             counts = dict(self._counts)

@@ -187,6 +187,10 @@ class VideoSource(CapturingSource):
         if self.kind == "file" and not Path(self.uri).is_file():
             raise ConfigError(f"video source {self.uri}: file not found")
 
+    @property
+    def lossless(self) -> bool:
+        return self.kind == "file" and not self.config.realtime
+
     def start(self) -> None:
         if self._supervisor is not None:
             return

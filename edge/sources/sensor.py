@@ -235,6 +235,10 @@ class SensorSource(CapturingSource):
         self._finished = True
         self._slot.close()
 
+    @property
+    def lossless(self) -> bool:
+        return self.kind in ("file", "wav") and not self._pace()
+
     def _pace(self) -> bool:
         realtime = self.config.realtime
         return self.sample_rate is not None and (realtime is None or realtime)
