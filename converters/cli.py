@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prune-mode", choices=["structured", "unstructured"], default="structured")
     parser.add_argument("--distill-steps", type=int, default=0, metavar="N")
     parser.add_argument(
+        "--distill-lr",
+        type=float,
+        default=1e-4,
+        metavar="LR",
+        help="Adam learning rate for distillation (default 1e-4: higher undoes a pretrained student)",
+    )
+    parser.add_argument(
         "--formats", type=lambda t: [f.strip() for f in t.split(",") if f.strip()], metavar="onnx,tflite"
     )
     parser.add_argument("--max-drop", type=float, default=1.0, metavar="PCT", help="points (default 1)")
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         prune=args.prune,
         prune_mode=args.prune_mode,
         distill_steps=args.distill_steps,
+        distill_lr=args.distill_lr,
         formats=args.formats,
         max_drop=args.max_drop,
         metric=args.metric,

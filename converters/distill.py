@@ -54,6 +54,8 @@ def distill(
 
     if not isinstance(steps, int) or steps < 0:
         raise DistillConfigError(f"--distill-steps: expected a non-negative integer, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise DistillConfigError(f"--distill-lr: expected a positive number, got {lr!r}")
     if temperature <= 0:
         raise DistillConfigError(f"distill temperature must be > 0, got {temperature!r}")
     if batch_size < 1:

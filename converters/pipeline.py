@@ -55,6 +55,7 @@ class ConvertOptions:
     prune: float = 0.0
     prune_mode: Literal["structured", "unstructured"] = "structured"
     distill_steps: int = 0
+    distill_lr: float = 1e-4
     formats: list[str] | None = None
     max_drop: float = 1.0
     metric: str | None = None
@@ -415,10 +416,13 @@ def _distill(
 
         names = list(feeds[0])
         samples = [feed[names[0]] if len(names) == 1 else tuple(feed[n] for n in names) for feed in feeds]
-        result = distill(student, teacher, samples, options.distill_steps, on_step=on_step)
+        result = distill(
+            student, teacher, samples, options.distill_steps, lr=options.distill_lr, on_step=on_step
+        )
         if pruning is not None:
             pruning["distillation"] = {
                 "steps": options.distill_steps,
+                "lr": options.distill_lr,
                 "samples": len(feeds),
                 "seconds": round(float(result.seconds), 1),
                 "loss_first": float(result.losses[0]) if result.losses else None,

@@ -154,7 +154,7 @@ def test_prune_and_distill_stages(tmp_path: Path, factory: Path, capsys: pytest.
     out = tmp_path / "pkg"
     code = main(
         [f"{factory}:build", "--out", str(out), "--calib", str(photos), "--input-shape", "1,3,32,32",
-         "--formats", "onnx", "--prune", "0.5", "--distill-steps", "5", "--max-drop", "100", "-q"]
+         "--formats", "onnx", "--prune", "0.5", "--distill-steps", "5", "--distill-lr", "3e-4", "--max-drop", "100", "-q"]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     package = load_package(out)
@@ -162,6 +162,7 @@ def test_prune_and_distill_stages(tmp_path: Path, factory: Path, capsys: pytest.
     assert pruning is not None and pruning["mode"] == "structured" and pruning["ratio"] == 0.5
     assert pruning["params_after"] < pruning["params_before"]
     assert pruning["distillation"]["steps"] == 5 and pruning["distillation"]["loss_last"] is not None
+    assert pruning["distillation"]["lr"] == 3e-4
     metrics = package.manifest.metrics
     assert metrics["size_bytes"]["pruned_fp32"] < metrics["size_bytes"]["fp32"]
     assert set(metrics["latency_ms"]) == {"fp32", "pruned_fp32", "int8"}

@@ -63,6 +63,8 @@ class CountingSubscriber:
         )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self._subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_args: self._subscribed.set()
         # Reconnect faster than the daemon under test, so a restarted broker has this subscription
         # back before the daemon re-sends (paho accepts float delays; its annotation says int).
         self.client.reconnect_delay_set(0.1, 1.0)  # type: ignore[arg-type]
@@ -86,9 +88,16 @@ class CountingSubscriber:
         if self.on_payload is not None:
             self.on_payload(payload)
 
-    def start(self) -> CountingSubscriber:
+    def start(self, wait_subscribed: float = 10.0) -> CountingSubscriber:
+        """Connect and return once the broker acknowledged the subscription: a message published before
+        that would not be counted (connected is not enough)."""
         self.client.connect(self.host, self.port, keepalive=5)
         self.client.loop_start()
+        if wait_subscribed and not self._subscribed.wait(wait_subscribed):
+            self.stop()
+            raise TimeoutError(
+                f"the counting subscriber's subscription was not acknowledged in {wait_subscribed} s"
+            )
         return self
 
     def stop(self) -> None:
