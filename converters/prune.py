@@ -98,12 +98,18 @@ def prune_model(
 
     if ratio > 0 and mode == "structured":
         plan = plan_structured(tp, pruned, inputs, float(ratio), round_to, [module for _, module in kept])
-        means = _input_channel_means(pruned, [_as_input_tuple(batch) for batch in calibration or []])
+        batches = [_as_input_tuple(batch) for batch in calibration or []]
+        means = _input_channel_means(pruned, batches)
         if plan.ratios:
+            importance: Any = tp.importance.MagnitudeImportance(p=1)
+            if batches:
+                # Which channels the outputs depend on, measured on real inputs, not guessed from weight size.
+                importance = tp.importance.GroupTaylorImportance()
+                _accumulate_saliency_gradients(pruned, batches)
             pruner = tp.pruner.MagnitudePruner(
                 pruned,
                 inputs if len(inputs) > 1 else inputs[0],
-                importance=tp.importance.MagnitudeImportance(p=1),
+                importance=importance,
                 pruning_ratio=0.0,
                 pruning_ratio_dict=plan.ratios,
                 ignored_layers=[module for _, module in kept],
@@ -113,11 +119,18 @@ def prune_model(
                     if pruner.DG.is_in_channel_pruning_fn(dep.handler) and dep.target.module in means:
                         _fold_removed_inputs_into_bias(dep.target.module, indices, means[dep.target.module])
                 group.prune()
+            for parameter in pruned.parameters():
+                parameter.grad = None
         notes.append(
             f"structured: whole channels removed from {len(plan.ratios)} channel groups, each left with a "
             f"multiple of {round_to} channels (rounded up: never more removed than asked); the exported graph "
             "is smaller and runs faster"
         )
+        if batches:
+            notes.append(
+                "structured: channels ranked by first-order Taylor saliency |w * dL/dw| on the calibration "
+                "samples (L: cross-entropy to the model's own top-1, or output energy for other heads)"
+            )
         if means:
             notes.append(
                 "structured: each removed channel's mean activation on the calibration samples is folded "
@@ -260,6 +273,29 @@ def _fold_removed_inputs_into_bias(layer: Any, indices: list[int], channel_means
         if layer.bias is None:
             layer.bias = torch.nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype))
         layer.bias += shift
+
+
+def _accumulate_saliency_gradients(model: torch.nn.Module, batches: list[tuple[Any, ...]]) -> None:
+    """Leave in each parameter's .grad how much the model's own decisions depend on it.
+
+    The unpruned model agrees with itself, so a distillation loss would have zero gradient here; the
+    cross-entropy to its own top-1 class (classifiers) or half the output energy (other heads) does not.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from converters.distill import is_classifier_output
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(parameter.is_floating_point())
+        parameter.grad = None
+    for batch in batches:
+        outputs = flatten_outputs(model(*batch))
+        if is_classifier_output(outputs):
+            loss = F.cross_entropy(outputs[0], outputs[0].detach().argmax(1))
+        else:
+            loss = torch.stack([0.5 * output.float().pow(2).mean() for output in outputs]).sum()
+        loss.backward()
 
 
 def _forward_then_remove(model: torch.nn.Module, batches: list[tuple[Any, ...]], handles: list[Any]) -> None:

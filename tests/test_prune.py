@@ -137,6 +137,34 @@ def test_removed_channels_mean_is_folded_into_the_next_bias() -> None:
     assert error_folded < 0.5 * error_plain
 
 
+def test_with_calibration_channels_are_ranked_by_what_the_outputs_depend_on() -> None:
+    """Eight channels with big weights that ReLU always zeroes, eight small ones the output needs:
+    magnitude ranking removes the needed ones, Taylor saliency on real inputs removes the dead ones."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 4),
+    ).eval()
+    with torch.no_grad():
+        model[0].weight[:8].fill_(1.0)
+        model[0].bias[:8].fill_(-1e3)  # dead for any input in [0, 1)
+        model[0].weight[8:].uniform_(0.05, 0.1)
+        model[0].bias[8:].fill_(0.1)
+    inputs = torch.rand(32, 3, 8, 8)
+    by_magnitude = prune_model(model, inputs[:1], 0.5, "structured")
+    by_saliency = prune_model(model, inputs[:1], 0.5, "structured", calibration=[inputs[:16]])
+    assert any("Taylor saliency" in note for note in by_saliency.notes)
+    with torch.no_grad():
+        reference = model(inputs[16:])
+        error_magnitude = float((by_magnitude.model(inputs[16:]) - reference).abs().max())
+        error_saliency = float((by_saliency.model(inputs[16:]) - reference).abs().max())
+    assert error_saliency < 1e-4 < error_magnitude
+    assert all(p.grad is None for p in by_saliency.model.parameters()), "no gradients left behind"
+
+
 def test_unstructured_pruning_gives_the_asked_sparsity_and_compresses_but_keeps_shapes(
     tmp_path: Path,
 ) -> None:
