@@ -31,7 +31,7 @@ import numpy as np
 from edge.config import DaemonConfig, load_config
 from edge.errors import BackendError, ConfigError, EdgeError, PackageError
 from edge.health import Metrics, Notifier, StatsSnapshot
-from edge.trust import TrustPolicy
+from edge.trust import TrustPolicy, check_model_path
 
 log = logging.getLogger(__name__)
 
@@ -488,14 +488,10 @@ class Daemon:
             return self.config.model
         if not isinstance(raw, str) or not raw or "\0" in raw:
             raise ConfigError("reload: `path` must be a non-empty string")
-        models_dir = self.config.models_dir.resolve()
-        candidate = Path(raw)
-        if not candidate.is_absolute():
-            candidate = models_dir / candidate
-        resolved = candidate.resolve()
-        if resolved == models_dir or models_dir not in resolved.parents:
-            raise ConfigError(f"reload: '{raw}' is outside the models directory {models_dir}; refused")
-        return resolved
+        try:
+            return check_model_path(raw, self.config.models_dir)
+        except PackageError as exc:
+            raise ConfigError(f"reload: {exc}") from exc
 
     def reload(self, raw_path: Any) -> dict[str, Any]:
         """Load a package beside the running one, check it, swap between two inferences; keep the old one
