@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +151,7 @@ def engine_vs_bare(package_dir: Path, threads: int, seconds: float) -> dict[str,
     import onnxruntime as ort
 
     from edge.backends import load_model
-    from edge.bench import bench_feeds, percentiles
+    from edge.bench import bench_feeds, interleaved_latency_ms, percentiles
     from edge.package import load_package
     from edge.profiles import load_profile
 
@@ -168,17 +167,10 @@ def engine_vs_bare(package_dir: Path, threads: int, seconds: float) -> dict[str,
     for _ in range(10):
         model.run(feeds)
         bare.run(None, feeds)
-    engine_ms: list[float] = []
-    bare_ms: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        model.run(feeds)
-        t1 = time.perf_counter()
-        bare.run(None, feeds)
-        t2 = time.perf_counter()
-        engine_ms.append((t1 - t0) * 1000)
-        bare_ms.append((t2 - t1) * 1000)
+    measured = interleaved_latency_ms(
+        {"engine": lambda: model.run(feeds), "bare": lambda: bare.run(None, feeds)}, budget_s=seconds
+    )
+    engine_ms, bare_ms = measured["engine"], measured["bare"]
     e, b = percentiles(engine_ms), percentiles(bare_ms)
     return {
         "engine_p50_ms": e["p50"],
@@ -195,7 +187,7 @@ def litert_vs_onnxruntime(package_dir: Path, threads: int, seconds: float) -> di
     from edge.backends import LoadRequest, golden_check, relayout
     from edge.backends.litert import LiteRTBackend
     from edge.backends.onnxruntime import OnnxRuntimeBackend
-    from edge.bench import percentiles
+    from edge.bench import interleaved_latency_ms, percentiles
     from edge.package import load_package
 
     package = load_package(package_dir)
@@ -226,17 +218,10 @@ def litert_vs_onnxruntime(package_dir: Path, threads: int, seconds: float) -> di
     for _ in range(10):
         onnx.run(onnx_feeds)
         tflite.run(tfl_feeds)
-    onnx_ms: list[float] = []
-    tfl_ms: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        onnx.run(onnx_feeds)
-        t1 = time.perf_counter()
-        tflite.run(tfl_feeds)
-        t2 = time.perf_counter()
-        onnx_ms.append((t1 - t0) * 1000)
-        tfl_ms.append((t2 - t1) * 1000)
+    measured = interleaved_latency_ms(
+        {"onnx": lambda: onnx.run(onnx_feeds), "tflite": lambda: tflite.run(tfl_feeds)}, budget_s=seconds
+    )
+    onnx_ms, tfl_ms = measured["onnx"], measured["tflite"]
     o, t = percentiles(onnx_ms), percentiles(tfl_ms)
     return {
         "onnx_int8_p50_ms": o["p50"],

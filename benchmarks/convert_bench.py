@@ -20,6 +20,7 @@ repository. No figure here is a timing assert: ratios are measured in this one r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -65,7 +66,7 @@ QUICK = Settings(
     distill_crops_per_photo=4,
     distill_steps=12,
     distill_batch=8,
-    latency_rounds=25,
+    latency_rounds=6,
     digits_distill_steps=300,
 )
 FULL = Settings(
@@ -74,7 +75,7 @@ FULL = Settings(
     distill_crops_per_photo=22,
     distill_steps=150,
     distill_batch=16,
-    latency_rounds=80,
+    latency_rounds=20,
     digits_distill_steps=400,
 )
 
@@ -275,20 +276,17 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, floa
 
 
 def interleaved_latency(paths: dict[str, Path], sample: np.ndarray, rounds: int) -> dict[str, float]:
-    """Median ms per model; each round runs every model once, in a rotating order."""
+    """Median ms per model; each round runs every model for a block of 10 runs, in a rotating order, after
+    a pause that lets the previous session's spinning workers sleep (`edge.bench.interleaved_latency_ms`)."""
+    from edge.bench import interleaved_latency_ms
+
     sessions = {name: session(path) for name, path in paths.items()}
-    names = list(sessions)
-    feeds = {name: {sessions[name].get_inputs()[0].name: sample} for name in names}
-    for name in names:  # warm-up: first runs allocate and pick kernels
-        for _ in range(3):
-            sessions[name].run(None, feeds[name])
-    timings: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            started = time.perf_counter()
-            sessions[name].run(None, feeds[name])
-            timings[name].append((time.perf_counter() - started) * 1000)
+    runners = {}
+    for name, sess in sessions.items():
+        feed = {sess.get_inputs()[0].name: sample}
+        sess.run(None, feed)  # first run allocates and picks kernels
+        runners[name] = functools.partial(sess.run, None, feed)
+    timings = interleaved_latency_ms(runners, rounds=rounds, block=10, warmup=2)
     return {name: float(np.median(values)) for name, values in timings.items()}
 
 

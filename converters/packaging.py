@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,26 +70,29 @@ def measure_latency_ms(
     budget_s: float = 10.0,
 ) -> dict[str, dict[str, float]]:
     """Median and p90 per model over `runs` (at least 5, fewer once `budget_s` is spent), sessions
-    interleaved run by run so that load on the box hits all of them alike."""
+    interleaved in blocks of 5 so that load on the box hits all of them alike while no session runs
+    beside another one's spinning thread pool (`edge.bench.interleaved_latency_ms`)."""
     from converters.accuracy import session
+    from edge.bench import interleaved_latency_ms
 
     sessions = {key: session(path, threads) for key, path in paths.items()}
     for sess in sessions.values():
-        for _ in range(3):
-            sess.run(None, feed)
-    samples: dict[str, list[float]] = {key: [] for key in sessions}
-    deadline = time.perf_counter() + budget_s
-    for index in range(runs):
-        if index >= 5 and time.perf_counter() > deadline:
-            break
-        for key, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, feed)
-            samples[key].append((time.perf_counter() - start) * 1000)
+        sess.run(None, feed)
+    block = 5
+    samples = interleaved_latency_ms(
+        {key: _runner(sess, feed) for key, sess in sessions.items()},
+        rounds=max(1, runs // block),
+        budget_s=budget_s,
+        block=block,
+    )
     return {
         key: {"p50": round(float(np.median(v)), 3), "p90": round(float(np.percentile(v, 90)), 3)}
         for key, v in samples.items()
     }
+
+
+def _runner(sess: Any, feed: dict[str, np.ndarray]) -> Callable[[], object]:
+    return lambda: sess.run(None, feed)
 
 
 def golden_tolerance(

@@ -182,7 +182,9 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
         teacher = source.module
         student = teacher
         if options.prune > 0:
-            student, pruning = _prune(options, teacher, calib_feeds, inputs, stages)
+            student, pruning = _prune(
+                options, teacher, calib_feeds, inputs, stages, profile.pruning.channel_multiple
+            )
         if options.distill_steps > 0:
             student = _distill(options, student, teacher, calib_feeds, stages, pruning)
         with stages.stage("export onnx") as note:
@@ -359,6 +361,7 @@ def _prune(
     feeds: list[dict[str, np.ndarray]],
     inputs: list[TensorSpec],
     stages: Stages,
+    channel_multiple: int,
 ) -> tuple[Any, dict[str, Any]]:
     import torch
 
@@ -373,7 +376,12 @@ def _prune(
             for i in range(0, len(feeds), 16)
         ]
         result = prune_model(
-            copy.deepcopy(teacher), example, options.prune, options.prune_mode, calibration=calibration
+            copy.deepcopy(teacher),
+            example,
+            options.prune,
+            options.prune_mode,
+            round_to=channel_multiple,
+            calibration=calibration,
         )
         note(f"MACs x{result.macs_after / max(result.macs_before, 1):.2f}")
         info = {
@@ -385,6 +393,8 @@ def _prune(
             "params_after": int(result.params_after),
             "distillation": {"steps": 0},
         }
+        if result.mode == "structured":
+            info["channel_multiple"] = channel_multiple  # from the device profile
         # Unstructured sparsity shrinks the compressed file but runs no faster: record what it really did.
         for extra in ("sparsity", "gzip_ratio", "notes"):
             if hasattr(result, extra):

@@ -2,8 +2,9 @@
 [--compare PKG2 | --compare-backend NAME]`: how fast a package runs here, through the real engine layer.
 
 Warm-up first, then latency percentiles (p50/p90/p99), throughput, peak RSS and the provider in use.
-With `--compare`/`--compare-backend` the two subjects run interleaved in one loop (A, B, A, B, ...), so
-thermal and noisy-neighbour drift hits both equally, and the ratios B/A are printed.
+With `--compare`/`--compare-backend` the two subjects run interleaved in blocks (A x10, B x10, A x10, ...,
+see `interleaved_latency_ms`), so thermal and noisy-neighbour drift hits both equally, and the ratios B/A
+are printed.
 Cold start (process start to first result, including the golden self-check a daemon does) and that
 process's peak RSS are measured in a fresh subprocess per subject.
 """
@@ -16,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,51 @@ def percentiles(latencies_ms: list[float]) -> dict[str, float]:
         "mean": round(float(values.mean()), 4),
         "min": round(float(values.min()), 4),
     }
+
+
+# ONNX Runtime's intra-op workers spin-wait for work for tens of milliseconds after a run (10 ms < spin <
+# 50 ms, measured). Subjects interleaved run by run therefore ran beside the other subjects' spinning
+# workers: on 2 cores, four sessions made EfficientNet-Lite0 fp32 2.4x slower and read int8/fp32 as 0.46x
+# where each session alone gives 0.65x. A pause longer than the spin before each block lets them sleep.
+SPIN_SETTLE_S = 0.1
+
+
+def interleaved_latency_ms(
+    runners: Mapping[str, Callable[[], object]],
+    *,
+    rounds: int | None = None,
+    budget_s: float | None = None,
+    block: int = 10,
+    warmup: int = 2,
+    min_rounds: int = 1,
+) -> dict[str, list[float]]:
+    """Milliseconds per call of each runner, measured in rotating blocks: for every subject a pause (so no
+    other subject's thread pool still spins), `warmup` untimed calls, then `block` timed calls. Stops after
+    `rounds` rounds or, once `min_rounds` are done, when `budget_s` is spent. A single subject runs without
+    pauses: nothing else competes with it, just as in a daemon."""
+    if rounds is None and budget_s is None:
+        raise ValueError("interleaved_latency_ms needs rounds or budget_s")
+    names = list(runners)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    clock = time.perf_counter
+    deadline = clock() + budget_s if budget_s is not None else None
+    round_index = 0
+    while rounds is None or round_index < rounds:
+        if deadline is not None and round_index >= min_rounds and clock() > deadline:
+            break
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            run = runners[name]
+            if len(names) > 1:
+                time.sleep(SPIN_SETTLE_S)
+            for _ in range(warmup):
+                run()
+            for _ in range(block):
+                started = clock()
+                run()
+                samples[name].append((clock() - started) * 1000)
+        round_index += 1
+    return samples
 
 
 def peak_rss_mb() -> float:
@@ -159,13 +206,10 @@ def run_bench(
     for _ in range(warmup):
         for subject in subjects:
             subject.model.run(subject.feeds)
-    deadline = time.perf_counter() + seconds
-    clock = time.perf_counter
-    while clock() < deadline or len(subjects[0].latencies) < 3:
-        for subject in subjects:  # interleaved: A, B, A, B, ...
-            t0 = clock()
-            subject.model.run(subject.feeds)
-            subject.latencies.append((clock() - t0) * 1000)
+    runners = {str(index): _runner(subject) for index, subject in enumerate(subjects)}
+    measured = interleaved_latency_ms(runners, budget_s=seconds, block=10, warmup=2)
+    for index, subject in enumerate(subjects):
+        subject.latencies = measured[str(index)]
 
     results = []
     for subject in subjects:
@@ -210,6 +254,10 @@ def run_bench(
                 b["cold"]["cold_start_ms"] / a["cold"]["cold_start_ms"], 4
             )
     return report
+
+
+def _runner(subject: Subject) -> Callable[[], object]:
+    return lambda: subject.model.run(subject.feeds)
 
 
 def render(report: dict[str, Any]) -> str:

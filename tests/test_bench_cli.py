@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,29 @@ def test_compare_backend_without_that_artifact_is_a_clear_error(tmp_path: Path, 
 def test_missing_package_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["bench", str(tmp_path / "nope")]) == 2
     assert "nope: package directory not found" in capsys.readouterr().err
+
+
+def test_interleaved_latency_runs_blocks_after_a_pause_and_times_only_the_block() -> None:
+    """Subjects run in rotating blocks, each after a pause longer than ONNX Runtime's spin-wait, so no
+    subject is timed beside another's spinning thread pool; warm-up calls are not timed."""
+    import time
+
+    from edge.bench import SPIN_SETTLE_S, interleaved_latency_ms
+
+    calls: list[tuple[str, float]] = []
+
+    def runner(name: str) -> Callable[[], None]:
+        return lambda: calls.append((name, time.perf_counter()))
+
+    samples = interleaved_latency_ms({"a": runner("a"), "b": runner("b")}, rounds=3, block=4, warmup=1)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 12, "b": 12}
+    order = "".join(name for name, _ in calls)
+    assert order == "aaaaabbbbb" + "bbbbbaaaaa" + "aaaaabbbbb"  # rotating start, warm-up + block each
+    block_starts = [i for i in range(5, len(calls), 5)]
+    for start in block_starts:
+        assert calls[start][1] - calls[start - 1][1] >= SPIN_SETTLE_S
+    assert samples["a"][0] >= 0
+    single = interleaved_latency_ms({"only": runner("only")}, budget_s=0.0, block=3, warmup=0)
+    assert len(single["only"]) == 3  # one round at least, and no pause needed with nothing else running
+    with pytest.raises(ValueError):
+        interleaved_latency_ms({"a": runner("a")})

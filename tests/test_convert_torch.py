@@ -14,6 +14,8 @@ from edge.errors import ConfigError, PackageError
 from edge.package import load_package
 from tests.assets_models import write_photo_folder
 
+PROFILES = Path(__file__).resolve().parents[1] / "device_profiles"
+
 FACTORY = """
 import torch
 from torch import nn
@@ -25,6 +27,16 @@ def build():
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).eval()
+
+
+def wide():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU6(),
+        nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.ReLU6(),
+        nn.Conv2d(64, 32, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5),
     ).eval()
 
 
@@ -153,7 +165,7 @@ def test_prune_and_distill_stages(tmp_path: Path, factory: Path, capsys: pytest.
     photos = write_photo_folder(tmp_path / "photos", 12, size=48)
     out = tmp_path / "pkg"
     code = main(
-        [f"{factory}:build", "--out", str(out), "--calib", str(photos), "--input-shape", "1,3,32,32",
+        [f"{factory}:wide", "--out", str(out), "--calib", str(photos), "--input-shape", "1,3,32,32",
          "--formats", "onnx", "--prune", "0.5", "--distill-steps", "5", "--distill-lr", "3e-4", "--max-drop", "100", "-q"]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
@@ -166,6 +178,36 @@ def test_prune_and_distill_stages(tmp_path: Path, factory: Path, capsys: pytest.
     metrics = package.manifest.metrics
     assert metrics["size_bytes"]["pruned_fp32"] < metrics["size_bytes"]["fp32"]
     assert set(metrics["latency_ms"]) == {"fp32", "pruned_fp32", "int8"}
+
+
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_pruned_channel_counts_follow_the_device_profile(
+    tmp_path: Path, factory: Path, multiple: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The profile's `pruning.channel_multiple` reaches the pruner: 64 channels asked to lose 40 % keep
+    40 (multiple of 8) or 48 (multiple of 16, what x86 int8 depthwise kernels want)."""
+    import onnx
+    import yaml
+
+    profile = yaml.safe_load((PROFILES / "x86-64-generic.yaml").read_text())
+    profile["pruning"] = {"channel_multiple": multiple}
+    profile["name"] = "wide-vectors"
+    profile_path = tmp_path / "wide-vectors.yaml"
+    profile_path.write_text(yaml.safe_dump(profile))
+    photos = write_photo_folder(tmp_path / "photos", 12, size=48)
+    out = tmp_path / "pkg"
+    code = main(
+        [f"{factory}:wide", "--out", str(out), "--calib", str(photos), "--input-shape", "1,3,32,32",
+         "--profile", str(profile_path), "--prune", "0.4", "--max-drop", "100", "-q"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    package = load_package(out)
+    assert package.manifest.pruning is not None and package.manifest.pruning["channel_multiple"] == multiple
+    graph = onnx.load(str(out / "model.fp32.onnx")).graph
+    weights = {init.name: list(init.dims) for init in graph.initializer}
+    conv_out = [weights[node.input[1]][0] for node in graph.node if node.op_type == "Conv"]
+    assert conv_out[:2] == [{8: 40, 16: 48}[multiple]] * 2  # the depthwise conv follows its input
+    assert all(channels % multiple == 0 for channels in conv_out)
 
 
 @pytest.mark.slow

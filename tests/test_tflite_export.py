@@ -325,7 +325,6 @@ def _efficientnet_lite0() -> torch.nn.Module:
 @pytest.mark.slow
 def test_efficientnet_lite0_int8_tflite_agrees_and_is_faster_than_ort_fp32(tmp_path: Path) -> None:
     """Prints the figures for the report: latency vs ORT fp32 (interleaved, 2 threads), size, agreement."""
-    import time
 
     import onnxruntime as ort
 
@@ -368,6 +367,7 @@ def test_efficientnet_lite0_int8_tflite_agrees_and_is_faster_than_ort_fp32(tmp_p
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     session_int8 = ort.InferenceSession(str(onnx_int8), options, providers=["CPUExecutionProvider"])
     from converters.tflite import TfliteRunner
+    from edge.bench import interleaved_latency_ms
 
     runner = TfliteRunner(int8.path, threads=2)
     nchw, nhwc = crops[:1], to_channel_last(crops[:1])
@@ -376,14 +376,8 @@ def test_efficientnet_lite0_int8_tflite_agrees_and_is_faster_than_ort_fp32(tmp_p
         "ort_int8": lambda: session_int8.run(None, {"input": nchw}),
         "tflite_int8": lambda: runner([nhwc]),
     }
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for round_index in range(45):  # interleaved so all see the same machine load; 5 warm-up rounds
-        for name, run in candidates.items():
-            start = time.perf_counter()
-            run()
-            if round_index >= 5:
-                times[name].append(time.perf_counter() - start)
-    p50 = {name: float(np.median(values)) * 1e3 for name, values in times.items()}
+    times = interleaved_latency_ms(candidates, rounds=4, block=10)  # all see the same machine load
+    p50 = {name: float(np.median(values)) for name, values in times.items()}
     print(
         f"\nEfficientNet-Lite0 p50 (2 threads): int8 TFLite XNNPACK {p50['tflite_int8']:.1f} ms, "
         f"ORT fp32 {p50['ort_fp32']:.1f} ms, ORT int8 {p50['ort_int8']:.1f} ms -> tflite_int8/ort_fp32 "
