@@ -44,11 +44,14 @@ def distill(
     *,
     augment: bool = True,
     seed: int = 0,
+    keep_zeros: bool = False,
 ) -> DistillResult:
     """Train `student` (in place) to reproduce `teacher` on `samples`; deterministic for a given seed.
 
     `samples` holds input tensors (torch or numpy), each a batch of one or several stacked samples; a
-    multi-input model takes a tuple per entry, in the model's input order.
+    multi-input model takes a tuple per entry, in the model's input order. `keep_zeros` (after
+    unstructured pruning) holds every weight that is exactly zero at the start at zero, so training
+    recovers accuracy with the surviving weights instead of re-densifying the model.
     """
     import torch
 
@@ -77,6 +80,7 @@ def distill(
         _set_train_mode(student)
         # A pruned copy of a frozen teacher inherits requires_grad=False: the whole student learns.
         trainable = [p.requires_grad_(True) for p in student.parameters() if p.is_floating_point()]
+        masks = _zero_masks(trainable) if keep_zeros else []
         optimizer = torch.optim.Adam(trainable, lr=lr)
         warmup = max(1, steps // 20)
 
@@ -97,6 +101,7 @@ def distill(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            _apply_masks(masks)
             scheduler.step()
             value = float(loss.detach())
             losses.append(value)
@@ -104,6 +109,25 @@ def distill(
                 on_step(step, value)
     student.eval()
     return DistillResult(model=student, losses=losses, seconds=time.perf_counter() - started)
+
+
+def _zero_masks(parameters: list[Any]) -> list[tuple[Any, Any]]:
+    """(weight, keep) for every weight matrix/kernel holding zeros: what unstructured pruning removed."""
+    masks = []
+    for parameter in parameters:
+        if parameter.dim() > 1:
+            keep = parameter.detach() != 0
+            if not bool(keep.all()):
+                masks.append((parameter, keep))
+    return masks
+
+
+def _apply_masks(masks: list[tuple[Any, Any]]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for parameter, keep in masks:
+            parameter.mul_(keep)
 
 
 def distillation_loss(student_outputs: list[Any], teacher_outputs: list[Any], temperature: float) -> Any:

@@ -427,7 +427,13 @@ def _distill(
         names = list(feeds[0])
         samples = [feed[names[0]] if len(names) == 1 else tuple(feed[n] for n in names) for feed in feeds]
         result = distill(
-            student, teacher, samples, options.distill_steps, lr=options.distill_lr, on_step=on_step
+            student,
+            teacher,
+            samples,
+            options.distill_steps,
+            lr=options.distill_lr,
+            on_step=on_step,
+            keep_zeros=options.prune > 0 and options.prune_mode == "unstructured",
         )
         if pruning is not None:
             pruning["distillation"] = {
@@ -439,11 +445,10 @@ def _distill(
                 "loss_last": float(result.losses[-1]) if result.losses else None,
             }
             if pruning.get("mode") == "unstructured":
-                # Training moves zeroed weights unless the distiller keeps masks: report what is left.
-                weights = [p.detach() for p in result.model.parameters() if p.dim() > 1]
-                zeros = sum(int((w == 0).sum()) for w in weights)
-                total = sum(w.numel() for w in weights)
-                pruning["sparsity_after_distillation"] = round(zeros / max(total, 1), 4)
+                # The distiller holds pruned weights at zero; measured, not assumed.
+                from converters.prune import weight_sparsity
+
+                pruning["sparsity_after_distillation"] = round(weight_sparsity(result.model), 4)
         return result.model.eval()
 
 

@@ -37,6 +37,7 @@ class PruneResult:
     params_before: int
     params_after: int
     nonzero_params_after: int
+    weight_sparsity: float = 0.0  # zeros among Conv/Linear weights, what unstructured pruning zeroes
     weights_gzip_bytes_before: int = 0
     weights_gzip_bytes_after: int = 0
     kept_layers: list[str] = field(default_factory=list)  # output layers left whole
@@ -48,7 +49,7 @@ class PruneResult:
 
     @property
     def sparsity(self) -> float:
-        return 1.0 - self.nonzero_params_after / self.params_after if self.params_after else 0.0
+        return self.weight_sparsity
 
     @property
     def gzip_ratio(self) -> float:
@@ -175,6 +176,7 @@ def prune_model(
         params_before=params_before,
         params_after=params_after,
         nonzero_params_after=sum(int(p.count_nonzero()) for p in pruned.parameters()),
+        weight_sparsity=weight_sparsity(pruned),
         weights_gzip_bytes_before=gzip_before,
         weights_gzip_bytes_after=weights_gzip_bytes(pruned),
         kept_layers=[name for name, _ in kept],
@@ -404,11 +406,23 @@ def _output_layers(
     return list(kept.items())
 
 
-def _unstructured_l1(model: torch.nn.Module, ratio: float) -> None:
+def weight_sparsity(model: torch.nn.Module) -> float:
+    """Fraction of Conv/Linear weights that are exactly zero (biases and norms, which no pruning here
+    zeroes, are left out so that a bias that happens to be 0 does not count)."""
+    weights = [module.weight for module in _weighted_modules(model)]
+    total = sum(w.numel() for w in weights)
+    return 1.0 - sum(int(w.count_nonzero()) for w in weights) / total if total else 0.0
+
+
+def _weighted_modules(model: torch.nn.Module) -> list[Any]:
     import torch
+
+    return [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
+
+
+def _unstructured_l1(model: torch.nn.Module, ratio: float) -> None:
     from torch.nn.utils import prune
 
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
-            prune.l1_unstructured(module, name="weight", amount=ratio)
-            prune.remove(module, "weight")  # bake the mask in: a plain tensor with zeros
+    for module in _weighted_modules(model):
+        prune.l1_unstructured(module, name="weight", amount=ratio)
+        prune.remove(module, "weight")  # bake the mask in: a plain tensor with zeros

@@ -180,6 +180,22 @@ def test_prune_and_distill_stages(tmp_path: Path, factory: Path, capsys: pytest.
     assert set(metrics["latency_ms"]) == {"fp32", "pruned_fp32", "int8"}
 
 
+def test_unstructured_prune_then_distill_keeps_its_zeros(
+    tmp_path: Path, factory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = write_photo_folder(tmp_path / "photos", 12, size=48)
+    out = tmp_path / "pkg"
+    code = main(
+        [f"{factory}:wide", "--out", str(out), "--calib", str(photos), "--input-shape", "1,3,32,32",
+         "--prune-mode", "unstructured", "--prune", "0.5", "--distill-steps", "5", "--max-drop", "100", "-q"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    pruning = load_package(out).manifest.pruning
+    assert pruning is not None and pruning["mode"] == "unstructured"
+    assert pruning["sparsity_after_distillation"] == pytest.approx(pruning["sparsity"], abs=1e-3)
+    assert pruning["sparsity"] > 0.45
+
+
 @pytest.mark.parametrize("multiple", [8, 16])
 def test_pruned_channel_counts_follow_the_device_profile(
     tmp_path: Path, factory: Path, multiple: int, capsys: pytest.CaptureFixture[str]

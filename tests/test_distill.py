@@ -116,6 +116,31 @@ class TwoHeads(torch.nn.Module):
         return self.dense(features), self.boxes(features.mean(dim=(2, 3)))
 
 
+def test_unstructured_sparsity_survives_distillation_when_zeros_are_kept(digits: dict) -> None:
+    """Training moves every zeroed weight unless the distiller holds them at zero: with keep_zeros the
+    student keeps the pruned sparsity (and the same zero positions) and still gets closer to the teacher."""
+    teacher, x_test = digits["teacher"], digits["x_test"]
+    example = torch.from_numpy(x_test[:1])
+
+    def sparsity(model: torch.nn.Module) -> float:
+        weights = [p.detach() for p in model.parameters() if p.dim() > 1]
+        return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+    pruned = prune_model(teacher, example, 0.7, "unstructured").model
+    zeros_before = {name: p.detach() == 0 for name, p in pruned.named_parameters() if p.dim() > 1}
+    kl_before, _ = _kl_and_agreement(pruned, teacher, x_test)
+    kept = distill(pruned, teacher, [digits["calib"]], steps=60, batch_size=32, keep_zeros=True).model
+    assert sparsity(kept) == pytest.approx(0.7, abs=0.01)
+    for name, p in kept.named_parameters():
+        if name in zeros_before:
+            assert bool((p.detach()[zeros_before[name]] == 0).all()), name
+    assert _kl_and_agreement(kept, teacher, x_test)[0] < kl_before
+
+    redensified = prune_model(teacher, example, 0.7, "unstructured").model
+    distill(redensified, teacher, [digits["calib"]], steps=60, batch_size=32)
+    assert sparsity(redensified) < 0.05  # what keep_zeros prevents
+
+
 def test_multi_output_models_are_distilled_with_mse() -> None:
     torch.manual_seed(0)
     teacher = TwoHeads().eval()

@@ -178,6 +178,7 @@ def test_unstructured_pruning_gives_the_asked_sparsity_and_compresses_but_keeps_
     zeros = sum(int((w == 0).sum()) for w in after)
     total = sum(w.numel() for w in after)
     assert zeros / total == pytest.approx(0.6, abs=0.01)
+    assert result.sparsity == pytest.approx(zeros / total)  # weights only: zero biases do not count
     for weight in after:  # per layer, not global: every layer got its share
         assert float((weight == 0).float().mean()) == pytest.approx(0.6, abs=0.02)
     # permanent: plain parameters, no masks or forward pre-hooks left behind
