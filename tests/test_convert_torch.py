@@ -11,7 +11,7 @@ from converters.cli import main
 from converters.export import ExportError, check_against_torch, export_onnx
 from converters.sources import load_source
 from edge.errors import ConfigError, PackageError
-from edge.package import load_package
+from edge.package import Package, load_package
 from tests.assets_models import write_photo_folder
 
 PROFILES = Path(__file__).resolve().parents[1] / "device_profiles"
@@ -161,15 +161,24 @@ def test_raising_factory_is_one_line(
     assert not out.exists()
 
 
-def test_prune_and_distill_stages(tmp_path: Path, factory: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _convert_on_photos(
+    tmp_path: Path, source: str, *options: str, capsys: pytest.CaptureFixture[str]
+) -> Package:
+    """`edge-convert SOURCE` on 12 generated photos at 32x32; asserts success and loads the package."""
     photos = write_photo_folder(tmp_path / "photos", 12, size=48)
     out = tmp_path / "pkg"
     code = main(
-        [f"{factory}:wide", "--out", str(out), "--calib", str(photos), "--input-shape", "1,3,32,32",
-         "--formats", "onnx", "--prune", "0.5", "--distill-steps", "5", "--distill-lr", "3e-4", "--max-drop", "100", "-q"]
-    )  # fmt: skip
+        [source, "--out", str(out), "--calib", str(photos), "--input-shape", "1,3,32,32", *options, "-q"]
+    )
     assert code == 0, capsys.readouterr().err
-    package = load_package(out)
+    return load_package(out)
+
+
+def test_prune_and_distill_stages(tmp_path: Path, factory: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    package = _convert_on_photos(
+        tmp_path, f"{factory}:wide", "--formats", "onnx", "--prune", "0.5", "--distill-steps", "5",
+        "--distill-lr", "3e-4", "--max-drop", "100", capsys=capsys,
+    )  # fmt: skip
     pruning = package.manifest.pruning
     assert pruning is not None and pruning["mode"] == "structured" and pruning["ratio"] == 0.5
     assert pruning["params_after"] < pruning["params_before"]
@@ -183,14 +192,11 @@ def test_prune_and_distill_stages(tmp_path: Path, factory: Path, capsys: pytest.
 def test_unstructured_prune_then_distill_keeps_its_zeros(
     tmp_path: Path, factory: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    photos = write_photo_folder(tmp_path / "photos", 12, size=48)
-    out = tmp_path / "pkg"
-    code = main(
-        [f"{factory}:wide", "--out", str(out), "--calib", str(photos), "--input-shape", "1,3,32,32",
-         "--prune-mode", "unstructured", "--prune", "0.5", "--distill-steps", "5", "--max-drop", "100", "-q"]
+    package = _convert_on_photos(
+        tmp_path, f"{factory}:wide", "--prune-mode", "unstructured", "--prune", "0.5", "--distill-steps", "5",
+        "--max-drop", "100", capsys=capsys,
     )  # fmt: skip
-    assert code == 0, capsys.readouterr().err
-    pruning = load_package(out).manifest.pruning
+    pruning = package.manifest.pruning
     assert pruning is not None and pruning["mode"] == "unstructured"
     assert pruning["sparsity_after_distillation"] == pytest.approx(pruning["sparsity"], abs=1e-3)
     assert pruning["sparsity"] > 0.45
@@ -210,16 +216,19 @@ def test_pruned_channel_counts_follow_the_device_profile(
     profile["name"] = "wide-vectors"
     profile_path = tmp_path / "wide-vectors.yaml"
     profile_path.write_text(yaml.safe_dump(profile))
-    photos = write_photo_folder(tmp_path / "photos", 12, size=48)
-    out = tmp_path / "pkg"
-    code = main(
-        [f"{factory}:wide", "--out", str(out), "--calib", str(photos), "--input-shape", "1,3,32,32",
-         "--profile", str(profile_path), "--prune", "0.4", "--max-drop", "100", "-q"]
-    )  # fmt: skip
-    assert code == 0, capsys.readouterr().err
-    package = load_package(out)
+    package = _convert_on_photos(
+        tmp_path,
+        f"{factory}:wide",
+        "--profile",
+        str(profile_path),
+        "--prune",
+        "0.4",
+        "--max-drop",
+        "100",
+        capsys=capsys,
+    )
     assert package.manifest.pruning is not None and package.manifest.pruning["channel_multiple"] == multiple
-    graph = onnx.load(str(out / "model.fp32.onnx")).graph
+    graph = onnx.load(str(package.path("model.fp32.onnx"))).graph
     weights = {init.name: list(init.dims) for init in graph.initializer}
     conv_out = [weights[node.input[1]][0] for node in graph.node if node.op_type == "Conv"]
     assert conv_out[:2] == [{8: 40, 16: 48}[multiple]] * 2  # the depthwise conv follows its input
