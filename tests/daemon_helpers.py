@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,16 @@ class Subscriber:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+@contextmanager
+def subscribed(port: int, topic: str, client_id: str = "test-subscriber") -> Iterator[Subscriber]:
+    """A `Subscriber` for the length of the block, closed however the block ends."""
+    sub = Subscriber(port, topic, client_id=client_id)
+    try:
+        yield sub
+    finally:
+        sub.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

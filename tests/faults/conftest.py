@@ -17,6 +17,7 @@ from tests.broker import Mosquitto
 from tests.faults import report
 from tests.faults.counting import CountingSubscriber
 from tests.faults.daemon_proc import PREFIX, DaemonProcess
+from tests.faults.helpers import FaultRig
 
 
 @pytest.fixture
@@ -71,6 +72,14 @@ def daemons(tmp_path: Path) -> Iterator[list[DaemonProcess]]:
     finally:
         for proc in started:
             proc.close()
+
+
+@pytest.fixture
+def rig(
+    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
+) -> FaultRig:
+    """The scenario's directory, broker, counting subscriber and daemons in one object."""
+    return FaultRig(tmp_path, broker, counter, daemons)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

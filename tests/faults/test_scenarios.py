@@ -28,17 +28,16 @@ from typing import Any
 
 import pytest
 
-from tests.broker import Mosquitto
 from tests.faults.counting import CountingSubscriber, ScenarioResult
 from tests.faults.daemon_proc import (
     DEVICE,
     CommandClient,
     DaemonProcess,
-    fault_config,
     outbox_disk_bytes,
     read_outbox,
     rss_bytes,
 )
+from tests.faults.helpers import FaultRig
 from tests.faults.report import record
 
 
@@ -51,17 +50,13 @@ def _wait(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
     return bool(predicate())
 
 
-def _max_seen(counter: CountingSubscriber) -> int:
-    return counter.snapshot(DEVICE).last_seq or 0
-
-
 def _produced(daemon: DaemonProcess) -> int:
     return read_outbox(daemon.outbox_path)["next_seq"] - 1
 
 
-def _recovery_after(counter: CountingSubscriber, seen_before: int, since: float, timeout: float) -> float:
+def _recovery_after(rig: FaultRig, seen_before: int, since: float, timeout: float) -> float:
     """Seconds from `since` until the counter receives a seq above `seen_before` (inf if it never does)."""
-    if _wait(lambda: _max_seen(counter) > seen_before, timeout, 0.01):
+    if _wait(lambda: rig.max_seen() > seen_before, timeout, 0.01):
         return time.monotonic() - since
     return float("inf")
 
@@ -90,12 +85,22 @@ def _result(
     )
 
 
-def _start(daemons: list[DaemonProcess], config: Path, workdir: Path, **kw: Any) -> DaemonProcess:
-    daemon = DaemonProcess(config, workdir, **kw)
-    daemons.append(daemon)
-    daemon.start()
-    daemon.wait_ready()
-    return daemon
+def _result_of_stopped_daemon(
+    rig: FaultRig,
+    daemon: DaemonProcess,
+    name: str,
+    recovery: float | None,
+    note: str,
+    *,
+    dropped: int | None = None,
+) -> ScenarioResult:
+    """The scenario's row once `daemon` has stopped: waits up to 20 s for the counter to see every seq the
+    daemon produced. `dropped` defaults to the outbox's own drop counter."""
+    produced = _produced(daemon)
+    rig.counter.wait_for(DEVICE, produced, 20)
+    if dropped is None:
+        dropped = read_outbox(daemon.outbox_path)["dropped"]
+    return _result(name, rig.counter, produced, dropped, recovery, note)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -103,10 +108,7 @@ def _start(daemons: list[DaemonProcess], config: Path, workdir: Path, **kw: Any)
 
 
 def _broker_outage(
-    tmp_path: Path,
-    broker: Mosquitto,
-    counter: CountingSubscriber,
-    daemons: list[DaemonProcess],
+    rig: FaultRig,
     *,
     sig: int,
     windows: int,
@@ -118,39 +120,37 @@ def _broker_outage(
 ) -> tuple[ScenarioResult, list[int], list[int], int]:
     window = 100
     max_bytes = max_bytes or int(os.environ.get("EDGE_FAULTS_OUTBOX_MAX_BYTES", 16 << 20))
-    config = fault_config(
-        tmp_path,
-        broker.port,
+    config = rig.config(
         windows=windows,
         rate=rate,
         loop=False,
         inflight_window=window,
         max_bytes=max_bytes,
     )
-    daemon = _start(daemons, config, tmp_path)
-    assert _wait(lambda: _max_seen(counter) >= windows // 5, 60), daemon.log_tail()
+    daemon = rig.start(config)
+    assert _wait(lambda: rig.max_seen() >= windows // 5, 60), daemon.log_tail()
     if subscriber_offline_s:
         # The broker now has to queue (and persist) what it acknowledges instead of passing it straight on.
-        counter.stop()
+        rig.counter.stop()
         time.sleep(subscriber_offline_s)
-    broker.stop(sig)
+    rig.broker.stop(sig)
     unacked_at_stop = _settled_pending(daemon.outbox_path)
-    seen_before = _max_seen(counter)
+    seen_before = rig.max_seen()
     time.sleep(outage_s - 0.5)
     restarted = time.monotonic()
-    broker.start()
+    rig.broker.start()
     if subscriber_offline_s:
-        counter.start()
-    recovery = _recovery_after(counter, seen_before, restarted, 60)
+        rig.counter.start()
+    recovery = _recovery_after(rig, seen_before, restarted, 60)
     assert daemon.wait_exit(120) == 0, daemon.log_tail()  # the file ended; it flushed and exited
     state = read_outbox(daemon.outbox_path)
     produced = state["next_seq"] - 1
     assert state["pending"] == [], "the daemon exited with unacknowledged predictions"
-    if not counter.wait_for(DEVICE, produced, 30 if sig == signal.SIGTERM else 0.5):
+    if not rig.counter.wait_for(DEVICE, produced, 30 if sig == signal.SIGTERM else 0.5):
         # After a broker SIGKILL some may be gone for good: wait for the newest, then a short grace.
-        _wait(lambda: _max_seen(counter) >= produced, 30)
+        _wait(lambda: rig.max_seen() >= produced, 30)
         time.sleep(1.0)
-    missing = counter.snapshot(DEVICE).missing(1, produced)
+    missing = rig.counter.snapshot(DEVICE).missing(1, produced)
     name = f"1. broker {signal.Signals(sig).name} {outage_s:g} s{label}"
     note = (
         f"{windows} windows at {rate:.0f}/s; in-flight window {window}; "
@@ -162,7 +162,7 @@ def _broker_outage(
         note += f"; missing seqs {missing[0]}..{missing[-1]}"
         if not set(missing) & set(unacked_at_stop):
             note += ", all acked by the broker before the stop"
-    result = _result(name, counter, produced, state["dropped"], recovery, note)
+    result = _result(name, rig.counter, produced, state["dropped"], recovery, note)
     return result, missing, unacked_at_stop, window
 
 
@@ -197,39 +197,30 @@ def _assert_outage(result: ScenarioResult, missing: list[int], unacked: list[int
     assert result.dropped_counted == 0
 
 
-def test_broker_sigterm_outage_loses_nothing(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
+def test_broker_sigterm_outage_loses_nothing(rig: FaultRig) -> None:
     result, missing, unacked, window = _broker_outage(
-        tmp_path, broker, counter, daemons, sig=signal.SIGTERM, windows=1500, rate=250, outage_s=3
+        rig, sig=signal.SIGTERM, windows=1500, rate=250, outage_s=3
     )
     _assert_outage(result, missing, unacked, window)
     assert missing == [], f"{len(missing)} predictions lost across a clean broker restart"
     assert result.recovery_s is not None and result.recovery_s < 10
 
 
-def test_broker_sigkill_outage_resends_everything_unacked(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
+def test_broker_sigkill_outage_resends_everything_unacked(rig: FaultRig) -> None:
     result, missing, unacked, window = _broker_outage(
-        tmp_path, broker, counter, daemons, sig=signal.SIGKILL, windows=1500, rate=250, outage_s=3
+        rig, sig=signal.SIGKILL, windows=1500, rate=250, outage_s=3
     )
     _assert_outage(result, missing, unacked, window)
     # Only what the broker acknowledged and had not persisted (autosave_interval 1 s) can be lost.
     assert all(seq < min(unacked, default=result.produced + 1) for seq in missing)
 
 
-def test_broker_sigkill_with_subscriber_offline_loses_only_unpersisted_acked(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
+def test_broker_sigkill_with_subscriber_offline_loses_only_unpersisted_acked(rig: FaultRig) -> None:
     """With the subscriber away, the broker holds what it acknowledged; a SIGKILL loses what it had not
     yet saved (autosave_interval 1 s in tests/broker.py). The daemon cannot know: it saw the PUBACKs."""
     rate = 250
     result, missing, unacked, window = _broker_outage(
-        tmp_path,
-        broker,
-        counter,
-        daemons,
+        rig,
         sig=signal.SIGKILL,
         windows=2000,  # the file must outlast the outage, or the daemon exits with a full outbox
         rate=rate,
@@ -246,31 +237,21 @@ def test_broker_sigkill_with_subscriber_offline_loses_only_unpersisted_acked(
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_broker_outage_10k_predictions(
-    tmp_path: Path,
-    broker: Mosquitto,
-    counter: CountingSubscriber,
-    daemons: list[DaemonProcess],
+    rig: FaultRig,
     sig: int,
 ) -> None:
-    result, missing, unacked, window = _broker_outage(
-        tmp_path, broker, counter, daemons, sig=sig, windows=10_000, rate=400, outage_s=5
-    )
+    result, missing, unacked, window = _broker_outage(rig, sig=sig, windows=10_000, rate=400, outage_s=5)
     _assert_outage(result, missing, unacked, window)
     if sig == signal.SIGTERM:
         assert missing == []
 
 
 @pytest.mark.slow
-def test_scenario_1_fails_when_the_outbox_cannot_hold_the_outage(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
+def test_scenario_1_fails_when_the_outbox_cannot_hold_the_outage(rig: FaultRig) -> None:
     """The guarantee check of scenario 1 is not vacuous: with the outbox cut to its 4 KiB minimum the same
     outage loses predictions and the check sees it (and the bound's drop counter counts them)."""
     result, missing, _unacked, _window = _broker_outage(
-        tmp_path,
-        broker,
-        counter,
-        daemons,
+        rig,
         sig=signal.SIGTERM,
         windows=1500,
         rate=250,
@@ -284,33 +265,31 @@ def test_scenario_1_fails_when_the_outbox_cannot_hold_the_outage(
     assert result.dropped_counted >= result.missing  # the loss is at least counted
 
 
-def test_scenario_1_fails_with_the_outbox_disabled(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
+def test_scenario_1_fails_with_the_outbox_disabled(rig: FaultRig) -> None:
     """The guarantee check of scenario 1 is not vacuous: with `outbox: {enabled: false}` the same broker
     stop loses every prediction made while the broker is away, and the counting subscriber sees it."""
     windows, rate, outage_s = 1500, 250, 2.5
-    config = fault_config(tmp_path, broker.port, windows=windows, rate=rate, loop=False, outbox_enabled=False)
-    daemon = _start(daemons, config, tmp_path)
+    config = rig.config(windows=windows, rate=rate, loop=False, outbox_enabled=False)
+    daemon = rig.start(config)
     assert "predictions are not persisted" in daemon.log_tail(20_000)
-    assert _wait(lambda: _max_seen(counter) >= windows // 5, 60), daemon.log_tail()
-    broker.stop(signal.SIGTERM)
-    seen_before = _max_seen(counter)
+    assert _wait(lambda: rig.max_seen() >= windows // 5, 60), daemon.log_tail()
+    rig.broker.stop(signal.SIGTERM)
+    seen_before = rig.max_seen()
     time.sleep(outage_s)
     restarted = time.monotonic()
-    broker.start()
-    recovery = _recovery_after(counter, seen_before, restarted, 60)
+    rig.broker.start()
+    recovery = _recovery_after(rig, seen_before, restarted, 60)
     assert daemon.wait_exit(120) == 0, daemon.log_tail()  # the file ended; it flushed and exited
     summary = re.search(
         r"outbox disabled: (\d+) predictions made, (\d+) lost", daemon.log.read_text(errors="replace")
     )
     assert summary is not None, daemon.log_tail()
     produced, lost = int(summary[1]), int(summary[2])
-    _wait(lambda: _max_seen(counter) >= produced, 10)
-    missing = counter.snapshot(DEVICE).missing(1, produced)
+    _wait(lambda: rig.max_seen() >= produced, 10)
+    missing = rig.counter.snapshot(DEVICE).missing(1, produced)
     result = _result(
         f"1. broker SIGTERM {outage_s:g} s, outbox disabled",
-        counter,
+        rig.counter,
         produced,
         lost,
         recovery,
@@ -328,33 +307,31 @@ def test_scenario_1_fails_with_the_outbox_disabled(
 # 2. the daemon is SIGKILLed at random moments and restarted
 
 
-def _daemon_kills(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess], kills: int
-) -> None:
+def _daemon_kills(rig: FaultRig, kills: int) -> None:
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    config = fault_config(tmp_path, broker.port, windows=2000, rate=200, loop=True)
-    daemon = _start(daemons, config, tmp_path)
+    config = rig.config(windows=2000, rate=200, loop=True)
+    daemon = rig.start(config)
     recoveries = []
     for _ in range(kills):
         time.sleep(rng.uniform(0.2, 1.5))
         daemon.kill()
-        seen_before = _max_seen(counter)
+        seen_before = rig.max_seen()
         restarted = time.monotonic()
         daemon.start()
         daemon.wait_ready()
-        recoveries.append(_recovery_after(counter, seen_before, restarted, 30))
+        recoveries.append(_recovery_after(rig, seen_before, restarted, 30))
     time.sleep(1.0)
     assert daemon.stop() == 0, daemon.log_tail()
     state = read_outbox(daemon.outbox_path)
     produced = state["next_seq"] - 1
     assert state["pending"] == [], "a clean stop left unacknowledged predictions"
-    counter.wait_for(DEVICE, produced, 30)
-    reused = counter.ledger.reused()  # type: ignore[attr-defined]
-    count = counter.snapshot(DEVICE)
+    rig.counter.wait_for(DEVICE, produced, 30)
+    reused = rig.counter.ledger.reused()  # type: ignore[attr-defined]
+    count = rig.counter.snapshot(DEVICE)
     result = _result(
         f"2. daemon SIGKILL x{kills}",
-        counter,
+        rig.counter,
         produced,
         state["dropped"],
         max(recoveries),
@@ -368,17 +345,13 @@ def _daemon_kills(
     assert state["boots"] == kills + 1
 
 
-def test_daemon_sigkilled_3_times_loses_nothing_and_never_reuses_seq(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
-    _daemon_kills(tmp_path, broker, counter, daemons, kills=3)
+def test_daemon_sigkilled_3_times_loses_nothing_and_never_reuses_seq(rig: FaultRig) -> None:
+    _daemon_kills(rig, kills=3)
 
 
 @pytest.mark.slow
-def test_daemon_sigkilled_20_times_loses_nothing_and_never_reuses_seq(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
-    _daemon_kills(tmp_path, broker, counter, daemons, kills=20)
+def test_daemon_sigkilled_20_times_loses_nothing_and_never_reuses_seq(rig: FaultRig) -> None:
+    _daemon_kills(rig, kills=20)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,13 +366,11 @@ WAL_LIMIT_BYTES = 1000 * 4096 + (64 << 10)
 INFLIGHT_WINDOW = 100  # the config default fault_config uses
 
 
-def test_outbox_bound_holds_and_drops_equal_missing_exactly(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
+def test_outbox_bound_holds_and_drops_equal_missing_exactly(rig: FaultRig) -> None:
     max_bytes = 32 << 10
-    config = fault_config(tmp_path, broker.port, windows=2000, rate=250, loop=True, max_bytes=max_bytes)
-    broker.stop()  # the counter's session (and its subscription) is persisted; predictions pile up
-    daemon = _start(daemons, config, tmp_path)
+    config = rig.config(windows=2000, rate=250, loop=True, max_bytes=max_bytes)
+    rig.broker.stop()  # the counter's session (and its subscription) is persisted; predictions pile up
+    daemon = rig.start(config)
     peak = {"db": 0, "-wal": 0, "-shm": 0}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -411,19 +382,19 @@ def test_outbox_bound_holds_and_drops_equal_missing_exactly(
     dropped_while_away = read_outbox(daemon.outbox_path)["dropped"]
     assert dropped_while_away >= 500, daemon.log_tail()
     restarted = time.monotonic()
-    broker.start()
-    recovery = _recovery_after(counter, 0, restarted, 60)
+    rig.broker.start()
+    recovery = _recovery_after(rig, 0, restarted, 60)
     at_restart = _produced(daemon)
-    assert _wait(lambda: _max_seen(counter) >= at_restart, 60), daemon.log_tail()
+    assert _wait(lambda: rig.max_seen() >= at_restart, 60), daemon.log_tail()
     assert daemon.stop() == 0, daemon.log_tail()
     state = read_outbox(daemon.outbox_path)
     produced = state["next_seq"] - 1
-    counter.wait_for(DEVICE, produced, 2)
-    count = counter.snapshot(DEVICE)
+    rig.counter.wait_for(DEVICE, produced, 2)
+    count = rig.counter.snapshot(DEVICE)
     missing = count.missing(1, produced)
     result = _result(
         "3. outbox bound 32 KiB, broker away",
-        counter,
+        rig.counter,
         produced,
         state["dropped"],
         recovery,
@@ -454,17 +425,15 @@ def test_outbox_bound_holds_and_drops_equal_missing_exactly(
 
 
 @pytest.mark.slow
-def test_paused_broker_is_noticed_within_keepalive_and_drained_after(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
+def test_paused_broker_is_noticed_within_keepalive_and_drained_after(rig: FaultRig) -> None:
     keepalive = 5
-    config = fault_config(tmp_path, broker.port, windows=2000, rate=100, loop=True, keepalive=keepalive)
-    daemon = _start(daemons, config, tmp_path)
-    assert _wait(lambda: _max_seen(counter) >= 100, 30), daemon.log_tail()
+    config = rig.config(windows=2000, rate=100, loop=True, keepalive=keepalive)
+    daemon = rig.start(config)
+    assert _wait(lambda: rig.max_seen() >= 100, 30), daemon.log_tail()
     log_before = daemon.log.read_text(errors="replace").count("mqtt disconnected")
     produced_at_pause = _produced(daemon)
     paused = time.monotonic()
-    broker.pause()
+    rig.broker.pause()
     try:
         noticed = _wait(
             lambda: daemon.log.read_text(errors="replace").count("mqtt disconnected") > log_before,
@@ -474,20 +443,17 @@ def test_paused_broker_is_noticed_within_keepalive_and_drained_after(
         noticed_after = time.monotonic() - paused
         produced_in_pause = _produced(daemon) - produced_at_pause
     finally:
-        broker.resume()
+        rig.broker.resume()
     resumed = time.monotonic()
-    seen_before = _max_seen(counter)
-    recovery = _recovery_after(counter, seen_before, resumed, 60)
+    seen_before = rig.max_seen()
+    recovery = _recovery_after(rig, seen_before, resumed, 60)
     target = _produced(daemon)
-    assert _wait(lambda: _max_seen(counter) >= target, 60), daemon.log_tail()
+    assert _wait(lambda: rig.max_seen() >= target, 60), daemon.log_tail()
     assert daemon.stop() == 0, daemon.log_tail()
-    produced = _produced(daemon)
-    counter.wait_for(DEVICE, produced, 20)
-    result = _result(
+    result = _result_of_stopped_daemon(
+        rig,
+        daemon,
         f"4. broker SIGSTOP (keepalive {keepalive} s)",
-        counter,
-        produced,
-        read_outbox(daemon.outbox_path)["dropped"],
         recovery,
         f"disconnect noticed after {noticed_after:.1f} s; {produced_in_pause} predictions made while paused",
     )
@@ -509,20 +475,18 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 
 @pytest.mark.slow
-def test_full_disk_under_the_outbox_keeps_the_daemon_running_and_recovers(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
+def test_full_disk_under_the_outbox_keeps_the_daemon_running_and_recovers(rig: FaultRig) -> None:
     """The outbox's filesystem (a 1 MiB tmpfs) fills while the broker is away. The daemon keeps inferring
     and counts every prediction it cannot store; once the broker is back and its acks free space, it
     stores and delivers new predictions again without a restart, and what is missing is exactly what it
     counted (no seq reused)."""
-    state = tmp_path / "state"
+    state = rig.workdir / "state"
     if not _mount_tmpfs(state, "1m"):
         pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
     try:
-        config = fault_config(tmp_path, broker.port, windows=2000, rate=250, loop=True, max_bytes=64 << 20)
-        broker.stop()  # predictions pile up until the 1 MiB filesystem is full
-        daemon = _start(daemons, config, tmp_path)
+        config = rig.config(windows=2000, rate=250, loop=True, max_bytes=64 << 20)
+        rig.broker.stop()  # predictions pile up until the 1 MiB filesystem is full
+        daemon = rig.start(config)
         ready = time.monotonic()
 
         def logged(text: str) -> bool:
@@ -534,15 +498,15 @@ def test_full_disk_under_the_outbox_keeps_the_daemon_running_and_recovers(
         assert daemon.running, f"the daemon died on a full disk:\n{daemon.log_tail()}"
         assert not logged("storing again"), "space came back while the broker was still away"
         restarted = time.monotonic()
-        broker.start()
-        delivered_after = _recovery_after(counter, 0, restarted, 60)
+        rig.broker.start()
+        delivered_after = _recovery_after(rig, 0, restarted, 60)
         assert delivered_after < 60, "nothing stored before the disk filled was delivered"
         assert _wait(lambda: logged("storing again"), 60), daemon.log_tail()
         storing_after = time.monotonic() - restarted
         # Recovered: predictions made from now on are stored and delivered again.
         target = _produced(daemon) + 250
-        assert _wait(lambda: _max_seen(counter) >= target, 30), daemon.log_tail()
-        commands = CommandClient(broker.port)
+        assert _wait(lambda: rig.max_seen() >= target, 30), daemon.log_tail()
+        commands = CommandClient(rig.broker.port)
         try:
             lost = int(commands.call("stats")["result"]["stats"]["outbox"]["disk_full"])
         finally:
@@ -550,13 +514,13 @@ def test_full_disk_under_the_outbox_keeps_the_daemon_running_and_recovers(
         assert daemon.stop() == 0, daemon.log_tail()
         outbox = read_outbox(daemon.outbox_path)
         produced = outbox["next_seq"] - 1
-        _wait(lambda: _max_seen(counter) >= produced, 10)
-        missing = counter.snapshot(DEVICE).missing(1, produced)
-        reused = counter.ledger.reused()  # type: ignore[attr-defined]
+        _wait(lambda: rig.max_seen() >= produced, 10)
+        missing = rig.counter.snapshot(DEVICE).missing(1, produced)
+        reused = rig.counter.ledger.reused()  # type: ignore[attr-defined]
         runs = _ranges(missing)
         result = _result(
             "5. outbox on a full 1 MiB tmpfs",
-            counter,
+            rig.counter,
             produced,
             lost,
             storing_after,
@@ -570,7 +534,7 @@ def test_full_disk_under_the_outbox_keeps_the_daemon_running_and_recovers(
         assert reused == [], f"seqs reused with different payloads: {reused[:20]}"
         assert result.delivered > lost and daemon.starts == 1
     finally:
-        for proc in daemons:
+        for proc in rig.daemons:
             proc.kill()
         subprocess.run(["umount", "-l", str(state)], capture_output=True, timeout=10)
 
@@ -593,17 +557,15 @@ def _ranges(seqs: list[int]) -> str:
 # 6. a corrupt outbox database at start
 
 
-def test_corrupt_outbox_is_moved_aside_and_a_fresh_one_serves(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
-    config = fault_config(tmp_path, broker.port, windows=2000, rate=100, loop=True)
-    state_dir = tmp_path / "state"
+def test_corrupt_outbox_is_moved_aside_and_a_fresh_one_serves(rig: FaultRig) -> None:
+    config = rig.config(windows=2000, rate=100, loop=True)
+    state_dir = rig.workdir / "state"
     state_dir.mkdir()
     garbage = b"this is not an SQLite database\0" * 512
     (state_dir / "outbox.db").write_bytes(garbage)
     started = time.monotonic()
-    daemon = _start(daemons, config, tmp_path)
-    assert _wait(lambda: _max_seen(counter) >= 20, 30), daemon.log_tail()
+    daemon = rig.start(config)
+    assert _wait(lambda: rig.max_seen() >= 20, 30), daemon.log_tail()
     first_prediction = time.monotonic() - started
     log = daemon.log.read_text(errors="replace")
     assert daemon.stop() == 0, daemon.log_tail()
@@ -613,13 +575,10 @@ def test_corrupt_outbox_is_moved_aside_and_a_fresh_one_serves(
         p for p in state_dir.iterdir() if ".corrupt-" in p.name and not p.name.endswith(("-wal", "-shm"))
     ]
     assert len(aside) == 1 and aside[0].read_bytes() == garbage
-    produced = _produced(daemon)
-    counter.wait_for(DEVICE, produced, 20)
-    result = _result(
+    result = _result_of_stopped_daemon(
+        rig,
+        daemon,
         "6. corrupt outbox at start",
-        counter,
-        produced,
-        read_outbox(daemon.outbox_path)["dropped"],
         first_prediction,
         f"moved aside to {aside[0].name}; recovery = start to 20 predictions delivered",
     )
@@ -630,14 +589,12 @@ def test_corrupt_outbox_is_moved_aside_and_a_fresh_one_serves(
 # 7. the camera's file disappears and comes back
 
 
-def test_vanished_source_reconnects_within_5_s_of_returning(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
+def test_vanished_source_reconnects_within_5_s_of_returning(rig: FaultRig) -> None:
     import shutil
 
     from tests.assets_media import labelled_clip
 
-    camera = tmp_path / "cam.mp4"
+    camera = rig.workdir / "cam.mp4"
     shutil.copy(labelled_clip(fps=10.0, seconds_per_photo=1.0).path, camera)
     source = {
         "type": "video",
@@ -648,31 +605,28 @@ def test_vanished_source_reconnects_within_5_s_of_returning(
         "reconnect_min_s": 0.2,
         "reconnect_max_s": 0.4,
     }
-    config = fault_config(tmp_path, broker.port, windows=0, rate=0, loop=True, source=source)
-    daemon = _start(daemons, config, tmp_path)
-    assert _wait(lambda: _max_seen(counter) >= 10, 30), daemon.log_tail()
+    config = rig.config(windows=0, rate=0, loop=True, source=source)
+    daemon = rig.start(config)
+    assert _wait(lambda: rig.max_seen() >= 10, 30), daemon.log_tail()
     away = camera.with_name("cam.away.mp4")
     camera.rename(away)  # the open capture plays out its pass, then every reopen fails
 
     def stalled() -> bool:
-        before = _max_seen(counter)
+        before = rig.max_seen()
         time.sleep(1.0)
-        return _max_seen(counter) == before
+        return rig.max_seen() == before
 
     assert _wait(stalled, 20, 0), "predictions kept coming without the file"
-    seen_before = _max_seen(counter)
+    seen_before = rig.max_seen()
     away.rename(camera)
     returned = time.monotonic()
-    recovery = _recovery_after(counter, seen_before, returned, 20)
-    assert _wait(lambda: _max_seen(counter) >= seen_before + 10, 20), "the stream did not resume"
+    recovery = _recovery_after(rig, seen_before, returned, 20)
+    assert _wait(lambda: rig.max_seen() >= seen_before + 10, 20), "the stream did not resume"
     assert daemon.stop() == 0, daemon.log_tail()
-    produced = _produced(daemon)
-    counter.wait_for(DEVICE, produced, 20)
-    result = _result(
+    result = _result_of_stopped_daemon(
+        rig,
+        daemon,
         "7. source file gone and back",
-        counter,
-        produced,
-        read_outbox(daemon.outbox_path)["dropped"],
         recovery,
         "recovery = file back to the next prediction delivered (reconnect backoff 0.2-0.4 s)",
     )
@@ -684,11 +638,9 @@ def test_vanished_source_reconnects_within_5_s_of_returning(
 # 8. the watchdog: pings come from the inference loop and stop when the process does
 
 
-def test_watchdog_pings_stop_when_the_daemon_is_frozen(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
-    config = fault_config(tmp_path, broker.port, windows=2000, rate=100, loop=True)
-    daemon = _start(daemons, config, tmp_path, watchdog_usec=400_000)  # a ping every 0.1 s
+def test_watchdog_pings_stop_when_the_daemon_is_frozen(rig: FaultRig) -> None:
+    config = rig.config(windows=2000, rate=100, loop=True)
+    daemon = rig.start(config, watchdog_usec=400_000)  # a ping every 0.1 s
     assert _wait(lambda: len(daemon.notify.lines("WATCHDOG=1")) >= 5, 10), daemon.log_tail()
     daemon.signal(signal.SIGSTOP)
     time.sleep(0.5)  # a ping sent just before the stop may still be on its way to our reader thread
@@ -699,15 +651,13 @@ def test_watchdog_pings_stop_when_the_daemon_is_frozen(
     thawed = time.monotonic()
     back = daemon.notify.wait_for("WATCHDOG=1", 5, after=thawed)
     assert daemon.stop() == 0, daemon.log_tail()
-    produced = _produced(daemon)
-    counter.wait_for(DEVICE, produced, 20)
-    result = _result(
+    result = _result_of_stopped_daemon(
+        rig,
+        daemon,
         "8. watchdog while frozen (SIGSTOP 2 s)",
-        counter,
-        produced,
-        0,
         None if back is None else back - thawed,
         f"{len(during)} pings while frozen; WATCHDOG_USEC 400000; recovery = SIGCONT to the next ping",
+        dropped=0,
     )
     assert during == [], "watchdog pings kept coming from a frozen process"
     assert back is not None, "no watchdog ping after SIGCONT"
@@ -718,14 +668,12 @@ def test_watchdog_pings_stop_when_the_daemon_is_frozen(
 # 9. hot swap under load
 
 
-def _hot_swaps(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess], swaps: int
-) -> int:
+def _hot_swaps(rig: FaultRig, swaps: int) -> int:
     """Reload the configured package `swaps` times over MQTT while predictions flow; returns RSS growth."""
-    config = fault_config(tmp_path, broker.port, windows=2000, rate=200, loop=True)
-    daemon = _start(daemons, config, tmp_path)
+    config = rig.config(windows=2000, rate=200, loop=True)
+    daemon = rig.start(config)
     assert daemon.proc is not None
-    commands = CommandClient(broker.port)
+    commands = CommandClient(rig.broker.port)
     try:
         warm = min(5, swaps)
         failures = []
@@ -742,14 +690,11 @@ def _hot_swaps(
     finally:
         commands.close()
     assert daemon.stop() == 0, daemon.log_tail()
-    produced = _produced(daemon)
-    counter.wait_for(DEVICE, produced, 20)
     growth = rss_end - rss_after_warmup
-    result = _result(
+    result = _result_of_stopped_daemon(
+        rig,
+        daemon,
         f"9. hot swap x{swaps} under load",
-        counter,
-        produced,
-        read_outbox(daemon.outbox_path)["dropped"],
         None,
         f"{swap_s * 1e3:.0f} ms per swap; RSS {rss_after_warmup / 2**20:.1f} MiB after {warm} swaps, "
         f"{rss_end / 2**20:.1f} MiB after {swaps} ({growth / 2**20:+.1f} MiB)",
@@ -759,16 +704,12 @@ def _hot_swaps(
     return growth
 
 
-def test_hot_swap_10_times_under_load_loses_nothing(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
-    _hot_swaps(tmp_path, broker, counter, daemons, swaps=10)
+def test_hot_swap_10_times_under_load_loses_nothing(rig: FaultRig) -> None:
+    _hot_swaps(rig, swaps=10)
 
 
 @pytest.mark.slow
-def test_hot_swap_1000_times_under_load_loses_nothing_and_rss_stays_flat(
-    tmp_path: Path, broker: Mosquitto, counter: CountingSubscriber, daemons: list[DaemonProcess]
-) -> None:
-    growth = _hot_swaps(tmp_path, broker, counter, daemons, swaps=1000)
+def test_hot_swap_1000_times_under_load_loses_nothing_and_rss_stays_flat(rig: FaultRig) -> None:
+    growth = _hot_swaps(rig, swaps=1000)
     # Flat: a leaked ORT session per swap (tens of MiB each for real models) would show long before this.
     assert growth < 64 << 20, f"RSS grew {growth / 2**20:.1f} MiB over 1000 swaps"
