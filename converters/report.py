@@ -16,6 +16,16 @@ if TYPE_CHECKING:
     from converters.pipeline import StageRecord
 
 
+def _save(fig: Any, path: Path, title: str, images: list[tuple[str, str]]) -> None:
+    """Write one figure as a PNG beside the page and list it under `title`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    images.append((title, path.name))
+
+
 def write_report(
     out_dir: Path,
     name: str,
@@ -46,19 +56,13 @@ def write_report(
     ax_size.bar(size_models, [sizes[m] / 1e6 for m in size_models], color="#ee7733")
     ax_size.set_ylabel("file size (MB)")
     ax_size.set_title("Size per model stage")
-    fig.tight_layout()
-    fig.savefig(out_dir / "latency_size.png", dpi=110)
-    plt.close(fig)
-    images.append(("Latency and size", "latency_size.png"))
+    _save(fig, out_dir / "latency_size.png", "Latency and size", images)
 
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(stages) + 1.2))
     ax.barh([s.name for s in stages][::-1], [s.seconds for s in stages][::-1], color="#228833")
     ax.set_xlabel("seconds")
     ax.set_title("Conversion time per stage")
-    fig.tight_layout()
-    fig.savefig(out_dir / "stages.png", dpi=110)
-    plt.close(fig)
-    images.append(("Conversion stages", "stages.png"))
+    _save(fig, out_dir / "stages.png", "Conversion stages", images)
 
     if sensitivity:
         ranked = sorted(sensitivity.items(), key=lambda kv: -kv[1])[:30]
@@ -67,10 +71,7 @@ def write_report(
         ax.barh([n for n, _ in ranked][::-1], [v for _, v in ranked][::-1], color=colors[::-1])
         ax.set_xlabel("SQNR lost in this node (dB); red: kept in float")
         ax.set_title("Per-layer quantization sensitivity")
-        fig.tight_layout()
-        fig.savefig(out_dir / "sensitivity.png", dpi=110)
-        plt.close(fig)
-        images.append(("Per-layer sensitivity", "sensitivity.png"))
+        _save(fig, out_dir / "sensitivity.png", "Per-layer sensitivity", images)
 
     if int8_eval.reference_confidence:
         confidence = np.array(int8_eval.reference_confidence)
@@ -88,10 +89,7 @@ def write_report(
         ax.set_xlabel("fp32 confidence (max softmax)")
         ax.set_ylabel("int8 top-1 agrees with fp32")
         ax.set_title("Agreement by fp32 confidence")
-        fig.tight_layout()
-        fig.savefig(out_dir / "agreement.png", dpi=110)
-        plt.close(fig)
-        images.append(("Agreement with fp32", "agreement.png"))
+        _save(fig, out_dir / "agreement.png", "Agreement with fp32", images)
 
     gate = metrics.get("gate", {})
     lines = [
