@@ -198,6 +198,15 @@ def export(module: Any, example: np.ndarray, path: Path, input_name: str, output
     return path
 
 
+def channel_multiple() -> int:
+    """Pruned channel counts are rounded like `edge-convert` does for this host: its profile's multiple."""
+    try:
+        from edge.profiles import detect_profile
+    except ImportError:
+        return 8
+    return detect_profile().profile.pruning.channel_multiple
+
+
 def quantize(fp32_path: Path, out_path: Path, feeds: list[dict[str, np.ndarray]], work_dir: Path) -> str:
     """Static QDQ with the scheme of this host's detected profile (the latency is measured here), MinMax,
     bias correction; returns which code did it."""
@@ -322,7 +331,12 @@ def efficientnet_part(settings: Settings, work: Path, ratios: tuple[float, ...] 
     for ratio in ratios:
         distill_batches = [torch.from_numpy(distill_x[i : i + 16]) for i in range(0, len(distill_x), 16)]
         pruned = prune_model(
-            teacher, torch.from_numpy(example), ratio, "structured", round_to=8, calibration=distill_batches
+            teacher,
+            torch.from_numpy(example),
+            ratio,
+            "structured",
+            round_to=channel_multiple(),
+            calibration=distill_batches,
         )
         tag = f"p{ratio:g}"
         variants.append(
@@ -344,7 +358,7 @@ def efficientnet_part(settings: Settings, work: Path, ratios: tuple[float, ...] 
             on_step=_progress(f"[effnet] distill {tag}", settings.distill_steps),
         )
         log(
-            f"[effnet] pruned {ratio:g}: MACs x{pruned.macs_ratio:.2f}, params "
+            f"[effnet] pruned {ratio:g} (channels in multiples of {channel_multiple()}): MACs x{pruned.macs_ratio:.2f}, params "
             f"x{pruned.params_after / pruned.params_before:.2f}; distilled {settings.distill_steps} steps in "
             f"{time.perf_counter() - t0:.0f} s, KL {result.losses[0]:.3f} -> {np.mean(result.losses[-5:]):.3f}"
         )
@@ -419,7 +433,7 @@ def digits_part(settings: Settings, work: Path) -> dict[str, Any]:
     rows["fp32"] = {"accuracy": accuracy_of(fp32_path), "macs_ratio": 1.0}
     rows["int8"] = {"accuracy": accuracy_of(work / "digits-int8.onnx"), "macs_ratio": 1.0}
 
-    pruned = prune_model(teacher, torch.from_numpy(example), 0.3, "structured", round_to=8)
+    pruned = prune_model(teacher, torch.from_numpy(example), 0.3, "structured", round_to=channel_multiple())
     raw_path = export(pruned.model, example, work / "digits-p0.3-raw.onnx", digits_cnn.INPUT_NAME, "logits")
     rows["pruned 0.3 fp32 (no distill)"] = {
         "accuracy": accuracy_of(raw_path),
