@@ -93,8 +93,10 @@ class Variant:
     agreement: float = 0.0
     confident_agreement: float = 0.0
     accuracy: float | None = None
-    latency_ms: float = 0.0
-    latency_ratio: float = 1.0
+    latency_ms: float = 0.0  # p50
+    latency_ratio: float = 1.0  # p50 / fp32 p50
+    latency_min_ms: float = 0.0
+    latency_min_ratio: float = 1.0  # fastest run / fp32's fastest: steadier when neighbours come and go
     notes: list[str] = field(default_factory=list)
 
 
@@ -284,9 +286,10 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, floa
     )
 
 
-def interleaved_latency(paths: dict[str, Path], sample: np.ndarray, rounds: int) -> dict[str, float]:
-    """Median ms per model; each round runs every model for a block of 10 runs, in a rotating order, after
-    a pause that lets the previous session's spinning workers sleep (`edge.bench.interleaved_latency_ms`)."""
+def interleaved_latency(paths: dict[str, Path], sample: np.ndarray, rounds: int) -> dict[str, list[float]]:
+    """Milliseconds per run of each model; each round runs every model for a block of 10 runs, in a
+    rotating order, after a pause that lets the previous session's spinning workers sleep
+    (`edge.bench.interleaved_latency_ms`)."""
     from edge.bench import interleaved_latency_ms
 
     sessions = {name: session(path) for name, path in paths.items()}
@@ -295,8 +298,7 @@ def interleaved_latency(paths: dict[str, Path], sample: np.ndarray, rounds: int)
         feed = {sess.get_inputs()[0].name: sample}
         sess.run(None, feed)  # first run allocates and picks kernels
         runners[name] = functools.partial(sess.run, None, feed)
-    timings = interleaved_latency_ms(runners, rounds=rounds, block=10, warmup=2)
-    return {name: float(np.median(values)) for name, values in timings.items()}
+    return interleaved_latency_ms(runners, rounds=rounds, block=10, warmup=2)
 
 
 # ---------------------------------------------------------------------------------------------- part 1
@@ -384,9 +386,12 @@ def efficientnet_part(settings: Settings, work: Path, ratios: tuple[float, ...] 
         outputs = reference if variant is fp32 else run_all(session(variant.onnx_path), eval_x)
         variant.agreement, variant.confident_agreement, confident_count = agreement(reference, outputs)
     latencies = interleaved_latency({v.name: v.onnx_path for v in variants}, example, settings.latency_rounds)
+    fp32_p50, fp32_min = float(np.median(latencies["fp32"])), float(np.min(latencies["fp32"]))
     for variant in variants:
-        variant.latency_ms = latencies[variant.name]
-        variant.latency_ratio = variant.latency_ms / latencies["fp32"]
+        variant.latency_ms = float(np.median(latencies[variant.name]))
+        variant.latency_ratio = variant.latency_ms / fp32_p50
+        variant.latency_min_ms = float(np.min(latencies[variant.name]))
+        variant.latency_min_ratio = variant.latency_min_ms / fp32_min
     return {
         "variants": variants,
         "eval_crops": len(eval_x),
@@ -487,13 +492,15 @@ def write_outputs(out: Path, effnet: dict[str, Any] | None, digits: dict[str, An
             f"## EfficientNet-Lite0, ORT CPU, {THREADS} threads, {effnet['eval_crops']} crops of "
             f"{len(effnet['photos'])} photos ({effnet['confident_crops']} with fp32 confidence >= {CONFIDENT})",
             "",
-            "| variant | MACs | latency ms | x fp32 latency | speed-up | size MB | x fp32 size | top-1 agreement | confident agreement |",
+            "| variant | MACs | latency ms p50 (min) | x fp32 latency p50 (min) | speed-up | size MB | x fp32 size "
+            "| top-1 agreement | confident agreement |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         base_size = variants[0].size_bytes
         for v in variants:
             lines.append(
-                f"| {v.name} | x{v.macs_ratio:.2f} | {v.latency_ms:.2f} | {v.latency_ratio:.2f} | "
+                f"| {v.name} | x{v.macs_ratio:.2f} | {v.latency_ms:.2f} ({v.latency_min_ms:.2f}) | "
+                f"{v.latency_ratio:.2f} ({v.latency_min_ratio:.2f}) | "
                 f"{1 / v.latency_ratio:.2f}x | {v.size_bytes / 1e6:.2f} | {v.size_bytes / base_size:.2f} | "
                 f"{v.agreement:.3f} | {v.confident_agreement:.3f} |"
             )
@@ -566,12 +573,14 @@ def print_summary(effnet: dict[str, Any] | None, digits: dict[str, Any] | None) 
         log(f"EfficientNet-Lite0 ({effnet['eval_crops']} crops, {effnet['confident_crops']} confident):")
         for v in effnet["variants"]:
             log(
-                f"  {v.name:36s} latency {v.latency_ms:7.2f} ms = {v.latency_ratio:.2f}x fp32, size "
+                f"  {v.name:36s} latency {v.latency_ms:7.2f} ms = {v.latency_ratio:.2f}x fp32 "
+                f"(fastest run {v.latency_min_ratio:.2f}x), size "
                 f"{v.size_bytes / 1e6:6.2f} MB, agreement {v.agreement:.3f}, confident {v.confident_agreement:.3f}"
             )
         size_ratio = int8.size_bytes / variants["fp32"].size_bytes
         log(
             f"  int8/fp32 latency ratio   {int8.latency_ratio:.3f}  {verdict('int8_latency_ratio', int8.latency_ratio)}"
+            f"  (fastest runs {int8.latency_min_ratio:.3f})"
         )
         log(f"  int8/fp32 size ratio      {size_ratio:.3f}  {verdict('int8_size_ratio', size_ratio)}")
         log(f"  int8 top-1 agreement      {int8.agreement:.3f}  (no target)")
@@ -583,7 +592,8 @@ def print_summary(effnet: dict[str, Any] | None, digits: dict[str, Any] | None) 
         if p3 is not None:
             log(
                 f"  pruned 0.3 + distill + int8 latency ratio {p3.latency_ratio:.3f}  "
-                f"{verdict('pruned_0.3_int8_latency_ratio', p3.latency_ratio)}; agreement {p3.agreement:.3f}, "
+                f"{verdict('pruned_0.3_int8_latency_ratio', p3.latency_ratio)} (fastest runs "
+                f"{p3.latency_min_ratio:.3f}); agreement {p3.agreement:.3f}, "
                 f"confident {p3.confident_agreement:.3f} (no target; DESIGN 4 measured 0.68 / 0.88)"
             )
     if digits:
