@@ -70,15 +70,20 @@ def test_windower_matches_the_reference_for_any_chunking(
 
 
 def drain(source: SensorSource, limit_s: float = 20) -> list[Frame]:
-    frames: list[Frame] = []
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        frame = source.read(0.5)
-        if frame is not None:
-            frames.append(frame)
-        elif source.finished:
-            return frames
-    raise AssertionError(f"{source.uri}: not finished after {limit_s} s")
+    """Start `source`, read every frame until it finishes, stop it whatever happens."""
+    source.start()
+    try:
+        frames: list[Frame] = []
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            frame = source.read(0.5)
+            if frame is not None:
+                frames.append(frame)
+            elif source.finished:
+                return frames
+        raise AssertionError(f"{source.uri}: not finished after {limit_s} s")
+    finally:
+        source.stop()
 
 
 @fuzz_settings(40, costly=True)
@@ -93,11 +98,7 @@ def test_raw_file_of_any_bytes(layout: tuple[str, int, int, int], raw: bytes) ->
         )
         source = open_source(config)
         assert isinstance(source, SensorSource)
-        source.start()
-        try:
-            frames = drain(source)
-        finally:
-            source.stop()
+        frames = drain(source)
     expected = reference_windows(raw, sample_format, channels, window, hop)
     assert source.stats["frames_in"] == len(expected) and source.stats["frames_dropped"] == 0
     assert [frame.index for frame in frames] == list(range(len(expected)))
@@ -151,11 +152,7 @@ def test_damaged_wav_header(
             assert_clear_error(exc, str(path))
             return
         assert isinstance(source, SensorSource)
-        source.start()
-        try:
-            frames = drain(source)
-        finally:
-            source.stop()
+        frames = drain(source)
     assert source.finished
     assert all(frame.data.shape == (8, source.channels) for frame in frames)
     if source.last_error is not None:
