@@ -8,6 +8,7 @@ property to N examples (the costly ones to a tenth of it) for a long run; `EDGE_
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import time
@@ -69,3 +70,15 @@ def assert_clear_error(exc: BaseException, *must_name: str) -> str:
     for name in must_name:
         assert name in message, f"error does not name {name!r}: {message!r}"
     return message
+
+
+def with_field(document: Any, dotted: str, value: Any) -> Any:
+    """A deep copy of `document` with the field at `dotted` ("sources.0.fps": list indices as numbers)
+    set to `value`."""
+    copied = copy.deepcopy(document)
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in dotted.split(".")]
+    target = copied
+    for part in parts[:-1]:
+        target = target[part]
+    target[parts[-1]] = value
+    return copied

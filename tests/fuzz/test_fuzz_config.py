@@ -24,7 +24,7 @@ from edge import cli
 from edge.config import DaemonConfig, load_config
 from edge.errors import ConfigError
 from tests.fuzz.strategies import NASTY_VALUES, YAML_SHARDS, damaged_bytes, mutated
-from tests.fuzz.support import TEST_TIMEOUT_S, assert_clear_error, fuzz_settings, no_hang
+from tests.fuzz.support import TEST_TIMEOUT_S, assert_clear_error, fuzz_settings, no_hang, with_field
 
 pytestmark = pytest.mark.timeout(TEST_TIMEOUT_S)
 
@@ -198,16 +198,10 @@ def test_path_fields(field: tuple[Any, ...], value: str) -> None:
     NASTY_VALUES,
 )
 def test_a_wrong_value_is_named_by_its_field(field: str, value: Any) -> None:
-    document: Any = copy.deepcopy(VALID)
-    parts = [int(p) if p.isdigit() else p for p in field.split(".")]
-    target = document
-    for part in parts[:-1]:
-        target = target[part]
-    target[parts[-1]] = value
-    result = check_load(yaml.safe_dump(document).encode())
+    result = check_load(yaml.safe_dump(with_field(VALID, field, value)).encode())
     if isinstance(result, str):
         # pydantic names a discriminated source as sources.0.video.fps
-        top = parts[0]
+        top = field.split(".")[0]
         assert re.match(rf"^:\d+: {top}[.:]", result), result
 
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from edge.errors import PackageError
 from edge.package import MANIFEST, Package, extract_archive, load_package, parse_manifest
 from tests.fuzz.strategies import NASTY_VALUES, damaged_bytes, mutated
-from tests.fuzz.support import TEST_TIMEOUT_S, assert_clear_error, fuzz_settings, no_hang
+from tests.fuzz.support import TEST_TIMEOUT_S, assert_clear_error, fuzz_settings, no_hang, with_field
 
 pytestmark = pytest.mark.timeout(TEST_TIMEOUT_S)
 
@@ -147,12 +147,7 @@ def test_mutated_manifest(data: st.DataObject) -> None:
 @example("labels", "a" * 5000).via("regression: OSError (file name too long) from Path.is_file")
 @example("artifacts.0.path", "link.onnx").via("a symlink out of the package is refused")
 def test_hostile_paths_never_leave_the_package(field: str, path: str) -> None:
-    document: Any = copy.deepcopy(VALID)
-    parts = [int(p) if p.isdigit() else p for p in field.split(".")]
-    target = document
-    for part in parts[:-1]:
-        target = target[part]
-    target[parts[-1]] = path
+    document = with_field(VALID, field, path)
     result = check_package(json.dumps(document).encode("utf-8", "surrogatepass"))
     if path in ("../outside/secret.onnx", "/etc/passwd", "link.onnx", "a/../../outside/secret.onnx"):
         assert isinstance(result, str), f"{path!r} was accepted"
