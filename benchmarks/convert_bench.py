@@ -330,6 +330,7 @@ def efficientnet_part(settings: Settings, work: Path, ratios: tuple[float, ...] 
     variants.append(Variant("int8", work / "int8.onnx", precision="int8"))
     log(f"[effnet] exported fp32 and quantized int8 with {quantizer} ({time.perf_counter() - started:.0f} s)")
 
+    multiple = channel_multiple()
     for ratio in ratios:
         distill_batches = [torch.from_numpy(distill_x[i : i + 16]) for i in range(0, len(distill_x), 16)]
         pruned = prune_model(
@@ -337,7 +338,7 @@ def efficientnet_part(settings: Settings, work: Path, ratios: tuple[float, ...] 
             torch.from_numpy(example),
             ratio,
             "structured",
-            round_to=channel_multiple(),
+            round_to=multiple,
             calibration=distill_batches,
         )
         tag = f"p{ratio:g}"
@@ -360,7 +361,7 @@ def efficientnet_part(settings: Settings, work: Path, ratios: tuple[float, ...] 
             on_step=_progress(f"[effnet] distill {tag}", settings.distill_steps),
         )
         log(
-            f"[effnet] pruned {ratio:g} (channels in multiples of {channel_multiple()}): MACs x{pruned.macs_ratio:.2f}, params "
+            f"[effnet] pruned {ratio:g} (channels in multiples of {multiple}): MACs x{pruned.macs_ratio:.2f}, params "
             f"x{pruned.params_after / pruned.params_before:.2f}; distilled {settings.distill_steps} steps in "
             f"{time.perf_counter() - t0:.0f} s, KL {result.losses[0]:.3f} -> {np.mean(result.losses[-5:]):.3f}"
         )

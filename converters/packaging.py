@@ -6,10 +6,10 @@ an existing package at the destination is replaced only at the very end.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,7 @@ def measure_latency_ms(
         sess.run(None, feed)
     block = 5
     samples = interleaved_latency_ms(
-        {key: _runner(sess, feed) for key, sess in sessions.items()},
+        {key: functools.partial(sess.run, None, feed) for key, sess in sessions.items()},
         rounds=max(1, runs // block),
         budget_s=budget_s,
         block=block,
@@ -89,10 +89,6 @@ def measure_latency_ms(
         key: {"p50": round(float(np.median(v)), 3), "p90": round(float(np.percentile(v, 90)), 3)}
         for key, v in samples.items()
     }
-
-
-def _runner(sess: Any, feed: dict[str, np.ndarray]) -> Callable[[], object]:
-    return lambda: sess.run(None, feed)
 
 
 def golden_tolerance(

@@ -426,6 +426,7 @@ def _distill(
 
         names = list(feeds[0])
         samples = [feed[names[0]] if len(names) == 1 else tuple(feed[n] for n in names) for feed in feeds]
+        unstructured = pruning is not None and pruning.get("mode") == "unstructured"
         result = distill(
             student,
             teacher,
@@ -433,7 +434,7 @@ def _distill(
             options.distill_steps,
             lr=options.distill_lr,
             on_step=on_step,
-            keep_zeros=options.prune > 0 and options.prune_mode == "unstructured",
+            keep_zeros=unstructured,
         )
         if pruning is not None:
             pruning["distillation"] = {
@@ -444,7 +445,7 @@ def _distill(
                 "loss_first": float(result.losses[0]) if result.losses else None,
                 "loss_last": float(result.losses[-1]) if result.losses else None,
             }
-            if pruning.get("mode") == "unstructured":
+            if unstructured:
                 # The distiller holds pruned weights at zero; measured, not assumed.
                 from converters.prune import weight_sparsity
 

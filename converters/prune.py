@@ -37,7 +37,7 @@ class PruneResult:
     params_before: int
     params_after: int
     nonzero_params_after: int
-    weight_sparsity: float = 0.0  # zeros among Conv/Linear weights, what unstructured pruning zeroes
+    sparsity: float = 0.0  # zeros among Conv/Linear weights (`weight_sparsity`)
     weights_gzip_bytes_before: int = 0
     weights_gzip_bytes_after: int = 0
     kept_layers: list[str] = field(default_factory=list)  # output layers left whole
@@ -46,10 +46,6 @@ class PruneResult:
     @property
     def macs_ratio(self) -> float:
         return self.macs_after / self.macs_before if self.macs_before else 1.0
-
-    @property
-    def sparsity(self) -> float:
-        return self.weight_sparsity
 
     @property
     def gzip_ratio(self) -> float:
@@ -176,7 +172,7 @@ def prune_model(
         params_before=params_before,
         params_after=params_after,
         nonzero_params_after=sum(int(p.count_nonzero()) for p in pruned.parameters()),
-        weight_sparsity=weight_sparsity(pruned),
+        sparsity=weight_sparsity(pruned),
         weights_gzip_bytes_before=gzip_before,
         weights_gzip_bytes_after=weights_gzip_bytes(pruned),
         kept_layers=[name for name, _ in kept],

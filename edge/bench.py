@@ -12,6 +12,7 @@ process's peak RSS are measured in a fresh subprocess per subject.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -206,8 +207,8 @@ def run_bench(
     for _ in range(warmup):
         for subject in subjects:
             subject.model.run(subject.feeds)
-    runners = {str(index): _runner(subject) for index, subject in enumerate(subjects)}
-    measured = interleaved_latency_ms(runners, budget_s=seconds, block=10, warmup=2)
+    runners = {str(i): functools.partial(s.model.run, s.feeds) for i, s in enumerate(subjects)}
+    measured = interleaved_latency_ms(runners, budget_s=seconds)
     for index, subject in enumerate(subjects):
         subject.latencies = measured[str(index)]
 
@@ -254,10 +255,6 @@ def run_bench(
                 b["cold"]["cold_start_ms"] / a["cold"]["cold_start_ms"], 4
             )
     return report
-
-
-def _runner(subject: Subject) -> Callable[[], object]:
-    return lambda: subject.model.run(subject.feeds)
 
 
 def render(report: dict[str, Any]) -> str:
