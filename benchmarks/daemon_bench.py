@@ -51,17 +51,19 @@ def decode_frames(clip: Path, limit: int) -> list[np.ndarray]:
 
 
 def bare_loop(package_dir: Path, profile_name: str, frames: list[np.ndarray]) -> dict[str, float]:
-    from edge.daemon import open_session
     from edge.package import load_package
     from edge.profiles import resolve_profile
+    from edge.session import open_session
 
     profile = resolve_profile(profile_name).profile
     session = open_session(load_package(package_dir), profile, backend=None, threads=None)
     try:
-        tensors = [session.preprocess(f)[0] for f in frames]
+        assert session.image_pre is not None, "the daemon benchmark serves an image model"
+        name = session.input_specs[0].name
+        tensors = [session.image_pre(f)[0] for f in frames]
         started = time.perf_counter()
         for tensor in tensors:
-            session.loaded.backend.run({session.input_name: tensor})
+            session.loaded.run({name: tensor})
         backend_only = len(tensors) / (time.perf_counter() - started)
         started = time.perf_counter()
         for frame in frames:
@@ -96,7 +98,7 @@ def daemon_full_speed(config: Any, seconds: float) -> dict[str, float]:
     """Predictions per second of a running daemon whose looping file source is read as fast as it goes."""
     from edge.daemon import Daemon
 
-    daemon = Daemon(config)
+    daemon = Daemon.from_config(config)
     daemon.start()
     runner = threading.Thread(target=daemon.run, daemon=True)
     runner.start()

@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge.errors import ConfigError
-from edge.publish.mqtt import MqttConfig
+from edge.publish.mqtt import PASSWORD_FILE_ENV, MqttConfig, check_device_id, read_password
 from edge.sources.config import SourceConfig
 from edge.trust import check_secret_file
-
-ENV_PASSWORD = "EDGE_MQTT_PASSWORD"
-ENV_PASSWORD_FILE = "EDGE_MQTT_PASSWORD_FILE"
-# device_id becomes an MQTT topic level: no wildcards, separators or control characters.
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 class _Strict(BaseModel):
@@ -72,9 +66,7 @@ class DaemonConfig(_Strict):
     @field_validator("device_id")
     @classmethod
     def _device_id_is_topic_safe(cls, value: str) -> str:
-        if not _DEVICE_ID.fullmatch(value):  # `match` with `$` would let a trailing newline through
-            raise ValueError("must be 1-128 of A-Z a-z 0-9 . _ : - (it becomes an MQTT topic level)")
-        return value
+        return check_device_id(value)
 
     @model_validator(mode="after")
     def _one_source_key(self) -> DaemonConfig:
@@ -111,23 +103,6 @@ def _resolved_path(config_path: Path, field: str, path: Path) -> Path:
         raise ConfigError(f"{config_path}: {field}: cannot expand '{text}': {exc}") from exc
 
 
-def read_password(config: DaemonConfig, environ: dict[str, str] | None = None) -> str | None:
-    """The MQTT password: from mqtt.password_file (EDGE_MQTT_PASSWORD_FILE overrides it), else from
-    EDGE_MQTT_PASSWORD. A file other users can read is refused."""
-    env = os.environ if environ is None else environ
-    file_value = env.get(ENV_PASSWORD_FILE) or config.mqtt.password_file
-    if not file_value:
-        return env.get(ENV_PASSWORD) or None
-    path = Path(file_value)
-    check_secret_file(path, "mqtt.password_file")
-    try:
-        return path.read_text(encoding="utf-8").strip("\r\n")
-    except OSError as exc:
-        raise ConfigError(f"mqtt.password_file: '{path}': cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"mqtt.password_file: '{path}': not UTF-8 text") from exc
-
-
 def load_config(path: str | Path, environ: dict[str, str] | None = None) -> DaemonConfig:
     """Parse and validate a config file; relative paths are resolved against the file's directory."""
     from edge import yamlio
@@ -147,7 +122,7 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Daem
     env = os.environ if environ is None else environ
     mqtt_updates: dict[str, Any] = {}
     # The publisher reads the file itself; the environment may point it elsewhere (a systemd credential).
-    password_file = env.get(ENV_PASSWORD_FILE) or config.mqtt.password_file
+    password_file = env.get(PASSWORD_FILE_ENV) or config.mqtt.password_file
     if password_file:
         mqtt_updates["password_file"] = _resolved_path(path, "mqtt.password_file", Path(password_file))
     tls = config.mqtt.tls
@@ -162,7 +137,7 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Daem
         updates["mqtt"] = config.mqtt.model_copy(update=mqtt_updates)
     config = config.model_copy(update=updates)
     try:  # fail now, not at connect; the message names the config file as well as the secret's
-        read_password(config, {k: v for k, v in env.items() if k != ENV_PASSWORD_FILE})
+        read_password(config.mqtt, {k: v for k, v in env.items() if k != PASSWORD_FILE_ENV})
         if config.mqtt.tls is not None and config.mqtt.tls.key_file is not None:
             check_secret_file(config.mqtt.tls.key_file, "mqtt.tls.key_file")
     except ConfigError as exc:

@@ -1,4 +1,4 @@
-"""`edge-infer run --config FILE`: sources -> pre -> backend -> post -> outbox -> MQTT (DESIGN.md 3).
+"""`edge-infer run --config FILE`: sources -> pre -> backend -> post -> outbox -> MQTT.
 
 Threads, each with one job:
 - a capture thread inside every Source keeps only its newest frame;
@@ -9,6 +9,10 @@ Threads, each with one job:
   lands between two inferences and a prediction is never served by a half-loaded model;
 - the Publisher drains the outbox to MQTT and acks on PUBACK.
 Signal handlers only set an event; the main thread does the orderly stop.
+
+`Daemon.from_config(config)` builds the parts (profile, trust policy, sources, outbox, publisher);
+`Daemon(...)` receives them typed by the Protocols below, so a test can run the worker with a memory
+outbox and a publisher that sends nothing.
 """
 
 from __future__ import annotations
@@ -22,15 +26,20 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Protocol
 
-import numpy as np
-
-from edge.config import DaemonConfig, load_config
-from edge.errors import BackendError, ConfigError, EdgeError, PackageError
+from edge.config import DaemonConfig, MetricsConfig, load_config
+from edge.errors import ConfigError, EdgeError, PackageError
 from edge.health import Metrics, Notifier, StatsSnapshot
+from edge.jsontypes import JSONObject, JSONValue
+from edge.package import Package
+from edge.profiles import DeviceProfile
+from edge.publish.commands import CommandHandler
+from edge.session import ModelSession, open_session
+from edge.sources import Frame, Source
 from edge.trust import TrustPolicy, check_model_path
 
 log = logging.getLogger(__name__)
@@ -56,12 +65,12 @@ class FrameQueue:
     for lossless sources (files read at their reader's pace), whose put waits for room instead."""
 
     def __init__(self, maxsize: int):
-        self._items: collections.deque[Any] = collections.deque()
+        self._items: collections.deque[Frame] = collections.deque()
         self._maxsize = maxsize
         self._cond = threading.Condition()
         self.dropped: dict[str, int] = collections.defaultdict(int)
 
-    def put(self, frame: Any, wait_for_room: bool = False, stop: threading.Event | None = None) -> None:
+    def put(self, frame: Frame, wait_for_room: bool = False, stop: threading.Event | None = None) -> None:
         with self._cond:
             while wait_for_room and len(self._items) >= self._maxsize and not (stop and stop.is_set()):
                 self._cond.wait(0.2)
@@ -71,7 +80,7 @@ class FrameQueue:
             self._items.append(frame)
             self._cond.notify_all()
 
-    def get(self, timeout: float) -> Any | None:
+    def get(self, timeout: float) -> Frame | None:
         with self._cond:
             if not self._items:
                 self._cond.wait(timeout)
@@ -95,162 +104,78 @@ class FrameQueue:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A model ready to serve
-
-
-class SensorPreprocessor:
-    """(window, channels) float32 windows -> the model's input tensor (same element count, batch of one)."""
-
-    def __init__(self, spec: Any):
-        self.spec = spec
-        self.shape = [int(d) if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
-        self.dtype = np.dtype(spec.dtype)
-
-    def __call__(self, data: np.ndarray) -> tuple[np.ndarray, None]:
-        layout = self.spec.layout
-        if layout in ("NCT",) and data.ndim == 2:
-            data = data.T
-        if int(np.prod(self.shape)) != data.size:
-            raise ValueError(
-                f"a window of shape {data.shape} does not fit input '{self.spec.name}' {self.spec.shape}"
-            )
-        return np.ascontiguousarray(data.reshape(self.shape).astype(self.dtype, copy=False)), None
-
-
-@dataclass
-class ModelSession:
-    """A loaded, verified, self-checked package with its pre- and post-processing."""
-
-    package: Any
-    loaded: Any
-    postprocess: Any
-    image_pre: Any | None
-    sensor_pre: Any | None
-    input_name: str
-    artifact_sha256: str
-    golden: dict[str, Any] | None = None
-    loaded_at: float = field(default_factory=time.time)
-
-    @property
-    def info(self) -> dict[str, str]:
-        manifest = self.package.manifest
-        return {"name": manifest.name, "version": manifest.version, "sha256": self.artifact_sha256}
-
-    @property
-    def backend_name(self) -> str:
-        return str(self.loaded.backend.name)
-
-    @property
-    def provider(self) -> str:
-        return str(self.loaded.provider)
-
-    def preprocess(self, data: np.ndarray) -> tuple[np.ndarray, Any]:
-        if data.dtype == np.uint8 and data.ndim in (2, 3) and self.image_pre is not None:
-            return self.image_pre(data)
-        if self.sensor_pre is None:
-            raise ValueError(f"frame of shape {data.shape} does not fit the model's input")
-        return self.sensor_pre(data)
-
-    def infer(self, data: np.ndarray) -> tuple[dict[str, Any], dict[str, float]]:
-        """One frame through the whole model; returns the payload's `result` and the stage timings."""
-        t0 = time.perf_counter()
-        tensor, geometry = self.preprocess(data)
-        t1 = time.perf_counter()
-        outputs = self.loaded.backend.run({self.input_name: tensor})
-        t2 = time.perf_counter()
-        result = self.postprocess(outputs, geometry)
-        t3 = time.perf_counter()
-        return result, {
-            "preprocess": (t1 - t0) * 1e3,
-            "inference": (t2 - t1) * 1e3,
-            "postprocess": (t3 - t2) * 1e3,
-        }
-
-    def close(self) -> None:
-        try:
-            self.loaded.backend.close()
-        except Exception:  # closing must never take the daemon down
-            log.exception("closing model %s", self.info)
-
-
-def _golden_dict(report: Any) -> dict[str, Any] | None:
-    if report is None:
-        return None
-    if hasattr(report, "to_dict"):
-        return dict(report.to_dict())
-    return {"passed": bool(getattr(report, "passed", False))}
-
-
-def open_session(
-    package: Any,
-    profile: Any,
-    *,
-    backend: str | None,
-    threads: int | None,
-    on_event: Any = None,
-) -> ModelSession:
-    """Load a verified package, golden-check and warm it up. Raises EdgeError subclasses."""
-    from edge.backends import load_model
-    from edge.processing.postprocess import make_postprocessor
-    from edge.processing.preprocess import ImagePreprocessor
-
-    loaded = load_model(package, profile, backend=backend, threads=threads, on_event=on_event)
-    try:
-        # load_model only returns a backend whose golden run passed; None means the package has none.
-        report = loaded.golden
-        if report is not None and not report.passed:
-            raise BackendError(f"{package.root}: {report.summary()}")
-        if report is None:
-            log.warning("package %s has no golden data: served without a self-check", package.root)
-        # The manifest's spec carries resize/colour/mean/std; the backend's own view of its inputs
-        # only knows names, shapes and dtypes.
-        spec = loaded.input_specs[0]
-        image_pre = None
-        if len(spec.shape) == 4 and (spec.layout or "NCHW") in ("NCHW", "NHWC"):
-            image_pre = ImagePreprocessor.from_spec(spec)
-        sensor_pre = None if image_pre is not None else SensorPreprocessor(spec)
-        session = ModelSession(
-            package=package,
-            loaded=loaded,
-            postprocess=make_postprocessor(package.manifest, package.labels()),
-            image_pre=image_pre,
-            sensor_pre=sensor_pre,
-            input_name=spec.name,
-            artifact_sha256=loaded.artifact.sha256,
-            golden=_golden_dict(report),
-        )
-        # Warm-up: the first run allocates arenas and picks kernels; do it before READY, not on a frame.
-        if image_pre is not None:
-            session.infer(np.zeros((image_pre.height, image_pre.width, 3), np.uint8))
-        elif sensor_pre is not None:
-            loaded.backend.run({spec.name: np.zeros(sensor_pre.shape, sensor_pre.dtype)})
-        return session
-    except BaseException:
-        loaded.backend.close()
-        raise
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The daemon
+
+
+class PredictionOutbox(Protocol):
+    """Where the worker stores predictions before MQTT has them: the SQLite `Outbox` or `MemoryOutbox`."""
+
+    disk_full: int
+
+    @property
+    def depth(self) -> int: ...
+
+    @property
+    def dropped(self) -> int: ...
+
+    def add(self, payload: JSONObject, topic: str | None = None, qos: int | None = None) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class PredictionPublisher(Protocol):
+    """What the daemon needs from the MQTT side (`edge.publish.mqtt.Publisher`)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def stats(self) -> Mapping[str, object]: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, flush_timeout: float = 5.0) -> None: ...
+
+    def notify(self) -> None: ...
+
+    def set_status(self, status: JSONObject) -> None: ...
+
+    def publish_event(self, name: str, data: JSONObject | None = None) -> None: ...
+
+
+def _count(stats: Mapping[str, object], key: str) -> int:
+    value = stats.get(key, 0)
+    return int(value) if isinstance(value, int | float) else 0
 
 
 class Daemon:
     """Owns every thread. `start()` loads, connects and starts; `run()` blocks until a stop or the end of
     every file source, then stops in order; `request_stop()` may be called from anywhere (signals too)."""
 
-    def __init__(self, config: DaemonConfig, *, notifier: Notifier | None = None):
+    def __init__(
+        self,
+        config: DaemonConfig,
+        *,
+        profile: DeviceProfile,
+        trust: TrustPolicy,
+        sources: list[Source],
+        outbox: PredictionOutbox,
+        publisher: PredictionPublisher,
+        metrics: MetricsConfig | None = None,
+        notifier: Notifier | None = None,
+    ):
         self.config = config
+        self.profile = profile
+        self.trust = trust
+        self.sources = sources
+        self.outbox = outbox
+        self.publisher = publisher
         self.notifier = notifier or Notifier()
+        self.metrics_config = metrics
+        self.metrics: Metrics | None = None
         self.stop_event = threading.Event()
         self.sources_done = threading.Event()
         self.queue = FrameQueue(config.frame_queue)
-        self.sources: list[Any] = []
-        self.metrics: Metrics | None = None
-        self.outbox: Any = None
-        self.publisher: Any = None
-        self.profile: Any = None
-        self.trusted_keys: list[bytes] | None = None
-        self.trust: TrustPolicy | None = None
         self.active: ModelSession | None = None
         self.previous: ModelSession | None = None
         self._swap_lock = threading.Lock()  # one reload at a time; the worker never takes it
@@ -267,23 +192,57 @@ class Daemon:
         self.boot_id = str(uuid.uuid4())
         self._last_reconnects: dict[str, int] = {}
 
-    # -- lifecycle -----------------------------------------------------------------------------------------
-
-    def start(self) -> None:
+    @classmethod
+    def from_config(cls, config: DaemonConfig, *, notifier: Notifier | None = None) -> Daemon:
+        """The real parts for a config: the device profile, the trust policy (its state lives beside the
+        outbox), every source (opened, not started), the outbox and the MQTT publisher."""
         from edge.profiles import resolve_profile
+        from edge.publish.mqtt import Publisher
         from edge.publish.outbox import MemoryOutbox, Outbox
         from edge.signing import load_public_key
         from edge.sources import open_source
 
-        config = self.config
+        profile = resolve_profile(config.profile).profile
+        trusted_keys = [load_public_key(key) for key in config.trusted_keys]
+        trust = TrustPolicy(trusted_keys, config.outbox.path.parent)
+        sources = [open_source(source_config) for source_config in config.all_sources]
+        outbox: Outbox | MemoryOutbox
+        if config.outbox.enabled:
+            outbox = Outbox(config.outbox.path, config.outbox.max_bytes, config.outbox.reserve_bytes)
+        else:
+            outbox = MemoryOutbox(config.outbox.max_bytes)  # logs that predictions can be lost
+        handlers: dict[str, CommandHandler] = {}  # filled below: the handlers are the daemon's methods
+        publisher = Publisher(config.mqtt, config.device_id, outbox, handlers)
+        if isinstance(outbox, MemoryOutbox):
+            outbox.is_connected = lambda: publisher.connected
+        daemon = cls(
+            config,
+            profile=profile,
+            trust=trust,
+            sources=sources,
+            outbox=outbox,
+            publisher=publisher,
+            metrics=config.metrics,
+            notifier=notifier,
+        )
+        handlers.update(daemon.command_handlers())
+        return daemon
+
+    def command_handlers(self) -> dict[str, CommandHandler]:
+        """`cmd/{name}` -> handler; each takes the command's JSON arguments and returns the reply body."""
+        return {
+            "reload": lambda args: self.reload(args.get("path")),
+            "selfcheck": lambda args: self.selfcheck(),
+            "stats": lambda args: {"stats": self.stats()},
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
         self.notifier.status("loading model")
-        self.profile = resolve_profile(config.profile).profile
-        self.trusted_keys = [load_public_key(key) for key in config.trusted_keys] or None
-        self.trust = self._make_trust_policy()
-        package = self._load_verified(config.model, None)
+        package = self._load_verified(self.config.model, None)
         self.active = self._open_session(package)
-        if self.trust is not None:
-            self.trust.accept(package)
+        self.trust.accept(package)
         log.info(
             "model %s %s on %s/%s",
             self.active.info["name"],
@@ -291,22 +250,12 @@ class Daemon:
             self.active.backend_name,
             self.active.provider,
         )
-        if config.outbox.enabled:
-            self.outbox = Outbox(config.outbox.path, config.outbox.max_bytes, config.outbox.reserve_bytes)
-        else:
-            self.outbox = MemoryOutbox(config.outbox.max_bytes)  # logs that predictions can be lost
-        self.publisher = self._make_publisher()
-        if isinstance(self.outbox, MemoryOutbox):
-            self.outbox.is_connected = lambda: self.publisher.connected
         self.publisher.set_status(self._status("online"))
         self.publisher.start()
-        if config.metrics is not None and config.metrics.port is not None:
+        if self.metrics_config is not None and self.metrics_config.port is not None:
             self.metrics = Metrics(self.snapshot)
-            port = self.metrics.serve(config.metrics.port, config.metrics.addr)
-            log.info("metrics on http://%s:%d/metrics", config.metrics.addr, port)
-        for source_config in config.all_sources:
-            source = open_source(source_config)
-            self.sources.append(source)
+            port = self.metrics.serve(self.metrics_config.port, self.metrics_config.addr)
+            log.info("metrics on http://%s:%d/metrics", self.metrics_config.addr, port)
         self._worker = threading.Thread(target=self._work, name="inference", daemon=True)
         self._worker.start()
         self._pumps_running = len(self.sources)
@@ -316,22 +265,6 @@ class Daemon:
             pump.start()
             self._threads.append(pump)
         self.notifier.ready(self._status_line())
-
-    def _make_trust_policy(self) -> TrustPolicy:
-        """Signature and anti-rollback policy (edge.trust); its state lives beside the outbox."""
-        from edge.trust import TrustPolicy
-
-        return TrustPolicy(self.trusted_keys or [], self.config.outbox.path.parent, self.config.models_dir)
-
-    def _make_publisher(self) -> Any:
-        from edge.publish.mqtt import Publisher
-
-        handlers = {
-            "reload": lambda args: self.reload(args.get("path")),
-            "selfcheck": lambda args: self.selfcheck(),
-            "stats": lambda args: {"stats": self.stats()},
-        }
-        return Publisher(self.config.mqtt, self.config.device_id, self.outbox, handlers)
 
     def run(self) -> int:
         """Block until stopped (signal, command) or every source finished; then stop in order."""
@@ -357,7 +290,7 @@ class Daemon:
             try:
                 source.stop()
             except Exception:
-                log.exception("stopping source %s", source.uri)
+                log.exception("stopping source %s", public_uri(source.uri))
         self._worker_stop.set()
         if self._worker is not None:
             self._worker.join(timeout=30)
@@ -366,19 +299,17 @@ class Daemon:
             log.info("dropped %d queued frame(s) on stop", left)
         for thread in self._threads:
             thread.join(timeout=5)
-        if self.publisher is not None:
-            deadline = time.monotonic() + self.config.flush_timeout_s
-            while (
-                self.outbox.depth > 0 and self.publisher.connected and time.monotonic() < deadline
-            ):  # unsent predictions stay in the outbox for the next start; waiting only helps if connected
-                time.sleep(0.02)
-            if self.outbox.depth:
-                log.info("%d prediction(s) kept in the outbox for the next start", self.outbox.depth)
-            self.publisher.stop(flush_timeout=max(0.5, deadline - time.monotonic()))
+        deadline = time.monotonic() + self.config.flush_timeout_s
+        while (
+            self.outbox.depth > 0 and self.publisher.connected and time.monotonic() < deadline
+        ):  # unsent predictions stay in the outbox for the next start; waiting only helps if connected
+            time.sleep(0.02)
+        if self.outbox.depth:
+            log.info("%d prediction(s) kept in the outbox for the next start", self.outbox.depth)
+        self.publisher.stop(flush_timeout=max(0.5, deadline - time.monotonic()))
         if self.metrics is not None:
             self.metrics.close()
-        if self.outbox is not None:
-            self.outbox.close()
+        self.outbox.close()
         for session in (self.active, self.previous):
             if session is not None:
                 session.close()
@@ -386,8 +317,8 @@ class Daemon:
 
     # -- threads -------------------------------------------------------------------------------------------
 
-    def _pump(self, source: Any) -> None:
-        lossless = bool(getattr(source, "lossless", False))
+    def _pump(self, source: Source) -> None:
+        lossless = source.lossless
         while not self._worker_stop.is_set():
             frame = source.read(0.2)
             if frame is not None:
@@ -417,7 +348,7 @@ class Daemon:
             self._worker_error = exc
             self.stop_event.set()
 
-    def _infer_one(self, frame: Any) -> None:
+    def _infer_one(self, frame: Frame) -> None:
         from edge.publish.payload import build_prediction
 
         session = self.active  # read once: the whole frame is served by one model
@@ -429,8 +360,9 @@ class Daemon:
             log.warning("frame %d from %s: %s", frame.index, public_uri(frame.uri), exc)
             return
         if self.metrics is not None:
-            self.metrics.inference_seconds.observe(timings["inference"] / 1e3)
-        timings["capture_to_publish"] = (time.monotonic() - frame.captured_mono) * 1e3
+            self.metrics.inference_seconds.observe(timings.inference / 1e3)
+        latency_ms = timings.to_dict()
+        latency_ms["capture_to_publish"] = (time.monotonic() - frame.captured_mono) * 1e3
         payload = build_prediction(
             device_id=self.config.device_id,
             boot_id=self.boot_id,
@@ -438,7 +370,7 @@ class Daemon:
             source={"uri": public_uri(frame.uri), "frame": frame.index, "captured_at": frame.captured_at},
             model=session.info,
             runtime={"backend": session.backend_name, "provider": session.provider},
-            latency_ms=timings,
+            latency_ms=latency_ms,
             result=result,
         )
         self.outbox.add(payload)
@@ -453,21 +385,16 @@ class Daemon:
             if reconnects > self._last_reconnects.get(source.uri, 0):
                 self._last_reconnects[source.uri] = reconnects
                 self.publisher.publish_event(
-                    "source_reconnected", {"uri": source.uri, "reconnects": reconnects}
+                    "source_reconnected", {"uri": public_uri(source.uri), "reconnects": reconnects}
                 )
 
     # -- models ----------------------------------------------------------------------------------------------
 
-    def _load_verified(self, path: Path, current: ModelSession | None) -> Any:
+    def _load_verified(self, path: Path, current: ModelSession | None) -> Package:
         """The package at `path`, hashes and signature verified, and not older than what we accepted."""
-        from edge.package import load_package
+        return self.trust.load(path, current.package.manifest if current is not None else None)
 
-        package = load_package(path, trusted_keys=self.trusted_keys)
-        if self.trust is not None:
-            self.trust.check(package, current.package.manifest if current is not None else None)
-        return package
-
-    def _open_session(self, package: Any) -> ModelSession:
+    def _open_session(self, package: Package) -> ModelSession:
         return open_session(
             package,
             self.profile,
@@ -476,13 +403,10 @@ class Daemon:
             on_event=self._on_backend_event,
         )
 
-    def _on_backend_event(self, name: str, data: dict[str, Any]) -> None:
-        if self.publisher is not None:
-            self.publisher.publish_event(name, data)
-        else:
-            log.warning("backend event %s: %s", name, data)
+    def _on_backend_event(self, name: str, data: JSONObject) -> None:
+        self.publisher.publish_event(name, data)
 
-    def resolve_reload_path(self, raw: Any) -> Path:
+    def resolve_reload_path(self, raw: JSONValue) -> Path:
         """A reload target must be a directory inside the models directory (the configured model's parent)."""
         if raw is None:
             return self.config.model
@@ -493,7 +417,7 @@ class Daemon:
         except PackageError as exc:
             raise ConfigError(f"reload: {exc}") from exc
 
-    def reload(self, raw_path: Any) -> dict[str, Any]:
+    def reload(self, raw_path: JSONValue) -> JSONObject:
         """Load a package beside the running one, check it, swap between two inferences; keep the old one
         until the next swap (rollback target). Any failure leaves the old model serving."""
         with self._swap_lock:
@@ -504,24 +428,28 @@ class Daemon:
                 package = self._load_verified(path, old)
                 new = self._open_session(package)
             except EdgeError as exc:
-                data = {"path": str(raw_path), "error": str(exc), "serving": old.info}
+                failed: JSONObject = {"path": str(raw_path), "error": str(exc), "serving": _info(old)}
                 log.warning("model swap failed, still serving %s: %s", old.info["version"], exc)
-                self.publisher.publish_event("model_swap_failed", data)
+                self.publisher.publish_event("model_swap_failed", failed)
                 raise
 
             # The worker reads `self.active` once per frame: this assignment lands between two inferences.
             retired, self.previous, self.active = self.previous, old, new
-            if self.trust is not None:
-                self.trust.accept(package)
+            self.trust.accept(package)
             self._persist_choice(path)
             if retired is not None:
                 retired.close()
-            data = {"from": old.info, "to": new.info, "path": str(path), "provider": new.provider}
+            data: JSONObject = {
+                "from": _info(old),
+                "to": _info(new),
+                "path": str(path),
+                "provider": new.provider,
+            }
             log.info("model swapped: %s -> %s", old.info["version"], new.info["version"])
             self.publisher.set_status(self._status("online"))
             self.publisher.publish_event("model_swapped", data)
             self.notifier.status(self._status_line())
-            return {**data, "golden": new.golden}
+            return {**data, "golden": _golden_dict(new)}
 
     def _persist_choice(self, path: Path) -> None:
         """Point the configured `model` symlink at the package now serving, so a restart loads it too (and
@@ -543,31 +471,30 @@ class Daemon:
             staging.unlink(missing_ok=True)
             log.error("cannot repoint %s at %s: %s; a restart will load the old package", link, path, exc)
 
-    def selfcheck(self) -> dict[str, Any]:
+    def selfcheck(self) -> JSONObject:
         session = self.active
         assert session is not None
         report = session.loaded.self_check()
-        return {"passed": bool(report.passed), "model": session.info, "golden": _golden_dict(report)}
+        return {"passed": bool(report.passed), "model": _info(session), "golden": report.to_dict()}
 
     # -- commands, status, stats -------------------------------------------------------------------------------
 
-    def _status(self, state: str) -> dict[str, Any]:
+    def _status(self, state: str) -> JSONObject:
         from edge import __version__
 
         session = self.active
-        status: dict[str, Any] = {"state": state, "device_id": self.config.device_id, "versions": {}}
-        status["versions"]["edge"] = __version__
+        versions: JSONObject = {"edge": __version__}
         try:
             import onnxruntime
 
-            status["versions"]["onnxruntime"] = onnxruntime.__version__
+            versions["onnxruntime"] = str(onnxruntime.__version__)
         except ImportError:
             pass
+        status: JSONObject = {"state": state, "device_id": self.config.device_id, "versions": versions}
         if session is not None:
-            status["model"] = session.info
+            status["model"] = _info(session)
             status["runtime"] = {"backend": session.backend_name, "provider": session.provider}
-        if self.profile is not None:
-            status["profile"] = self.profile.name
+        status["profile"] = self.profile.name
         return status
 
     def _status_line(self) -> str:
@@ -581,16 +508,16 @@ class Daemon:
 
     def snapshot(self) -> StatsSnapshot:
         session = self.active
-        pub_stats = dict(getattr(self.publisher, "stats", {}) or {}) if self.publisher else {}
+        pub_stats = self.publisher.stats
         return StatsSnapshot(
             sources={public_uri(s.uri): dict(s.stats) for s in self.sources},
             queue_dropped={public_uri(uri): count for uri, count in self.queue.dropped.items()},
-            outbox_depth=int(self.outbox.depth) if self.outbox else 0,
-            outbox_dropped=int(self.outbox.dropped) if self.outbox else 0,
-            outbox_disk_full=int(self.outbox.disk_full) if self.outbox else 0,
-            mqtt_connected=bool(self.publisher.connected) if self.publisher else False,
-            mqtt_reconnects=int(pub_stats.get("reconnects", 0)),
-            predictions_published=int(pub_stats.get("acked", 0)),
+            outbox_depth=self.outbox.depth,
+            outbox_dropped=self.outbox.dropped,
+            outbox_disk_full=self.outbox.disk_full,
+            mqtt_connected=self.publisher.connected,
+            mqtt_reconnects=_count(pub_stats, "reconnects"),
+            predictions_published=_count(pub_stats, "acked"),
             predictions_made=self.predictions,
             backend=session.backend_name if session else "",
             provider=session.provider if session else "",
@@ -599,7 +526,7 @@ class Daemon:
             model_sha256=session.info["sha256"] if session else "",
         )
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> JSONObject:
         snap = self.snapshot()
         return {
             "uptime_s": round(time.monotonic() - self.started_at, 3),
@@ -614,11 +541,28 @@ class Daemon:
                 "dropped": snap.outbox_dropped,
                 "disk_full": snap.outbox_disk_full,
             },
-            "mqtt": {"connected": snap.mqtt_connected, **dict(getattr(self.publisher, "stats", {}) or {})},
-            "model": self.active.info if self.active else None,
-            "previous_model": self.previous.info if self.previous else None,
+            "mqtt": {"connected": snap.mqtt_connected, **_json_stats(self.publisher.stats)},
+            "model": _info(self.active) if self.active else None,
+            "previous_model": _info(self.previous) if self.previous else None,
             "runtime": {"backend": snap.backend, "provider": snap.provider},
         }
+
+
+def _info(session: ModelSession) -> JSONObject:
+    return {key: value for key, value in session.info.items()}
+
+
+def _golden_dict(session: ModelSession) -> JSONObject | None:
+    report = session.golden
+    return None if report is None else report.to_dict()
+
+
+def _json_stats(stats: Mapping[str, object]) -> JSONObject:
+    """A publisher's counters as JSON (they are numbers and flags; anything else is shown as text)."""
+    return {
+        key: value if isinstance(value, int | float | str | bool) or value is None else str(value)
+        for key, value in stats.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -631,9 +575,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon.from_config(config)
+    except OSError as exc:  # an outbox directory that cannot be created, a device that cannot be opened
+        raise PackageError(f"cannot start: {exc}") from exc
 
-    def on_signal(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         daemon.request_stop()  # only a flag: the main thread does the orderly stop
 
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -383,7 +383,7 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError("the demo subscriber could not subscribe to the local broker")
 
         print(f"demo: broker {broker.name} on 127.0.0.1:{port}, model {package}, clip {clip}", flush=True)
-        daemon = Daemon(config)
+        daemon = Daemon.from_config(config)
         daemon.start()
         session = daemon.active
         assert session is not None

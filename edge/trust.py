@@ -4,8 +4,8 @@ outside the models directory, no world-readable secrets.
 The daemon calls, on start and on every reload:
 
     policy = TrustPolicy(trusted_keys, state_dir)
-    package = policy.load(path, current)    # load_package(...) verifies sha256/sizes/paths/signature
-    policy.check(package, current)          # signature required? sequence not lower than accepted?
+    package = policy.load(path, current)    # load_package(...) verifies sha256/sizes/paths/signature,
+                                            # then check(): signature required? sequence not lower?
     ... load, self-check, swap ...
     policy.accept(package)                  # only once the new model serves
 
@@ -36,10 +36,9 @@ class TrustPolicy:
     because `sequence` is part of every manifest (it is only tamper-proof when signed).
     """
 
-    def __init__(self, trusted_keys: list[bytes], state_dir: Path, models_dir: Path | None = None):
+    def __init__(self, trusted_keys: list[bytes], state_dir: Path):
         self.trusted_keys = list(trusted_keys)
         self.state_dir = Path(state_dir)
-        self.models_dir = Path(models_dir) if models_dir is not None else None
         self.state_path = self.state_dir / STATE_FILE
 
     @property
@@ -47,9 +46,8 @@ class TrustPolicy:
         return bool(self.trusted_keys)
 
     def load(self, path: str | Path, current: Manifest | None = None) -> Package:
-        """Load and verify a package with this policy's keys, then `check` it against the accepted state."""
-        if self.models_dir is not None:
-            path = check_model_path(path, self.models_dir)
+        """Load and verify a package with this policy's keys, then `check` it against the accepted state.
+        Where a path comes from a remote peer, pass it through `check_model_path` first."""
         package = load_package(path, self.trusted_keys or None)
         self.check(package, current)
         return package
@@ -106,11 +104,6 @@ class TrustPolicy:
         if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 0:
             raise PackageError(f"{self.state_path}: highest_sequence: expected a non-negative integer")
         return state
-
-    def check_model_path(self, path: str | Path) -> Path:
-        if self.models_dir is None:
-            raise PackageError("no models directory configured; cannot check model paths")
-        return check_model_path(path, self.models_dir)
 
 
 def check_model_path(path: str | Path, models_dir: str | Path) -> Path:

@@ -249,15 +249,9 @@ def test_persistent_session_delivers_commands_sent_while_offline(
     version = paho.MQTTv5 if protocol == 5 else paho.MQTTv311
     requester = Requester(mosquitto.port, version)
     requester.send("stats", b'{"id": "while-offline"}', correlation=b"offline")
-    # same client_id, clean_start/clean_session false: the broker kept the subscription and the command;
-    # a single on_command callable (instead of a table) is accepted too
+    # same client_id, clean_start/clean_session false: the broker kept the subscription and the command
     config = MqttConfig(port=mosquitto.port, protocol=protocol)
-    second = Publisher(
-        config,
-        DEVICE,
-        Outbox(tmp_path / "second.db"),
-        on_command=lambda command: handlers.table()[command.name](command.args),
-    )
+    second = Publisher(config, DEVICE, Outbox(tmp_path / "second.db"), on_command=handlers.table())
     second.start()
     try:
         if protocol == 5:

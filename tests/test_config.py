@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import DaemonConfig, load_config, read_password
+from edge.config import DaemonConfig, load_config
 from edge.errors import ConfigError
+from edge.publish.mqtt import read_password
 from tests.daemon_helpers import make_tiny_package
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,7 +89,7 @@ def test_password_file_must_not_be_world_readable(tmp_path: Path) -> None:
         load_config(path, environ={})
     os.chmod(secret, 0o640)
     config = load_config(path, environ={})
-    assert read_password(config, environ={}) == "s3cret"
+    assert read_password(config.mqtt, environ={}) == "s3cret"
 
 
 def test_environment_overrides_the_password(tmp_path: Path) -> None:
@@ -96,12 +97,12 @@ def test_environment_overrides_the_password(tmp_path: Path) -> None:
     secret.write_text("from-file")
     os.chmod(secret, 0o600)
     config = load_config(_write(tmp_path, GOOD), environ={})
-    assert read_password(config, environ={}) is None
-    assert read_password(config, environ={"EDGE_MQTT_PASSWORD": "from-env"}) == "from-env"
-    assert read_password(config, environ={"EDGE_MQTT_PASSWORD_FILE": str(secret)}) == "from-file"
+    assert read_password(config.mqtt, environ={}) is None
+    assert read_password(config.mqtt, environ={"EDGE_MQTT_PASSWORD": "from-env"}) == "from-env"
+    assert read_password(config.mqtt, environ={"EDGE_MQTT_PASSWORD_FILE": str(secret)}) == "from-file"
     os.chmod(secret, 0o604)
     with pytest.raises(ConfigError, match="other users"):
-        read_password(config, environ={"EDGE_MQTT_PASSWORD_FILE": str(secret)})
+        read_password(config.mqtt, environ={"EDGE_MQTT_PASSWORD_FILE": str(secret)})
 
 
 def test_the_model_rejects_a_password_in_the_yaml(tmp_path: Path) -> None:

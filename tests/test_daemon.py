@@ -79,7 +79,7 @@ def daemon_config(
 
 @contextmanager
 def running(config: DaemonConfig, notifier: Notifier | None = None) -> Iterator[Daemon]:
-    daemon = Daemon(config, notifier=notifier)
+    daemon = Daemon.from_config(config, notifier=notifier)
     daemon.start()
     thread = threading.Thread(target=daemon.run, name="daemon-run", daemon=True)
     thread.start()
@@ -519,4 +519,4 @@ def test_with_trusted_keys_only_signed_newer_packages_are_swapped_in(
     (models / "current").unlink()
     (models / "current").symlink_to("v1")
     with pytest.raises(PackageError, match="rollback refused"):
-        Daemon(config).start()
+        Daemon.from_config(config).start()

@@ -385,6 +385,7 @@ def test_username_and_password_from_file_or_environment(
     ).start()
     secret = tmp_path / "mqtt-password"
     secret.write_text("s3cret\n")
+    secret.chmod(0o600)  # the publisher refuses a password file other users can read
     monkeypatch.delenv("EDGE_MQTT_PASSWORD", raising=False)
     if secret_from == "environment":
         monkeypatch.setenv("EDGE_MQTT_PASSWORD", "s3cret")
@@ -395,6 +396,7 @@ def test_username_and_password_from_file_or_environment(
     publisher = make_publisher(broker, outbox, username="cam-01", **extra)
     bad_secret = tmp_path / "wrong-password"
     bad_secret.write_text("guess\n")
+    bad_secret.chmod(0o600)
     wrong = make_publisher(
         broker,
         Outbox(tmp_path / "other.db"),

@@ -16,12 +16,12 @@ import json
 import logging
 import os
 import queue
+import re
 import ssl
 import threading
 import time
-import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,14 +43,15 @@ from edge.publish.commands import (
     rejection_reply,
     reply_body,
 )
-from edge.publish.outbox import Outbox
+from edge.publish.outbox import MemoryOutbox, Outbox
 from edge.publish.payload import CONTENT_TYPE, SCHEMA_ID, rfc3339
+from edge.trust import check_secret_file
 
 log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "EDGE_MQTT_PASSWORD"
-
-OnCommand = Callable[[Command], Any] | Mapping[str, CommandHandler]
+PASSWORD_FILE_ENV = "EDGE_MQTT_PASSWORD_FILE"
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 class TlsConfig(BaseModel):
@@ -97,13 +98,28 @@ class MqttConfig(BaseModel):
         return value
 
 
-def read_password(config: MqttConfig) -> str | None:
-    if config.password_file is not None:
-        try:
-            return config.password_file.read_text(encoding="utf-8").strip("\r\n")
-        except OSError as exc:
-            raise ConfigError(f"mqtt.password_file: {config.password_file}: {exc.strerror or exc}") from exc
-    return os.environ.get(PASSWORD_ENV)
+def read_password(config: MqttConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The MQTT password: from `password_file` (EDGE_MQTT_PASSWORD_FILE overrides it), else from
+    EDGE_MQTT_PASSWORD. A file other users can read is refused."""
+    env = os.environ if environ is None else environ
+    file_value = env.get(PASSWORD_FILE_ENV) or config.password_file
+    if not file_value:
+        return env.get(PASSWORD_ENV) or None
+    path = Path(file_value)
+    check_secret_file(path, "mqtt.password_file")
+    try:
+        return path.read_text(encoding="utf-8").strip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"mqtt.password_file: '{path}': cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"mqtt.password_file: '{path}': not UTF-8 text") from exc
+
+
+def check_device_id(device_id: str) -> str:
+    """A device id becomes an MQTT topic level: 1-128 of A-Z a-z 0-9 . _ : -, starting alphanumeric."""
+    if not _DEVICE_ID.fullmatch(device_id):  # `match` with `$` would let a trailing newline through
+        raise ValueError("must be 1-128 of A-Z a-z 0-9 . _ : - (it becomes an MQTT topic level)")
+    return device_id
 
 
 class _PackedOnce(Properties):
@@ -124,12 +140,14 @@ class Publisher:
         self,
         config: MqttConfig,
         device_id: str,
-        outbox: Outbox,
-        on_command: OnCommand | None = None,
+        outbox: Outbox | MemoryOutbox,
+        on_command: Mapping[str, CommandHandler] | None = None,
         status: dict[str, Any] | None = None,
     ) -> None:
-        if not device_id or any(ch in device_id for ch in "#+/"):
-            raise ConfigError(f"device_id: {device_id!r} must be non-empty without '/', '+' or '#'")
+        try:
+            check_device_id(device_id)
+        except ValueError as exc:
+            raise ConfigError(f"device_id: {device_id!r}: {exc}") from None
         self.config = config
         self.device_id = device_id
         self.outbox = outbox
@@ -411,10 +429,8 @@ class Publisher:
                 body = reply_body(
                     command.name, ok=False, error="commands are not enabled", request_id=command.request_id
                 )
-            elif isinstance(handler, Mapping):
-                body = dispatch(command, handler)
             else:
-                body = dispatch(command, {command.name: _bind(handler, command)})
+                body = dispatch(command, handler)
             try:
                 self._reply(command.reply, body)
             except Exception:
@@ -466,12 +482,3 @@ class Publisher:
             except Exception:  # a full disk or a closed outbox must not end publishing for good
                 log.exception("mqtt publisher loop error")
                 time.sleep(0.5)
-
-
-def _bind(handler: Callable[[Command], Any], command: Command) -> CommandHandler:
-    """Adapt a single `on_command(Command)` callable to the per-name handler signature of `dispatch`."""
-    return lambda _args: handler(command)
-
-
-def new_boot_id() -> str:
-    return str(uuid.uuid4())

@@ -1,0 +1,294 @@
+"""A model package ready to serve, and the public Python API on top of it.
+
+`ModelSession` is what the daemon serves: a verified package, the backend that passed its golden check,
+the pre-processing built from the manifest's input spec and the task decoder the manifest names.
+`open_model()` wraps one for a Python caller, with no MQTT and no daemon:
+
+    from edge import open_model
+    with open_model("pkg") as model:
+        result = model.infer(rgb_frame)      # the prediction payload's `result` object
+
+Frames from OpenCV sources are BGR (the daemon passes them as they come); `Model.infer` takes RGB, the
+order a numpy image from PIL, scikit-image or matplotlib has.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+import numpy as np
+
+from edge.arrays import Array
+from edge.backends import EventCallback, LoadedModel, load_model
+from edge.backends.golden import GoldenReport
+from edge.errors import BackendError, EdgeError, PackageError
+from edge.jsontypes import JSONObject as Result
+from edge.package import Package, TensorSpec, extract_archive, load_package
+from edge.processing.postprocess import PostProcessor as Decoder
+from edge.processing.postprocess import make_postprocessor as make_decoder
+from edge.processing.preprocess import ImagePreprocessor, Letterbox
+from edge.profiles import DeviceProfile, resolve_profile
+
+log = logging.getLogger(__name__)
+
+ColorOrder = Literal["RGB", "BGR"]
+ModelInput = Array | Mapping[str, Array] | str
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Milliseconds spent in each stage of one inference (the payload's `latency_ms`)."""
+
+    preprocess: float
+    inference: float
+    postprocess: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"preprocess": self.preprocess, "inference": self.inference, "postprocess": self.postprocess}
+
+
+class SensorPreprocessor:
+    """(window, channels) float32 windows -> the model's input tensor (same element count, batch of one)."""
+
+    def __init__(self, spec: TensorSpec):
+        self.spec = spec
+        self.shape = [int(d) if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
+        self.dtype = np.dtype(spec.dtype)
+
+    def __call__(self, data: Array) -> Array:
+        if self.spec.layout == "NCT" and data.ndim == 2:
+            data = data.T
+        if int(np.prod(self.shape)) != data.size:
+            raise ValueError(
+                f"a window of shape {data.shape} does not fit input '{self.spec.name}' {self.spec.shape}"
+            )
+        return np.ascontiguousarray(data.reshape(self.shape).astype(self.dtype, copy=False))
+
+
+@dataclass
+class ModelSession:
+    """A loaded, verified, self-checked package with its pre- and post-processing."""
+
+    package: Package
+    loaded: LoadedModel
+    decoder: Decoder
+    image_pre: ImagePreprocessor | None
+    sensor_pre: SensorPreprocessor | None
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def info(self) -> dict[str, str]:
+        """Name, version and artifact sha256: the provenance every prediction carries."""
+        manifest = self.package.manifest
+        return {"name": manifest.name, "version": manifest.version, "sha256": self.loaded.artifact.sha256}
+
+    @property
+    def backend_name(self) -> str:
+        return self.loaded.backend_name
+
+    @property
+    def provider(self) -> str:
+        return self.loaded.provider
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        return self.loaded.input_specs
+
+    @property
+    def golden(self) -> GoldenReport | None:
+        """The self-check run at load time (None: the package has no golden data)."""
+        return self.loaded.golden
+
+    def infer(self, data: Array, color: ColorOrder = "BGR") -> tuple[Result, StageTimings]:
+        """One frame or sensor window through the whole model: the payload's `result` and the timings."""
+        t0 = time.perf_counter()
+        feeds, geometry = self._feeds_for(data, color)
+        t1 = time.perf_counter()
+        outputs = self.loaded.run(feeds)
+        t2 = time.perf_counter()
+        result = self.decoder(outputs, geometry)
+        t3 = time.perf_counter()
+        return result, StageTimings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+
+    def infer_feeds(self, feeds: Mapping[str, Array]) -> tuple[Result, StageTimings]:
+        """Ready tensors by input name (multi-input and sensor models): no pre-processing."""
+        t1 = time.perf_counter()
+        outputs = self.loaded.run(dict(feeds))
+        t2 = time.perf_counter()
+        result = self.decoder(outputs, None)
+        return result, StageTimings(0.0, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
+
+    def _feeds_for(self, data: Array, color: ColorOrder) -> tuple[dict[str, Array], Letterbox | None]:
+        name = self.input_specs[0].name
+        if data.dtype == np.uint8 and data.ndim in (2, 3) and self.image_pre is not None:
+            # The pre-processor takes OpenCV's BGR; a gray frame has no order to swap.
+            frame = data[..., ::-1] if color == "RGB" and data.ndim == 3 and data.shape[2] == 3 else data
+            tensor, geometry = self.image_pre(frame)
+            return {name: tensor}, geometry
+        if self.sensor_pre is None:
+            raise ValueError(f"frame of shape {data.shape} does not fit the model's input")
+        return {name: self.sensor_pre(data)}, None
+
+    def warm_up(self) -> None:
+        """The first run allocates arenas and picks kernels: do it before READY, not on a frame."""
+        if self.image_pre is not None:
+            self.infer(np.zeros((self.image_pre.height, self.image_pre.width, 3), np.uint8))
+        elif self.sensor_pre is not None:
+            spec = self.input_specs[0]
+            self.loaded.run({spec.name: np.zeros(self.sensor_pre.shape, self.sensor_pre.dtype)})
+
+    def close(self) -> None:
+        try:
+            self.loaded.close()
+        except Exception:  # closing must never take the daemon down
+            log.exception("closing model %s", self.info)
+
+
+def open_session(
+    package: Package,
+    profile: DeviceProfile,
+    *,
+    backend: str | None = None,
+    threads: int | None = None,
+    on_event: EventCallback | None = None,
+) -> ModelSession:
+    """Load a verified package, golden-check and warm it up. Raises EdgeError subclasses."""
+    loaded = load_model(package, profile, backend=backend, threads=threads, on_event=on_event)
+    try:
+        # load_model only returns a backend whose golden run passed; None means the package has none.
+        report = loaded.golden
+        if report is not None and not report.passed:
+            raise BackendError(f"{package.root}: {report.summary()}")
+        if report is None:
+            log.warning("package %s has no golden data: served without a self-check", package.root)
+        # The manifest's spec carries resize/colour/mean/std; the backend's own view of its inputs
+        # only knows names, shapes and dtypes.
+        spec = loaded.input_specs[0]
+        image_pre = None
+        if (
+            len(loaded.input_specs) == 1
+            and len(spec.shape) == 4
+            and (spec.layout or "NCHW") in ("NCHW", "NHWC")
+        ):
+            image_pre = ImagePreprocessor.from_spec(spec)
+        sensor_pre = (
+            None if image_pre is not None or len(loaded.input_specs) > 1 else SensorPreprocessor(spec)
+        )
+        session = ModelSession(
+            package=package,
+            loaded=loaded,
+            decoder=make_decoder(package.manifest, package.labels()),
+            image_pre=image_pre,
+            sensor_pre=sensor_pre,
+        )
+        session.warm_up()
+        return session
+    except BaseException:
+        loaded.close()
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The public Python API
+
+
+class Model:
+    """A package served in this process: `infer(x)` returns the prediction payload's `result` object."""
+
+    def __init__(self, session: ModelSession, unpacked: Path | None = None):
+        self._session: ModelSession | None = session
+        self._unpacked = unpacked  # a .tar unpacked for this model; removed on close
+        manifest = session.package.manifest
+        self.name = manifest.name
+        self.version = manifest.version
+        self.task = manifest.task
+        self.backend = session.backend_name
+        self.provider = session.provider
+        self.inputs: list[TensorSpec] = list(session.input_specs)
+
+    @property
+    def session(self) -> ModelSession:
+        if self._session is None:
+            raise EdgeError(f"model '{self.name}' is closed")
+        return self._session
+
+    def infer(self, x: ModelInput) -> Result:
+        """One input: an HxWx3 uint8 RGB image (or HxW gray), a (window, channels) sensor window,
+        or a dict of ready tensors by input name."""
+        session = self.session
+        if isinstance(x, str):
+            raise EdgeError(
+                f"model '{self.name}' takes {self._input_summary()}, not text (it has no tokenizer)"
+            )
+        if isinstance(x, Mapping):
+            return session.infer_feeds(x)[0]
+        if not isinstance(x, np.ndarray):
+            raise EdgeError(
+                f"model '{self.name}': expected a numpy array or a dict of them, got {type(x).__name__}"
+            )
+        return session.infer(x, color="RGB")[0]
+
+    def infer_batch(self, inputs: Sequence[ModelInput]) -> list[Result]:
+        """Several inputs, one result each, in order."""
+        return [self.infer(x) for x in inputs]
+
+    def _input_summary(self) -> str:
+        return ", ".join(f"'{spec.name}' {spec.shape} {spec.dtype}" for spec in self.inputs)
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self._unpacked is not None:
+            shutil.rmtree(self._unpacked, ignore_errors=True)
+            self._unpacked = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r} {self.version}, {self.task}, {self.backend}/{self.provider})"
+
+
+def open_model(
+    path_or_tar: str | Path,
+    profile: str = "auto",
+    backend: str | None = None,
+    threads: int | None = None,
+    trusted_keys: list[bytes] | None = None,
+) -> Model:
+    """Open a package directory or `.tar`: verified (hashes; signature when `trusted_keys` are given),
+    loaded on the best backend the device profile allows and golden-checked."""
+    path = Path(path_or_tar)
+    unpacked: Path | None = None
+    if path.is_file():
+        unpacked = Path(tempfile.mkdtemp(prefix="edge-model-"))
+        try:
+            root = extract_archive(path, unpacked)
+        except PackageError:
+            shutil.rmtree(unpacked, ignore_errors=True)
+            raise
+    else:
+        root = path
+    try:
+        package = load_package(root, trusted_keys=trusted_keys)
+        device = resolve_profile(profile).profile
+        session = open_session(package, device, backend=backend, threads=threads)
+    except BaseException:
+        if unpacked is not None:
+            shutil.rmtree(unpacked, ignore_errors=True)
+        raise
+    return Model(session, unpacked)

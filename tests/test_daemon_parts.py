@@ -1,0 +1,113 @@
+"""`Daemon(...)` takes its parts typed, so the worker runs here without a broker or a database: a memory
+outbox, a publisher that only records, a real video source and a real ONNX Runtime session."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from edge.config import DaemonConfig
+from edge.daemon import Daemon
+from edge.jsontypes import JSONObject
+from edge.profiles import load_profile
+from edge.publish.outbox import MemoryOutbox
+from edge.sources import open_source
+from edge.trust import TrustPolicy
+from tests.assets_media import labelled_clip
+from tests.daemon_helpers import make_tiny_package
+
+
+class RecordingPublisher:
+    """Sends nothing; keeps what the daemon asked it to send."""
+
+    def __init__(self) -> None:
+        self.statuses: list[JSONObject] = []
+        self.events: list[tuple[str, JSONObject | None]] = []
+        self.started = self.stopped = False
+        self.notified = 0
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    @property
+    def stats(self) -> Mapping[str, object]:
+        return {"acked": 0, "reconnects": 0}
+
+    def start(self) -> None:
+        self.started = True
+
+    def stop(self, flush_timeout: float = 5.0) -> None:
+        self.stopped = True
+
+    def notify(self) -> None:
+        self.notified += 1
+
+    def set_status(self, status: JSONObject) -> None:
+        self.statuses.append(status)
+
+    def publish_event(self, name: str, data: JSONObject | None = None) -> None:
+        self.events.append((name, data))
+
+
+@pytest.fixture
+def parts_daemon(tmp_path: Path) -> tuple[Daemon, MemoryOutbox, RecordingPublisher]:
+    models = tmp_path / "models"
+    make_tiny_package(models / "v1")
+    clip = labelled_clip(fps=10.0, seconds_per_photo=1.0).path  # 50 frames
+    config = DaemonConfig.model_validate(
+        {
+            "device_id": "parts-01",
+            "model": str(models / "v1"),
+            "source": {"type": "video", "uri": str(clip), "realtime": False, "loop": False},
+            "outbox": {"enabled": False, "path": str(tmp_path / "state" / "outbox.db")},
+            "metrics": None,
+        }
+    )
+    outbox = MemoryOutbox(1 << 20)
+    publisher = RecordingPublisher()
+    daemon = Daemon(
+        config,
+        profile=load_profile("x86-64-avx2"),
+        trust=TrustPolicy([], tmp_path / "state"),
+        sources=[open_source(source) for source in config.all_sources],
+        outbox=outbox,
+        publisher=publisher,
+    )
+    return daemon, outbox, publisher
+
+
+def test_the_worker_serves_every_frame_into_the_outbox_it_was_given(
+    parts_daemon: tuple[Daemon, MemoryOutbox, RecordingPublisher],
+) -> None:
+    daemon, outbox, publisher = parts_daemon
+    daemon.start()
+    assert daemon.run() == 0  # returns once the file source is finished and drained
+    assert daemon.predictions == 50 and daemon.inference_errors == 0
+    assert outbox.next_seq == 51  # every prediction went through the outbox, seq 1..50
+    assert publisher.started and publisher.stopped and publisher.notified == 50
+    online = publisher.statuses[0]
+    assert online["state"] == "online" and online["device_id"] == "parts-01"
+    assert online["profile"] == "x86-64-avx2"
+    stats = daemon.stats()
+    assert stats["predictions"] == 50
+    assert stats["runtime"] == {"backend": "onnxruntime", "provider": "CPUExecutionProvider"}
+
+
+def test_commands_are_the_daemons_own_handlers(
+    parts_daemon: tuple[Daemon, MemoryOutbox, RecordingPublisher],
+) -> None:
+    daemon, _, _ = parts_daemon
+    daemon.start()
+    try:
+        handlers = daemon.command_handlers()
+        assert sorted(handlers) == ["reload", "selfcheck", "stats"]
+        check = handlers["selfcheck"]({})
+        assert check is not None and check["passed"] is True
+        stats = handlers["stats"]({})
+        assert stats is not None and isinstance(stats["stats"], dict)
+    finally:
+        daemon.request_stop()
+        daemon.run()
