@@ -595,7 +595,7 @@ def print_summary(effnet: dict[str, Any] | None, digits: dict[str, Any] | None) 
                 f"  pruned 0.3 + distill + int8 latency ratio {p3.latency_ratio:.3f}  "
                 f"{verdict('pruned_0.3_int8_latency_ratio', p3.latency_ratio)} (fastest runs "
                 f"{p3.latency_min_ratio:.3f}); agreement {p3.agreement:.3f}, "
-                f"confident {p3.confident_agreement:.3f} (no target; DESIGN 4 measured 0.68 / 0.88)"
+                f"confident {p3.confident_agreement:.3f} (no target; an AVX-512 VNNI host measured 0.68 / 0.88)"
             )
     if digits:
         rows = digits["rows"]

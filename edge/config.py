@@ -1,4 +1,4 @@
-"""The daemon's config file (DESIGN.md 2.4) and the `edge-infer check-config` subcommand.
+"""The daemon's config file (docs/contracts.md, "Daemon config") and the `edge-infer check-config` subcommand.
 
 Unknown keys are errors that name file, line and field (via `edge.yamlio`). Relative paths in the file
 are relative to the file's directory, so a config and its package can travel together. Secrets never sit

@@ -1,4 +1,4 @@
-"""The prediction payload of DESIGN.md 2.5 against the JSON Schema shipped in the package."""
+"""The prediction payload (docs/contracts.md) against the JSON Schema shipped in the package."""
 
 from __future__ import annotations
 

