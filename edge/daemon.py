@@ -31,6 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
+from edge.backends import fallback_counts
 from edge.config import DaemonConfig, MetricsConfig, load_config
 from edge.errors import ConfigError, EdgeError, PackageError
 from edge.health import Metrics, Notifier, StatsSnapshot
@@ -131,6 +132,9 @@ class PredictionPublisher(Protocol):
 
     @property
     def stats(self) -> Mapping[str, object]: ...
+
+    @property
+    def connect_failures(self) -> Mapping[str, int]: ...  # failed connection attempts by reason
 
     def start(self) -> None: ...
 
@@ -517,6 +521,9 @@ class Daemon:
             outbox_disk_full=self.outbox.disk_full,
             mqtt_connected=self.publisher.connected,
             mqtt_reconnects=_count(pub_stats, "reconnects"),
+            mqtt_connect_failures=dict(self.publisher.connect_failures),
+            inference_errors=self.inference_errors,
+            backend_fallbacks=fallback_counts(),
             predictions_published=_count(pub_stats, "acked"),
             predictions_made=self.predictions,
             backend=session.backend_name if session else "",

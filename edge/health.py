@@ -114,6 +114,9 @@ class StatsSnapshot:
     outbox_disk_full: int = 0  # predictions lost because the outbox's disk was full
     mqtt_connected: bool = False
     mqtt_reconnects: int = 0
+    mqtt_connect_failures: dict[str, int] = field(default_factory=dict)  # reason -> failed attempts
+    inference_errors: int = 0
+    backend_fallbacks: dict[str, int] = field(default_factory=dict)  # accelerator given up -> times
     predictions_published: int = 0
     predictions_made: int = 0
     backend: str = ""
@@ -212,6 +215,25 @@ class _SnapshotCollector:
             "edge_mqtt_connected", "1 while connected to the broker", int(snap.mqtt_connected)
         )
         yield CounterMetricFamily("edge_mqtt_reconnects", "MQTT reconnects", snap.mqtt_reconnects)
+        failures = CounterMetricFamily(
+            "edge_mqtt_connect_failures",
+            "Failed MQTT connection attempts by reason (refused, dns, timeout, tls, auth, ...)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(snap.mqtt_connect_failures.items()):
+            failures.add_metric([reason], count)
+        yield failures
+        yield CounterMetricFamily(
+            "edge_inference_errors", "Frames whose inference failed (counted, skipped)", snap.inference_errors
+        )
+        fallbacks = CounterMetricFamily(
+            "edge_backend_fallbacks",
+            "Backend accelerators given up at model load (the profile's fallback policy allowed it)",
+            labels=["accelerator"],
+        )
+        for accelerator, count in sorted(snap.backend_fallbacks.items()):
+            fallbacks.add_metric([accelerator], count)
+        yield fallbacks
         yield CounterMetricFamily(
             "edge_predictions_published", "Predictions acknowledged by the broker", snap.predictions_published
         )

@@ -36,6 +36,10 @@ class RecordingPublisher:
     def stats(self) -> Mapping[str, object]:
         return {"acked": 0, "reconnects": 0}
 
+    @property
+    def connect_failures(self) -> Mapping[str, int]:
+        return {}
+
     def start(self) -> None:
         self.started = True
 

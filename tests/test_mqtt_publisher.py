@@ -150,8 +150,8 @@ def test_predictions_arrive_valid_in_order_with_properties(
     wait_until(lambda: bool(late.on("/status")), 10, "retained status")
     status = late.on("/status")[0]
     assert status.retain
-    assert json.loads(status.payload) | {"ts": None} == {
-        "state": "online", "device_id": DEVICE, "ts": None, "model": "tiny", "provider": "CPUExecutionProvider",
+    assert json.loads(status.payload) | {"ts": None, "since": None} == {
+        "state": "online", "device_id": DEVICE, "ts": None, "since": None, "model": "tiny", "provider": "CPUExecutionProvider",
     }  # fmt: skip
     late.close()
 
@@ -351,6 +351,12 @@ def test_sigkilled_publisher_sends_will_and_restart_continues_seq(
         json.loads(m.payload) for m in subscriber.on("/status") if json.loads(m.payload)["state"] == "offline"
     ]
     assert will[0]["reason"] == "connection lost"
+    # The will names the connection it ends: the same `since` as the `online` it replaces, so a
+    # subscriber can order them although the will was written when that connection was made.
+    online = [
+        json.loads(m.payload) for m in subscriber.on("/status") if json.loads(m.payload)["state"] == "online"
+    ]
+    assert online and will[0]["since"] == online[-1]["since"]
     late = Subscriber(mosquitto.port, topic=f"edge/{DEVICE}/status")  # the will is retained
     wait_until(lambda: bool(late.on("/status")), 10, "the retained will")
     assert late.on("/status")[0].retain and json.loads(late.on("/status")[0].payload)["state"] == "offline"

@@ -499,3 +499,34 @@ def test_publisher_without_client_certificate_never_connects(pki, mtls_broker, t
     finally:
         publisher.stop(flush_timeout=0.5)
         outbox.close()
+
+
+def test_publisher_pinning_the_wrong_ca_logs_why_once(pki, mtls_broker, tmp_path, caplog):
+    import logging
+
+    from edge.publish.mqtt import MqttConfig, Publisher, TlsConfig
+    from edge.publish.outbox import Outbox
+
+    caplog.set_level(logging.INFO, logger="edge.publish.mqtt")
+    _, port = mtls_broker
+    config = MqttConfig(
+        host="127.0.0.1",
+        port=port,
+        reconnect_min_s=1,
+        reconnect_max_s=1,
+        tls=TlsConfig(ca_file=pki["rogue"].cert_path),
+    )
+    publisher = Publisher(config, "cam-01", Outbox(tmp_path / "outbox.db"))
+    publisher.start()
+    try:
+        deadline = time.monotonic() + 15
+        while publisher.connect_failures["tls_certificate"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert publisher.connect_failures["tls_certificate"] >= 2
+        logged = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+        assert (
+            len(logged) == 1 and "tls_certificate" in logged[0] and "certificate verify failed" in logged[0]
+        ), logged
+    finally:
+        publisher.stop(flush_timeout=0.2)
+        publisher.outbox.close()

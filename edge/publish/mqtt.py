@@ -11,17 +11,19 @@ slow or raising handler cannot stall or kill the MQTT loop.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import os
 import queue
 import re
+import socket
 import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +31,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edge.errors import ConfigError
@@ -122,6 +125,49 @@ def check_device_id(device_id: str) -> str:
     return device_id
 
 
+# CONNACK reason codes that mean the credentials were refused (MQTT 5: 134, 135; 3.1.1: 4, 5).
+_AUTH_REFUSED = {"Bad user name or password", "Not authorized"}
+# MQTT 5 DISCONNECT 142: another connection with our client id took the session over.
+_SESSION_TAKEN_OVER = 142
+# MQTT 3.1.1 has no takeover reason: this many connections lost within TAKEOVER_WINDOW_S of being made,
+# in a row, are taken as another client with our id knocking us off.
+TAKEOVER_STREAK = 3
+TAKEOVER_WINDOW_S = 3.0
+
+
+def connect_failure_reason(exc: OSError) -> str:
+    """A short, stable label for why a TCP/TLS connection attempt failed (a metric label)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "tls_certificate"
+    if isinstance(exc, ssl.SSLError):
+        return "tls"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "network"
+
+
+class _Client(paho.Client):
+    """paho's client, telling the publisher before each connection attempt and why one failed (paho's
+    network loop swallows the OSError and only retries)."""
+
+    before_connect: Callable[[], None] | None = None
+    on_socket_error: Callable[[OSError], None] | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        if self.before_connect is not None:
+            self.before_connect()
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            if self.on_socket_error is not None:
+                self.on_socket_error(exc)
+            raise
+
+
 class _PackedOnce(Properties):
     """Properties shared by every prediction: paho re-serializes them per publish, we do it once."""
 
@@ -182,7 +228,16 @@ class Publisher:
             "commands_rejected": 0,
             "commands_dropped": 0,
             "events": 0,
+            "session_takeovers": 0,
         }
+        self.connect_failures: collections.Counter[str] = collections.Counter()
+        self.last_connect_error: str | None = None  # None while connected or before the first attempt
+        self._failure_logged: str | None = None  # the failure last logged: each new one is logged once
+        self._failed_attempts = 0  # since the last successful connection
+        self._since = time.time()  # when the current connection attempt started (status `since`)
+        self._connected_at = 0.0
+        self._short_lived = 0  # connections in a row lost within TAKEOVER_WINDOW_S
+        self._takeover_logged = False
         self._client = self._make_client()
 
     # -- setup ----------------------------------------------------------------------------------
@@ -190,14 +245,14 @@ class Publisher:
     def _make_client(self) -> paho.Client:
         cfg = self.config
         if self.mqtt5:
-            client = paho.Client(
+            client = _Client(
                 CallbackAPIVersion.VERSION2,
                 client_id=self.client_id,
                 protocol=paho.MQTTv5,
                 reconnect_on_failure=True,
             )
         else:
-            client = paho.Client(
+            client = _Client(
                 CallbackAPIVersion.VERSION2,
                 client_id=self.client_id,
                 clean_session=False,
@@ -229,13 +284,9 @@ class Publisher:
         password = read_password(cfg)
         if cfg.username is not None or password is not None:
             client.username_pw_set(cfg.username or "", password)
-        will_props = None
-        if self.mqtt5:
-            will_props = Properties(PacketTypes.WILLMESSAGE)
-            will_props.ContentType = CONTENT_TYPE
-        client.will_set(
-            self.topic_status, self._status_payload("offline", reason="connection lost"), 1, True, will_props
-        )
+        client.before_connect = self._before_connect
+        client.on_socket_error = self._on_socket_error
+        self._set_will(client)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -256,10 +307,51 @@ class Publisher:
         return client
 
     def _status_payload(self, state: str, **extra: Any) -> bytes:
-        body = {"state": state, "device_id": self.device_id, "ts": rfc3339(time.time()), **extra}
+        body = {
+            "state": state,
+            "device_id": self.device_id,
+            "ts": rfc3339(time.time()),
+            "since": rfc3339(self._since),
+            **extra,
+        }
         if state == "online":
             body.update(self._status)
         return json.dumps(body, separators=(",", ":"), default=str).encode()
+
+    def _set_will(self, client: paho.Client) -> None:
+        """The Last Will names the connection it belongs to (`since`), so a subscriber can tell a stale
+        `offline` from one that ends the `online` it has (both carry the same `since`)."""
+        will_props = None
+        if self.mqtt5:
+            will_props = Properties(PacketTypes.WILLMESSAGE)
+            will_props.ContentType = CONTENT_TYPE
+        client.will_set(
+            self.topic_status, self._status_payload("offline", reason="connection lost"), 1, True, will_props
+        )
+
+    def _before_connect(self) -> None:
+        self._since = time.time()
+        self._set_will(self._client)
+
+    def _on_socket_error(self, exc: OSError) -> None:
+        self._note_connect_failure(connect_failure_reason(exc), str(exc) or type(exc).__name__)
+
+    def _note_connect_failure(self, reason: str, detail: str) -> None:
+        """Count every failed attempt; log a failure once, when it first happens or changes."""
+        self.connect_failures[reason] += 1
+        self._failed_attempts += 1
+        self.last_connect_error = f"{reason}: {detail}"
+        if self._failure_logged != self.last_connect_error:
+            self._failure_logged = self.last_connect_error
+            log.warning(
+                "mqtt cannot connect to %s:%s as '%s': %s (retrying every %.0f-%.0f s)",
+                self.config.host,
+                self.config.port,
+                self.client_id,
+                self.last_connect_error,
+                self.config.reconnect_min_s,
+                self.config.reconnect_max_s,
+            )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -339,6 +431,8 @@ class Publisher:
             "inflight": len(self._inflight),
             "outbox_depth": self.outbox.depth,
             "outbox_dropped": self.outbox.dropped,
+            "connect_failures": sum(self.connect_failures.values()),
+            "last_connect_error": self.last_connect_error,
         }
 
     # -- paho callbacks (network thread) --------------------------------------------------------
@@ -347,8 +441,14 @@ class Publisher:
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         if reason.is_failure:
-            log.warning("mqtt %s:%s refused the connection: %s", self.config.host, self.config.port, reason)
+            label = "auth" if str(reason) in _AUTH_REFUSED else "broker_refused"
+            self._note_connect_failure(label, f"the broker refused the connection: {reason}")
             return
+        if self._failed_attempts:
+            log.info("mqtt connected after %d failed attempt(s)", self._failed_attempts)
+        self._failed_attempts = 0
+        self._failure_logged = self.last_connect_error = None
+        self._connected_at = time.monotonic()
         self._counters["connects"] += 1
         if self._counters["connects"] > 1:
             self._counters["reconnects"] += 1
@@ -368,9 +468,31 @@ class Publisher:
     ) -> None:
         if self._connected.is_set():
             self._counters["disconnects"] += 1
-            level = logging.INFO if self._stopping.is_set() else logging.WARNING
-            log.log(level, "mqtt disconnected from %s:%s: %s", self.config.host, self.config.port, reason)
+            if self._stopping.is_set() or not self._taken_over(reason):
+                level = logging.INFO if self._stopping.is_set() else logging.WARNING
+                log.log(level, "mqtt disconnected from %s:%s: %s", self.config.host, self.config.port, reason)
         self._connected.clear()
+
+    def _taken_over(self, reason: ReasonCode | int) -> bool:
+        """Another client with our client id connecting kicks us off (and we it, every reconnect): say so
+        once, naming the id, instead of logging each 'Unspecified error'."""
+        value = reason.value if isinstance(reason, ReasonCode) else int(reason)
+        lived = time.monotonic() - self._connected_at
+        self._short_lived = self._short_lived + 1 if lived < TAKEOVER_WINDOW_S else 0
+        if value != _SESSION_TAKEN_OVER and self._short_lived < TAKEOVER_STREAK:
+            return False
+        self._counters["session_takeovers"] += 1
+        if not self._takeover_logged:
+            self._takeover_logged = True
+            log.error(
+                "mqtt: another client with the client id '%s' keeps taking over this session on %s:%s "
+                "(two daemons with device_id '%s'?); give each device its own device_id or mqtt.client_id",
+                self.client_id,
+                self.config.host,
+                self.config.port,
+                self.device_id,
+            )
+        return True
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         self._acked_mids.append(mid)
