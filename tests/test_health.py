@@ -124,3 +124,11 @@ def test_metrics_endpoint_serves_the_snapshot_and_latencies() -> None:
     assert 'edge_inference_seconds_bucket{le="0.005"} 2.0' in lines
     info = next(line for line in lines if line.startswith("edge_model_info{"))
     assert 'provider="CPUExecutionProvider"' in info and 'backend="onnxruntime"' in info
+
+
+def test_inference_errors_and_backend_fallbacks_are_exported() -> None:
+    snapshot = StatsSnapshot(inference_errors=3, backend_fallbacks={"gpu": 2, "CUDAExecutionProvider": 1})
+    text = Metrics(lambda: snapshot).render().decode()
+    assert "edge_inference_errors_total 3.0" in text
+    assert 'edge_backend_fallbacks_total{accelerator="gpu"} 2.0' in text
+    assert 'edge_backend_fallbacks_total{accelerator="CUDAExecutionProvider"} 1.0' in text
