@@ -45,6 +45,13 @@ class MetricsConfig(_Strict):
     addr: str = "0.0.0.0"
 
 
+class HealthConfig(_Strict):
+    """A port of its own for /healthz/live and /healthz/ready (the metrics port serves them too)."""
+
+    port: int = Field(default=9465, ge=0, le=65535, description="0 picks a free port")
+    addr: str = "0.0.0.0"
+
+
 class DaemonConfig(_Strict):
     device_id: str
     profile: str = "auto"
@@ -54,6 +61,7 @@ class DaemonConfig(_Strict):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     metrics: MetricsConfig | None = Field(default_factory=MetricsConfig)
+    health: HealthConfig | None = Field(default=None, description="null: probes on the metrics port only")
     trusted_keys: list[Path] = Field(default_factory=list, description="ed25519 public key PEM files")
     backend: Literal["onnxruntime", "litert"] | None = None
     threads: int | None = Field(default=None, ge=1, le=256)

@@ -32,9 +32,9 @@ from types import FrameType
 from typing import Protocol
 
 from edge.backends import fallback_counts
-from edge.config import DaemonConfig, MetricsConfig, load_config
+from edge.config import DaemonConfig, HealthConfig, MetricsConfig, load_config
 from edge.errors import ConfigError, EdgeError, PackageError
-from edge.health import Metrics, Notifier, StatsSnapshot
+from edge.health import HealthProbes, HttpEndpoint, Metrics, Notifier, Probe, StatsSnapshot
 from edge.jsontypes import JSONObject, JSONValue
 from edge.package import Package
 from edge.profiles import DeviceProfile
@@ -46,6 +46,8 @@ from edge.trust import TrustPolicy, check_model_path
 log = logging.getLogger(__name__)
 
 WORKER_POLL_S = 0.1  # the worker wakes this often even without frames, to ping the watchdog
+# /healthz/live fails when the worker has not come round its loop for this long (a hung backend).
+WORKER_STALL_S = 30.0
 
 
 @functools.lru_cache(maxsize=256)
@@ -119,6 +121,9 @@ class PredictionOutbox(Protocol):
     @property
     def dropped(self) -> int: ...
 
+    @property
+    def storing(self) -> bool: ...  # False while a full disk keeps new predictions out
+
     def add(self, payload: JSONObject, topic: str | None = None, qos: int | None = None) -> int: ...
 
     def close(self) -> None: ...
@@ -166,6 +171,7 @@ class Daemon:
         outbox: PredictionOutbox,
         publisher: PredictionPublisher,
         metrics: MetricsConfig | None = None,
+        health: HealthConfig | None = None,
         notifier: Notifier | None = None,
     ):
         self.config = config
@@ -176,7 +182,10 @@ class Daemon:
         self.publisher = publisher
         self.notifier = notifier or Notifier()
         self.metrics_config = metrics
+        self.health_config = health
         self.metrics: Metrics | None = None
+        self._health_endpoint: HttpEndpoint | None = None
+        self._worker_beat = 0.0  # monotonic time of the worker's last loop
         self.stop_event = threading.Event()
         self.sources_done = threading.Event()
         self.queue = FrameQueue(config.frame_queue)
@@ -227,6 +236,7 @@ class Daemon:
             outbox=outbox,
             publisher=publisher,
             metrics=config.metrics,
+            health=config.health,
             notifier=notifier,
         )
         handlers.update(daemon.command_handlers())
@@ -243,6 +253,7 @@ class Daemon:
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._serve_http()  # first, so /healthz/ready answers 503 "model not loaded" while it loads
         self.notifier.status("loading model")
         package = self._load_verified(self.config.model, None)
         self.active = self._open_session(package)
@@ -256,10 +267,7 @@ class Daemon:
         )
         self.publisher.set_status(self._status("online"))
         self.publisher.start()
-        if self.metrics_config is not None and self.metrics_config.port is not None:
-            self.metrics = Metrics(self.snapshot)
-            port = self.metrics.serve(self.metrics_config.port, self.metrics_config.addr)
-            log.info("metrics on http://%s:%d/metrics", self.metrics_config.addr, port)
+        self._worker_beat = time.monotonic()
         self._worker = threading.Thread(target=self._work, name="inference", daemon=True)
         self._worker.start()
         self._pumps_running = len(self.sources)
@@ -269,6 +277,55 @@ class Daemon:
             pump.start()
             self._threads.append(pump)
         self.notifier.ready(self._status_line())
+
+    def _serve_http(self) -> None:
+        probes = HealthProbes(live=self.liveness, ready=self.readiness)
+        if self.metrics_config is not None and self.metrics_config.port is not None:
+            self.metrics = Metrics(self.snapshot)
+            port = self.metrics.serve(self.metrics_config.port, self.metrics_config.addr, probes)
+            log.info("metrics on http://%s:%d/metrics", self.metrics_config.addr, port)
+        if self.health_config is not None:
+            self._health_endpoint = HttpEndpoint(None, probes)
+            port = self._health_endpoint.serve(self.health_config.port, self.health_config.addr)
+            log.info("health probes on http://%s:%d/healthz/ready", self.health_config.addr, port)
+
+    @property
+    def health_port(self) -> int | None:
+        return self._health_endpoint.port if self._health_endpoint is not None else None
+
+    def liveness(self) -> Probe:
+        """Alive: the inference worker is coming round its loop (a hung backend stops it)."""
+        stalled = time.monotonic() - self._worker_beat
+        alive = self._worker is not None and self._worker.is_alive() and stalled < WORKER_STALL_S
+        reason = "" if alive else self._worker_problem(stalled)
+        return Probe({"worker": alive}, reason)
+
+    def readiness(self) -> Probe:
+        """Ready: a model is loaded and passed its self-check, the worker is alive, the outbox stores."""
+        session = self.active
+        golden = session.golden if session is not None else None
+        worker = self.liveness()
+        checks = {
+            "model_loaded": session is not None,
+            "selfcheck_passed": session is not None and (golden is None or golden.passed),
+            "worker_alive": worker.ok,
+            "outbox_writable": self.outbox.storing,
+        }
+        reasons = {
+            "model_loaded": "no model loaded yet",
+            "selfcheck_passed": "the model's golden self-check failed",
+            "worker_alive": worker.reason,
+            "outbox_writable": "the outbox cannot store predictions (disk full)",
+        }
+        failing = next((name for name, ok in checks.items() if not ok), None)
+        return Probe(checks, reasons[failing] if failing else "")
+
+    def _worker_problem(self, stalled: float) -> str:
+        if self._worker is None:
+            return "the inference worker has not started"
+        if not self._worker.is_alive():
+            return f"the inference worker stopped: {self._worker_error!r}"
+        return f"the inference worker has not looped for {stalled:.0f} s (hung backend?)"
 
     def run(self) -> int:
         """Block until stopped (signal, command) or every source finished; then stop in order."""
@@ -313,6 +370,8 @@ class Daemon:
         self.publisher.stop(flush_timeout=max(0.5, deadline - time.monotonic()))
         if self.metrics is not None:
             self.metrics.close()
+        if self._health_endpoint is not None:
+            self._health_endpoint.close()
         self.outbox.close()
         for session in (self.active, self.previous):
             if session is not None:
@@ -341,6 +400,7 @@ class Daemon:
     def _work(self) -> None:
         try:
             while not self._worker_stop.is_set():
+                self._worker_beat = time.monotonic()
                 self.notifier.watchdog()
                 frame = self.queue.get(WORKER_POLL_S)
                 if frame is not None:

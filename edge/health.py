@@ -1,20 +1,26 @@
-"""Health signals for the supervisor: systemd's sd_notify protocol and a Prometheus endpoint.
+"""Health signals for the supervisor: systemd's sd_notify protocol, a Prometheus endpoint and HTTP probes.
 
 sd_notify is a datagram to the socket named in NOTIFY_SOCKET (a path, or '@name' for the abstract
 namespace); without it every call is a no-op, so the daemon runs the same under systemd, in a container or
 in a test. WATCHDOG=1 is sent by the inference loop itself (`Notifier.watchdog()` once per iteration, rate
 limited here), never by a timer thread: a hung backend then stops the pings and systemd restarts us.
+
+The metrics port (and `health.port`, when set) serves `/metrics`, `/healthz/live` (the inference worker
+is looping) and `/healthz/ready` (model loaded, self-check passed, worker alive, outbox writable): 200 with
+the checks as JSON, or 503 naming the first that failed. Every other path is a 404.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -126,6 +132,95 @@ class StatsSnapshot:
     model_sha256: str = ""
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One health answer: each named check passed or not; `reason` says why the first failing one failed."""
+
+    checks: Mapping[str, bool]
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return all(self.checks.values())
+
+    def body(self) -> bytes:
+        status = "ok" if self.ok else "failing"
+        data = {
+            "status": status,
+            "checks": dict(self.checks),
+            **({"reason": self.reason} if not self.ok else {}),
+        }
+        return json.dumps(data, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class HealthProbes:
+    """What `/healthz/live` and `/healthz/ready` ask (the daemon answers them from its own state)."""
+
+    live: Callable[[], Probe]
+    ready: Callable[[], Probe]
+
+
+class _Routes(BaseHTTPRequestHandler):
+    """`/metrics`, `/healthz/live`, `/healthz/ready`; 404 elsewhere (a probe must not pass by accident)."""
+
+    server: _Server
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        probes = self.server.probes
+        if path == "/metrics" and self.server.metrics is not None:
+            self._send(200, self.server.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+        elif path in ("/healthz/live", "/healthz/ready") and probes is not None:
+            probe = probes.live() if path.endswith("live") else probes.ready()
+            self._send(200 if probe.ok else 503, probe.body(), "application/json")
+        else:
+            self._send(404, b'{"error":"not found"}', "application/json")
+
+    def _send(self, code: int, body: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(
+        self, format: str, *args: object
+    ) -> None:  # scrapes every few seconds: not worth a log line
+        return
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, addr: tuple[str, int], metrics: Metrics | None, probes: HealthProbes | None):
+        super().__init__(addr, _Routes)
+        self.metrics = metrics
+        self.probes = probes
+
+
+class HttpEndpoint:
+    """One listening port serving metrics and/or health probes, on its own thread."""
+
+    def __init__(self, metrics: Metrics | None, probes: HealthProbes | None):
+        self._metrics = metrics
+        self._probes = probes
+        self._server: _Server | None = None
+        self.port: int | None = None
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+        self._server = _Server((addr, port), self._metrics, self._probes)
+        self.port = int(self._server.server_address[1])
+        threading.Thread(target=self._server.serve_forever, name=f"http :{self.port}", daemon=True).start()
+        return self.port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
 class Metrics:
     """A private registry (several daemons may live in one test process) served on `port` if given.
 
@@ -152,15 +247,13 @@ class Metrics:
             buckets=buckets,
         )
         self.registry.register(_SnapshotCollector(snapshot))
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self._endpoint: HttpEndpoint | None = None
         self.port: int | None = None
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        from prometheus_client import start_http_server
-
-        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
-        self.port = int(self._server.server_address[1])
+    def serve(self, port: int, addr: str = "0.0.0.0", probes: HealthProbes | None = None) -> int:
+        """Serve `/metrics` (and the health probes, when given) on `port`; 0 picks a free one."""
+        self._endpoint = HttpEndpoint(self, probes)
+        self.port = self._endpoint.serve(port, addr)
         return self.port
 
     def render(self) -> bytes:
@@ -169,10 +262,9 @@ class Metrics:
         return generate_latest(self.registry)
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        if self._endpoint is not None:
+            self._endpoint.close()
+            self._endpoint = None
 
 
 class _SnapshotCollector:

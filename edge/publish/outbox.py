@@ -667,6 +667,7 @@ class MemoryOutbox(_OutboxCounters):
     disk_full = 0
     boots = 1
     recovered_from: Path | None = None
+    storing = True  # memory never fills a disk
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, is_connected: Callable[[], bool] | None = None):
         if max_bytes <= 0:
