@@ -33,7 +33,7 @@ from typing import Protocol
 
 from edge.backends import fallback_counts
 from edge.config import DaemonConfig, HealthConfig, MetricsConfig, load_config
-from edge.errors import ConfigError, EdgeError, PackageError
+from edge.errors import BackendError, ConfigError, EdgeError, PackageError
 from edge.health import HealthProbes, HttpEndpoint, Metrics, Notifier, Probe, StatsSnapshot
 from edge.jsontypes import JSONObject, JSONValue
 from edge.package import Package
@@ -246,6 +246,7 @@ class Daemon:
         """`cmd/{name}` -> handler; each takes the command's JSON arguments and returns the reply body."""
         return {
             "reload": lambda args: self.reload(args.get("path")),
+            "rollback": lambda args: self.rollback(),
             "selfcheck": lambda args: self.selfcheck(),
             "stats": lambda args: {"stats": self.stats()},
         }
@@ -455,8 +456,10 @@ class Daemon:
     # -- models ----------------------------------------------------------------------------------------------
 
     def _load_verified(self, path: Path, current: ModelSession | None) -> Package:
-        """The package at `path`, hashes and signature verified, and not older than what we accepted."""
-        return self.trust.load(path, current.package.manifest if current is not None else None)
+        """The package at `path`, hashes and signature verified, and not older than what we accepted.
+        Resolved first: the configured `model` is a symlink that a later swap repoints, and a session kept
+        for rollback must still read its own golden files."""
+        return self.trust.load(path.resolve(), current.package.manifest if current is not None else None)
 
     def _open_session(self, package: Package) -> ModelSession:
         return open_session(
@@ -515,6 +518,28 @@ class Daemon:
             self.notifier.status(self._status_line())
             return {**data, "golden": _golden_dict(new)}
 
+    def rollback(self) -> JSONObject:
+        """Serve the previous package again (kept loaded since the last swap) after its self-check passes;
+        the anti-rollback floor stays, with only this package exempt (edge.trust.accept_rollback)."""
+        with self._swap_lock:
+            current, target = self.active, self.previous
+            assert current is not None
+            if target is None:
+                raise ConfigError("rollback: no previous model is kept (there was no model swap since start)")
+            report = target.loaded.self_check()
+            if not report.passed:
+                raise BackendError(f"rollback: the previous model fails its self-check: {report.summary()}")
+            self.trust.accept_rollback(target.package)
+            # The worker reads `self.active` once per frame: this assignment lands between two inferences.
+            self.active, self.previous = target, current
+            self._persist_choice(target.package.root)
+            data: JSONObject = {"from": _info(current), "to": _info(target), "path": str(target.package.root)}
+            log.warning("model rolled back: %s -> %s", current.info["version"], target.info["version"])
+            self.publisher.set_status(self._status("online"))
+            self.publisher.publish_event("model_rolled_back", data)
+            self.notifier.status(self._status_line())
+            return {**data, "golden": report.to_dict()}
+
     def _persist_choice(self, path: Path) -> None:
         """Point the configured `model` symlink at the package now serving, so a restart loads it too (and
         is not refused by the anti-rollback floor). Atomic: a new link renamed over the old one."""
@@ -555,6 +580,8 @@ class Daemon:
         except ImportError:
             pass
         status: JSONObject = {"state": state, "device_id": self.config.device_id, "versions": versions}
+        if self.previous is not None:
+            status["previous_model"] = _info(self.previous)  # what cmd/rollback would serve
         if session is not None:
             status["model"] = _info(session)
             status["runtime"] = {"backend": session.backend_name, "provider": session.provider}

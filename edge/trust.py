@@ -63,23 +63,58 @@ class TrustPolicy:
         if current is not None and current.sequence > floor:
             floor, accepted_from = current.sequence, f"running '{current.name}' {current.version}"
         sequence = package.manifest.sequence
-        if sequence < floor:
+        if sequence < floor and package.manifest_sha256 != self._rolled_back_to():
             raise PackageError(
                 f"{where}: sequence {sequence} is lower than {floor} {accepted_from}: rollback refused"
             )
 
     def accept(self, package: Package) -> None:
-        """Record `package` as serving; its sequence becomes the floor for every later load."""
-        highest = max(self.highest_sequence(), package.manifest.sequence)
-        state = {
-            "highest_sequence": highest,
-            "name": package.manifest.name,
-            "version": package.manifest.version,
-            "sequence": package.manifest.sequence,
+        """Record `package` as serving; its sequence becomes the floor for every later load. The package
+        it replaces is kept in the state as the one `accept_rollback` may return to."""
+        state = self._read_state() or {}
+        current = state.get("current")
+        if isinstance(current, dict) and current.get("manifest_sha256") == package.manifest_sha256:
+            # The same package again (a restart): nothing moves, a rollback's exemption included.
+            self._write_state(package, state.get("previous"), self._rolled_back_to())
+        else:
+            self._write_state(package, current, rolled_back_to=None)
+
+    def accept_rollback(self, package: Package) -> None:
+        """Record an explicit rollback to the package accepted before the current one. The floor stays
+        where it is, with this one package (by manifest hash) exempt from it, so it survives a restart;
+        any other older package is still refused."""
+        state = self._read_state() or {}
+        previous = state.get("previous")
+        if not isinstance(previous, dict) or previous.get("manifest_sha256") != package.manifest_sha256:
+            raise PackageError(
+                f"{package.root / MANIFEST}: rollback: only the package accepted before the current one may "
+                "be rolled back to"
+            )
+        self._write_state(package, state.get("current"), rolled_back_to=package.manifest_sha256)
+
+    def _write_state(self, package: Package, previous: object, rolled_back_to: str | None) -> None:
+        manifest = package.manifest
+        highest = max(self.highest_sequence(), manifest.sequence)
+        current = {
+            "name": manifest.name,
+            "version": manifest.version,
+            "sequence": manifest.sequence,
             "manifest_sha256": package.manifest_sha256,
             "signed": package.signed,
         }
+        state = {
+            "highest_sequence": highest,
+            **current,  # flat copies of the current package, as before `current` existed
+            "current": current,
+            "previous": previous if isinstance(previous, dict) else None,
+            "rolled_back_to": rolled_back_to,
+        }
         _write_atomic(self.state_path, json.dumps(state, indent=2) + "\n")
+
+    def _rolled_back_to(self) -> str | None:
+        state = self._read_state()
+        value = state.get("rolled_back_to") if state else None
+        return value if isinstance(value, str) else None
 
     def highest_sequence(self) -> int:
         state = self._read_state()

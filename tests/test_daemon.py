@@ -520,3 +520,49 @@ def test_with_trusted_keys_only_signed_newer_packages_are_swapped_in(
     (models / "current").symlink_to("v1")
     with pytest.raises(PackageError, match="rollback refused"):
         Daemon.from_config(config).start()
+
+
+def test_rollback_returns_to_the_previous_package_only_and_survives_a_restart(
+    tmp_path: Path, clip: Path, mosquitto: Mosquitto
+) -> None:
+    from edge.signing import generate_keypair, load_private_key
+
+    generate_keypair(tmp_path / "signing.pem", tmp_path / "signing.pub.pem")
+    key = load_private_key(tmp_path / "signing.pem")
+    models = tmp_path / "models"
+    make_tiny_package(models / "v1", version="1.0.0", sequence=5, sign_key=key)
+    make_tiny_package(models / "v2", version="2.0.0", gain=6.0, sequence=6, sign_key=key)
+    make_tiny_package(models / "older", version="0.9.0", sequence=4, sign_key=key)
+    (models / "current").symlink_to("v1")
+    config = _config(
+        tmp_path,
+        models,
+        mosquitto.port,
+        clip,
+        source=_video_source(clip, fps=30),
+        trusted_keys=[str(tmp_path / "signing.pub.pem")],
+        model=str(models / "current"),
+    )
+    with subscribed(mosquitto.port, f"{PREFIX}/#") as sub, running(config) as daemon:
+        reply = _send_command(mosquitto.port, "rollback", {})
+        assert reply["ok"] is False and "no previous model" in reply["error"], reply
+        assert _send_command(mosquitto.port, "reload", {"path": "v2"})["ok"] is True
+        assert sub.wait_for(
+            lambda ss: any(s.get("previous_model", {}).get("version") == "1.0.0" for s in ss),
+            10,
+            suffix="/status",
+        )  # the status names the model serving and the one a rollback would serve
+        reply = _send_command(mosquitto.port, "rollback", {})
+        assert reply["ok"] is True and reply["result"]["to"]["version"] == "1.0.0", reply
+        assert daemon.active is not None and daemon.active.info["version"] == "1.0.0"
+        assert sub.wait_for(
+            lambda es: any(e["event"] == "model_rolled_back" for e in es), 10, suffix="/events"
+        )
+    assert os.readlink(models / "current") == "v1"
+    # The rollback is the one exemption from the floor (sequence 6): a restart serves v1 again, twice ...
+    for _ in range(2):
+        with running(config) as daemon:
+            assert daemon.active is not None and daemon.active.info["version"] == "1.0.0"
+            # ... while any other older package is still refused.
+            reply = _send_command(mosquitto.port, "reload", {"path": "older"})
+            assert reply["ok"] is False and "rollback refused" in reply["error"], reply

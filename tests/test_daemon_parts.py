@@ -125,7 +125,7 @@ def test_commands_are_the_daemons_own_handlers(
     daemon.start()
     try:
         handlers = daemon.command_handlers()
-        assert sorted(handlers) == ["reload", "selfcheck", "stats"]
+        assert sorted(handlers) == ["reload", "rollback", "selfcheck", "stats"]
         check = handlers["selfcheck"]({})
         assert check is not None and check["passed"] is True
         stats = handlers["stats"]({})

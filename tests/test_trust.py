@@ -229,3 +229,21 @@ def test_onnx_external_data_outside_the_package_is_refused(tmp_path, how):
     assert onnx.load(str(model), load_external_data=False).graph.initializer[0].data_location == 1
     with pytest.raises(Exception, match="External data path"):
         ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+
+
+def test_rollback_is_allowed_only_to_the_package_accepted_before(tmp_path, keys, models):
+    policy = policy_for(keys, tmp_path, models)
+    v1 = policy.load(make_package(models / "v1", 1, keys["ours_private"]))
+    policy.accept(v1)
+    v2 = policy.load(make_package(models / "v2", 2, keys["ours_private"]), v1.manifest)
+    policy.accept(v2)
+    v3 = policy.load(make_package(models / "v3", 3, keys["ours_private"]), v2.manifest)
+    policy.accept(v3)
+    with pytest.raises(PackageError, match="only the package accepted before the current one"):
+        policy.accept_rollback(v1)
+    policy.accept_rollback(v2)
+    assert policy.highest_sequence() == 3  # the floor stays
+    restarted = policy_for(keys, tmp_path, models)
+    assert restarted.load(models / "v2").manifest.sequence == 2  # exempt by its manifest hash
+    with pytest.raises(PackageError, match="rollback refused"):
+        restarted.load(models / "v1")

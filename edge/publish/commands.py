@@ -14,7 +14,7 @@ from typing import Any
 
 from edge.errors import EdgeError
 
-COMMAND_NAMES = ("reload", "selfcheck", "stats")
+COMMAND_NAMES = ("reload", "rollback", "selfcheck", "stats")
 MAX_COMMAND_BYTES = 64 * 1024
 
 CommandHandler = Callable[[dict[str, Any]], dict[str, Any] | None]
