@@ -73,9 +73,6 @@ class SampleReader:
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
 
-    def rewind(self) -> None:
-        self._iter = iter(self._feeds)
-
     def __len__(self) -> int:
         return len(self._feeds)
 
