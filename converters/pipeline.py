@@ -34,7 +34,6 @@ from edge.package import Manifest, TensorSpec
 from edge.profiles import DeviceProfile, resolve_profile
 
 log = logging.getLogger(__name__)
-SENSITIVITY_SAMPLES = 8
 HELD_OUT_FRACTION = 0.25
 
 
@@ -479,66 +478,33 @@ def _quantize_and_gate(
         return None, fp32_eval, None, {}, []
     cache = work / "calibration.json"
 
-    def attempt(exclude: list[str], tag: str) -> tuple[Path, accuracy.Evaluation]:
+    def attempt(exclude: list[str], tag: str) -> accuracy.Candidate:
         path = work / f"model.int8.{tag}.onnx"
         quantize_model(prepared, path, calib_feeds, scheme, options.calibration_method, exclude, cache)
         outputs = accuracy.run_onnx(path, evaluation_set.feeds)
-        return path, accuracy.evaluate(task, reference_outputs, outputs, evaluation_set.labels, metric_fn)
+        evaluation = accuracy.evaluate(task, reference_outputs, outputs, evaluation_set.labels, metric_fn)
+        return accuracy.Candidate(path, evaluation)
 
     with stages.stage(f"quantize int8 ({options.calibration_method}, {len(calib_feeds)} samples)") as note:
         prepared = prepare_for_quantization(fp32_path, work)
-        int8_path, evaluation = attempt([], "all")
-        note(f"{evaluation.metric} drop {evaluation.drop_points:.2f} points")
+        chosen = attempt([], "all")
+        note(f"{chosen.evaluation.metric} drop {chosen.evaluation.drop_points:.2f} points")
     sensitivity: dict[str, float] = {}
     excluded: list[str] = []
-    if evaluation.drop_points > options.max_drop:
+    if chosen.evaluation.drop_points > options.max_drop:
         with stages.stage("sensitivity + exclusion search") as note:
-            sensitivity = accuracy.layer_sensitivity(
+            search = accuracy.search_exclusions(
                 prepared.path,
-                int8_path,
-                evaluation_set.feeds[:SENSITIVITY_SAMPLES],
                 prepared.node_names,
-                work,
+                chosen,
+                attempt,
+                max_drop=options.max_drop,
+                feeds=evaluation_set.feeds,
+                work_dir=work,
+                note=note,
             )
-            ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
-            units = accuracy.exclusion_units(prepared.path, ranked, prepared.node_names)
-
-            def first(count: int) -> list[str]:
-                names: list[str] = []
-                for unit in units[:count]:
-                    names.extend(n for n in unit if n not in names)
-                return names
-
-            limit = max(1, len(ranked) // 2)
-            best: tuple[int, Path, accuracy.Evaluation] | None = None
-            trial = evaluation
-            failed_below = 0
-            count = 1
-            while best is None and count <= limit:
-                note(f"keeping {count} of {len(ranked)} weighted nodes in float")
-                path, trial = attempt(first(count), f"x{count}")
-                if trial.drop_points <= options.max_drop:
-                    best = (count, path, trial)
-                else:
-                    failed_below = count
-                    count = limit if count < limit < count * 2 else count * 2
-            if best is None:
-                raise accuracy.GateError(
-                    f"accuracy gate: int8 drops {evaluation.drop_points:.2f} points of {evaluation.metric} "
-                    f"(--max-drop {options.max_drop}); keeping the {limit} most sensitive of {len(ranked)} "
-                    f"weighted nodes in float still drops {trial.drop_points:.2f}"
-                )
-            low, high = failed_below + 1, best[0] - 1
-            while low <= high:  # the fewest exclusions that pass, between the last failure and first pass
-                middle = (low + high) // 2
-                path, trial = attempt(first(middle), f"x{middle}")
-                if trial.drop_points <= options.max_drop:
-                    best, high = (middle, path, trial), middle - 1
-                else:
-                    low = middle + 1
-            count, int8_path, evaluation = best
-            excluded = first(count)
-            note(f"kept {len(excluded)} node(s) in float; drop {evaluation.drop_points:.2f} points")
+            chosen, excluded, sensitivity = search.chosen, search.excluded, search.sensitivity
+    int8_path, evaluation = chosen.path, chosen.evaluation
     quant_info = {
         "scheme": scheme.scheme,
         "activations": scheme.activations,
