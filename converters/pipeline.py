@@ -23,6 +23,7 @@ from converters.calibration import SampleSet, load_samples, resolve_input_specs
 from converters.packaging import (
     GOLDEN_SAMPLES,
     ArtifactFile,
+    GoldenSet,
     PackageSpec,
     golden_tolerance,
     measure_latency_ms,
@@ -30,7 +31,7 @@ from converters.packaging import (
 )
 from converters.sources import LoadedSource, load_source, resolve_callable
 from edge.errors import ConfigError, EdgeError
-from edge.package import Manifest, TensorSpec
+from edge.package import Manifest, Quantization, TensorSpec
 from edge.profiles import DeviceProfile, resolve_profile
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,8 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
 
     artifacts = [ArtifactFile(fp32_path, "model.fp32.onnx", "onnx", "fp32")]
     if int8_path is not None:
-        artifacts.insert(0, ArtifactFile(int8_path, "model.int8.onnx", "onnx", "int8", quant_info))
+        quantization = Quantization.model_validate(quant_info)
+        artifacts.insert(0, ArtifactFile(int8_path, "model.int8.onnx", "onnx", "int8", quantization))
     tflite_metrics: dict[str, Any] = {}
     tflite_outputs: accuracy.Outputs = []
     if "tflite" in formats:
@@ -271,9 +273,7 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
         inputs=inputs,
         outputs=outputs,
         artifacts=artifacts,
-        golden_feeds=golden_feeds,
-        golden_outputs=golden_outputs,
-        tolerance=tolerance,
+        golden=GoldenSet(golden_feeds, golden_outputs, tolerance),
         postprocess=_postprocess(task),
         labels=labels,
         pruning=pruning,
@@ -293,12 +293,7 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
             spec.extra_files["report"] = report_dir
             report_path = options.out / "report" / "report.md"
     with stages.stage("package"):
-        sign_key = None
-        if options.sign_key is not None:
-            from edge.signing import load_private_key
-
-            sign_key = load_private_key(options.sign_key)
-        manifest = write_package(options.out, spec, sign_key, options.sequence)
+        manifest = write_package(options.out, spec, sign_key=options.sign_key, sequence=options.sequence)
     return ConvertResult(
         options.out, manifest, gate_passed, int8_eval, stages.records, sensitivity, excluded, report_path
     )
@@ -673,21 +668,19 @@ def _package_tflite(
         s.model_copy(update={"shape": list(o.shape)}) for s, o in zip(source.outputs, outputs[0], strict=True)
     ]
     task = options.task or _guess_task(out_specs)
-    precision = (
-        "int8" if any(np.dtype(s.dtype).kind in "iu" for s in source.outputs + source.inputs) else "fp32"
-    )
+    quantized_io = any(np.dtype(s.dtype).kind in "iu" for s in source.outputs + source.inputs)
+    precision: Literal["int8", "fp32"] = "int8" if quantized_io else "fp32"
     spec = PackageSpec(
         name=source.name,
         task=task,
         inputs=inputs,
         outputs=out_specs,
         artifacts=[ArtifactFile(source.path, source.path.name, "tflite", precision)],
-        golden_feeds=feeds,
-        golden_outputs=outputs,
-        tolerance={
-            "atol": 1e-3 * max(1.0, max(float(np.max(np.abs(o))) for o in outputs[0])),
-            "cosine": 0.99,
-        },
+        golden=GoldenSet(
+            feeds,
+            outputs,
+            {"atol": 1e-3 * max(1.0, max(float(np.max(np.abs(o))) for o in outputs[0])), "cosine": 0.99},
+        ),
         postprocess=_postprocess(task),
         labels=labels,
         metrics={
@@ -698,11 +691,6 @@ def _package_tflite(
         profile=profile.name,
     )
     with stages.stage("package"):
-        sign_key = None
-        if options.sign_key is not None:
-            from edge.signing import load_private_key
-
-            sign_key = load_private_key(options.sign_key)
-        manifest = write_package(options.out, spec, sign_key, options.sequence)
+        manifest = write_package(options.out, spec, sign_key=options.sign_key, sequence=options.sequence)
     evaluation = accuracy.Evaluation("none", 0.0)
     return ConvertResult(options.out, manifest, True, evaluation, stages.records)
