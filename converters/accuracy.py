@@ -314,3 +314,90 @@ def _activations(
         for name in collected:
             collected[name].append(np.asarray(values[name]))
     return collected
+
+
+# Exclusion search --------------------------------------------------------------------------------------
+
+SENSITIVITY_SAMPLES = 8  # evaluation samples that rank the nodes: enough to order them, cheap to run
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A quantized model and how it scored against the reference."""
+
+    path: Path
+    evaluation: Evaluation
+
+
+@dataclass(frozen=True)
+class ExclusionResult:
+    chosen: Candidate  # the passing model that keeps the fewest nodes in float
+    excluded: list[str]  # the nodes it keeps in float
+    sensitivity: dict[str, float]  # weighted node -> quantization error it adds (dB, `layer_sensitivity`)
+
+
+# (nodes to keep in float, tag for the file name) -> the re-quantized model, scored
+Requantize = Callable[[list[str], str], Candidate]
+
+
+def search_exclusions(
+    float_path: Path,
+    weighted: list[str],
+    failed: Candidate,
+    requantize: Requantize,
+    *,
+    max_drop: float,
+    feeds: list[dict[str, np.ndarray]],
+    work_dir: Path,
+    note: Callable[[str], None],
+) -> ExclusionResult:
+    """The fewest of the most sensitive weighted nodes that, kept in float, bring int8 within `max_drop`.
+
+    `failed` is `float_path` fully quantized, over the limit. Nodes are ranked by `layer_sensitivity` on
+    the first SENSITIVITY_SAMPLES `feeds`; the count kept in float doubles up to half the weighted nodes
+    until one passes, then bisection between the last failure and that pass finds the fewest. GateError
+    when half of them in float still fails."""
+    sensitivity = layer_sensitivity(float_path, failed.path, feeds[:SENSITIVITY_SAMPLES], weighted, work_dir)
+    ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
+    units = exclusion_units(float_path, ranked, weighted)
+
+    def first(count: int) -> list[str]:
+        names: list[str] = []
+        for unit in units[:count]:
+            names.extend(n for n in unit if n not in names)
+        return names
+
+    def passes(candidate: Candidate) -> bool:
+        return candidate.evaluation.drop_points <= max_drop
+
+    limit = max(1, len(ranked) // 2)
+    best: tuple[int, Candidate] | None = None
+    trial = failed
+    failed_below = 0
+    count = 1
+    while best is None and count <= limit:
+        note(f"keeping {count} of {len(ranked)} weighted nodes in float")
+        trial = requantize(first(count), f"x{count}")
+        if passes(trial):
+            best = (count, trial)
+        else:
+            failed_below = count
+            count = limit if count < limit < count * 2 else count * 2
+    if best is None:
+        raise GateError(
+            f"accuracy gate: int8 drops {failed.evaluation.drop_points:.2f} points of "
+            f"{failed.evaluation.metric} (--max-drop {max_drop}); keeping the {limit} most sensitive of "
+            f"{len(ranked)} weighted nodes in float still drops {trial.evaluation.drop_points:.2f}"
+        )
+    low, high = failed_below + 1, best[0] - 1
+    while low <= high:  # the fewest exclusions that pass, between the last failure and first pass
+        middle = (low + high) // 2
+        trial = requantize(first(middle), f"x{middle}")
+        if passes(trial):
+            best, high = (middle, trial), middle - 1
+        else:
+            low = middle + 1
+    count, chosen = best
+    excluded = first(count)
+    note(f"kept {len(excluded)} node(s) in float; drop {chosen.evaluation.drop_points:.2f} points")
+    return ExclusionResult(chosen, excluded, sensitivity)

@@ -1,4 +1,5 @@
-"""Write the model package (DESIGN.md 2.2): artifacts, manifest with measured metrics, golden data, labels.
+"""Write the model package (DESIGN.md 2.2): artifacts, manifest with measured metrics, golden data, labels,
+signature. `write_package` is the one place that does it, for converted and as-is (.tflite) sources alike.
 
 Everything is written inside `edge.package.staged_package`, so a failure leaves no half package behind and
 an existing package at the destination is replaced only at the very end.
@@ -12,7 +13,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from edge.package import (
     Artifact,
     Golden,
     Manifest,
+    Quantization,
     TensorSpec,
     describe_file,
     load_package,
@@ -29,19 +31,32 @@ from edge.package import (
 )
 
 GOLDEN_SAMPLES = 4
+ArtifactFormat = Literal["onnx", "tflite"]
+Precision = Literal["fp32", "fp16", "int8"]
+Json = dict[str, object]  # a JSON object of the manifest (metrics, pruning record, post-processing)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ArtifactFile:
     """A finished artifact in the work directory, copied into the package under `name`."""
 
     source: Path
     name: str
-    format: str
-    precision: str
-    quantization: dict[str, Any] | None = None
-    inputs: list[TensorSpec] | None = None
+    format: ArtifactFormat
+    precision: Precision
+    quantization: Quantization | None = None
+    inputs: list[TensorSpec] | None = None  # the file's own I/O where it differs from the package's
     outputs: list[TensorSpec] | None = None
+
+
+@dataclass(frozen=True)
+class GoldenSet:
+    """Samples the runtime replays before it serves: inputs, the shipped model's outputs, and how close
+    every backend and artifact must come to them."""
+
+    feeds: list[dict[str, np.ndarray]]
+    outputs: list[list[np.ndarray]]  # per sample, per model output
+    tolerance: dict[str, float]
 
 
 @dataclass
@@ -51,13 +66,11 @@ class PackageSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     artifacts: list[ArtifactFile]
-    golden_feeds: list[dict[str, np.ndarray]]
-    golden_outputs: list[list[np.ndarray]]
-    tolerance: dict[str, float]
-    postprocess: dict[str, Any] = field(default_factory=dict)
+    golden: GoldenSet
+    postprocess: Json = field(default_factory=dict)
     labels: list[str] | None = None
-    pruning: dict[str, Any] | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
+    pruning: Json | None = None
+    metrics: Json = field(default_factory=dict)
     profile: str | None = None
     extra_files: dict[str, Path] = field(default_factory=dict)  # package-relative name -> file (report)
 
@@ -127,10 +140,16 @@ def git_short_hash() -> str:
 
 
 def write_package(
-    out_dir: Path, spec: PackageSpec, sign_key: bytes | None = None, sequence: int | None = None
+    out_dir: Path, spec: PackageSpec, *, sign_key: Path | None = None, sequence: int | None = None
 ) -> Manifest:
-    """`sequence` is the signed anti-rollback counter devices compare (default: build time in Unix
-    seconds, so a later build always outranks an earlier one)."""
+    """Write `spec` as the package `out_dir`, signed with the ed25519 PEM `sign_key` when given, and check
+    that the runtime loads it. `sequence` is the signed anti-rollback counter devices compare (default:
+    build time in Unix seconds, so a later build always outranks an earlier one)."""
+    private_key = None
+    if sign_key is not None:
+        from edge.signing import load_private_key
+
+        private_key = load_private_key(sign_key)
     with staged_package(out_dir) as root:
         artifacts = []
         for artifact in spec.artifacts:
@@ -147,15 +166,14 @@ def write_package(
                 )
             )
         (root / "golden").mkdir()
-        golden_inputs: dict[str, Any] = {
-            s.name: np.concatenate([f[s.name] for f in spec.golden_feeds]) for s in spec.inputs
-        }
-        golden_outputs: dict[str, Any] = {
-            o.name: np.concatenate([sample[i] for sample in spec.golden_outputs])
+        golden_inputs = {s.name: np.concatenate([f[s.name] for f in spec.golden.feeds]) for s in spec.inputs}
+        golden_outputs = {
+            o.name: np.concatenate([sample[i] for sample in spec.golden.outputs])
             for i, o in enumerate(spec.outputs)
         }
-        np.savez(root / "golden" / "inputs.npz", **golden_inputs)
-        np.savez(root / "golden" / "outputs.npz", **golden_outputs)
+        # Numeric arrays only, as the runtime loads them (np.load refuses pickles).
+        np.savez(root / "golden" / "inputs.npz", allow_pickle=False, **golden_inputs)
+        np.savez(root / "golden" / "outputs.npz", allow_pickle=False, **golden_outputs)
         labels_name = None
         if spec.labels:
             labels_name = "labels.txt"
@@ -179,10 +197,12 @@ def write_package(
             labels=labels_name,
             pruning=spec.pruning,
             metrics=spec.metrics,
-            golden=Golden(inputs="golden/inputs.npz", outputs="golden/outputs.npz", tolerance=spec.tolerance),
+            golden=Golden(
+                inputs="golden/inputs.npz", outputs="golden/outputs.npz", tolerance=spec.golden.tolerance
+            ),
             profile=spec.profile,
             sequence=int(time.time()) if sequence is None else sequence,
         )
-        write_manifest(root, manifest, sign_key=sign_key)
+        write_manifest(root, manifest, sign_key=private_key)
         load_package(root)  # refuse to publish anything the runtime would refuse
     return manifest

@@ -1,20 +1,24 @@
 """The `edge-convert` stages, in order, each shown with a rich progress line and timed for the report:
 
-load -> [prune -> distill] -> export ONNX -> quantize int8 -> accuracy gate (+ exclusion search) ->
-[TFLite] -> measure -> package -> [report].
+load -> [prune -> distill] -> export ONNX -> check fp32 -> quantize int8 -> accuracy gate (+ exclusion
+search) -> [TFLite] -> measure -> [report] -> package.
+
+Every stage reads the `RunContext` the load stage fixed and returns its own small typed result; `_convert`
+is the sequence of them.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -23,6 +27,8 @@ from converters.calibration import SampleSet, load_samples, resolve_input_specs
 from converters.packaging import (
     GOLDEN_SAMPLES,
     ArtifactFile,
+    GoldenSet,
+    Json,
     PackageSpec,
     golden_tolerance,
     measure_latency_ms,
@@ -30,12 +36,16 @@ from converters.packaging import (
 )
 from converters.sources import LoadedSource, load_source, resolve_callable
 from edge.errors import ConfigError, EdgeError
-from edge.package import Manifest, TensorSpec
+from edge.package import Manifest, Quantization, TensorSpec
 from edge.profiles import DeviceProfile, resolve_profile
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
-SENSITIVITY_SAMPLES = 8
 HELD_OUT_FRACTION = 0.25
+Feed = dict[str, np.ndarray]  # one sample: input name -> a batch of one
+Note = Callable[[str], None]  # sets the text beside a stage's progress line
 
 
 @dataclass
@@ -110,7 +120,7 @@ class Stages:
         self.progress.stop()
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[Any]:
+    def stage(self, name: str) -> Iterator[Note]:
         task = self.progress.add_task(name, total=1)
         start = time.perf_counter()
 
@@ -127,12 +137,138 @@ class Stages:
         self.progress.update(task, completed=1)
 
 
+# What the stages share and what they return -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything the load stage fixed and every later stage reads.
+
+    A `.tflite` SOURCE is packaged as it is: `calib_feeds` is empty and `evaluation_set` holds whichever
+    samples were given (`--calib`, else `--eval`, else none), which become its golden inputs."""
+
+    options: ConvertOptions
+    profile: DeviceProfile
+    formats: list[str]
+    source: LoadedSource
+    inputs: list[TensorSpec]
+    labels: list[str] | None
+    metric_fn: accuracy.MetricFn | None
+    calib_feeds: list[Feed]
+    evaluation_set: SampleSet
+    work: Path
+    stages: Stages
+
+    def score(self, baseline: Baseline, outputs: accuracy.Outputs) -> accuracy.Evaluation:
+        """A candidate's outputs on the evaluation samples against the reference's."""
+        return accuracy.evaluate(
+            baseline.task, baseline.outputs, outputs, self.evaluation_set.labels, self.metric_fn
+        )
+
+    def passes(self, evaluation: accuracy.Evaluation) -> bool:
+        return evaluation.drop_points <= self.options.max_drop
+
+
+@dataclass(frozen=True)
+class FloatModels:
+    """The fp32 ONNX models: the reference every candidate is measured against, and the model to compress
+    (the same file unless pruning or distillation changed the torch module)."""
+
+    reference_path: Path
+    fp32_path: Path
+    torch_model: torch.nn.Module | None = None  # the module behind `fp32_path`, for the TFLite export
+    pruning: Json | None = None  # the manifest's `pruning` record
+    export: Json | None = None  # exporter, opset, difference to torch
+
+    @property
+    def changed(self) -> bool:
+        return self.fp32_path != self.reference_path
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The reference on the evaluation samples ("check fp32"), which every candidate is scored against."""
+
+    outputs: accuracy.Outputs
+    output_specs: list[TensorSpec]
+    task: str
+    fp32_eval: accuracy.Evaluation  # the float model to compress, against the reference
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """The model that passed the gate: int8, or for fp16/fp32 profiles the float model as it is (no path)."""
+
+    path: Path | None
+    evaluation: accuracy.Evaluation
+    quantization: Quantization | None = None
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TfliteResult:
+    artifact: ArtifactFile
+    metrics: Json
+    outputs: accuracy.Outputs  # on the evaluation samples, so that the golden tolerance covers the .tflite
+
+
+@dataclass(frozen=True)
+class Measurements:
+    latency: dict[str, dict[str, float]]  # model -> p50/p90 ms
+    sizes: dict[str, int]  # model -> bytes
+    golden: GoldenSet
+
+
+# The run --------------------------------------------------------------------------------------------------
+
+
 def convert(options: ConvertOptions) -> ConvertResult:
     with tempfile.TemporaryDirectory(prefix="edge-convert-") as tmp, Stages(options.quiet) as stages:
         return _convert(options, Path(tmp), stages)
 
 
 def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResult:
+    run = _load(options, work, stages)
+    if run.source.kind == "tflite":
+        return _package_tflite(run)
+    floats = _float_models(run)
+    baseline = _check_fp32(run, floats)
+    shipped = _quantize_and_gate(run, baseline, floats.fp32_path)
+    tflite = _export_tflite(run, baseline, floats.torch_model) if "tflite" in run.formats else None
+    measured = _measure(run, floats, shipped, tflite)
+    metrics = _metrics(run, floats, baseline, shipped, tflite, measured)
+    report_dir = _report(run, floats, baseline, shipped, measured, metrics) if options.report else None
+    manifest = _package(
+        run,
+        PackageSpec(
+            name=run.source.name,
+            task=baseline.task,
+            inputs=run.inputs,
+            outputs=baseline.output_specs,
+            artifacts=_artifacts(floats, shipped, tflite),
+            golden=measured.golden,
+            postprocess=_postprocess(baseline.task),
+            labels=run.labels,
+            pruning=floats.pruning,
+            metrics=metrics,
+            profile=run.profile.name,
+            extra_files={"report": report_dir} if report_dir is not None else {},
+        ),
+    )
+    return ConvertResult(
+        options.out,
+        manifest,
+        run.passes(shipped.evaluation),
+        shipped.evaluation,
+        stages.records,
+        shipped.sensitivity,
+        shipped.excluded,
+        options.out / "report" / "report.md" if report_dir is not None else None,
+    )
+
+
+def _load(options: ConvertOptions, work: Path, stages: Stages) -> RunContext:
     if not 0 <= options.prune < 1:
         raise ConfigError(f"--prune {options.prune}: must be in [0, 1)")
     with stages.stage("load"):
@@ -165,147 +301,33 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
             _check_torch_accepts(source.module, inputs)
         calib = load_samples(options.calib, inputs, "--calib", labels) if options.calib else None
         evaluation_set = load_samples(options.eval, inputs, "--eval", labels) if options.eval else None
+    calib_feeds: list[Feed] = []
     if source.kind == "tflite":
-        return _package_tflite(options, source, inputs, calib or evaluation_set, labels, profile, stages)
-    if calib is None:
-        raise ConfigError("--calib is required to quantize: a folder of images or an .npz of input tensors")
-    if evaluation_set is None:
-        calib, evaluation_set = calib.split(HELD_OUT_FRACTION)
-    calib_feeds = calib.feeds[: options.max_calibration_samples]
-
-    reference_path = work / "reference.fp32.onnx"
-    fp32_path = work / "model.fp32.onnx"
-    pruning: dict[str, Any] | None = None
-    export_info: dict[str, Any] = {}
-    tflite_model: Any = None
-    if source.kind == "torch":
-        teacher = source.module
-        student = teacher
-        if options.prune > 0:
-            student, pruning = _prune(
-                options, teacher, calib_feeds, inputs, stages, profile.pruning.channel_multiple
-            )
-        if options.distill_steps > 0:
-            student = _distill(options, student, teacher, calib_feeds, stages, pruning)
-        with stages.stage("export onnx") as note:
-            from converters.export import export_onnx
-
-            names = [s.name for s in inputs]
-            exported = export_onnx(teacher, calib_feeds, names, reference_path)
-            export_info = {
-                "exporter": exported.exporter,
-                "opset": exported.opset,
-                "max_abs_diff_vs_torch": float(f"{exported.max_abs_diff:.3g}"),
-                "tolerance": exported.tolerance,
-            }
-            note(f"{exported.exporter} opset {exported.opset}, max |ort-torch| {exported.max_abs_diff:.2g}")
-            if student is not teacher:
-                export_onnx(student, calib_feeds, names, fp32_path, exported.output_names)
-            else:
-                fp32_path = reference_path
-        tflite_model = student
+        evaluation_set = calib if calib is not None else evaluation_set
     else:
-        assert source.path is not None
-        reference_path = fp32_path = source.path
-
-    with stages.stage("check fp32"):
-        reference_outputs = accuracy.run_onnx(reference_path, evaluation_set.feeds)
-        outputs = _output_specs(reference_path, reference_outputs[0])
-        task = options.task or _guess_task(outputs)
-        fp32_outputs = (
-            reference_outputs
-            if fp32_path == reference_path
-            else accuracy.run_onnx(fp32_path, evaluation_set.feeds)
-        )
-        fp32_eval = accuracy.evaluate(task, reference_outputs, fp32_outputs, evaluation_set.labels, metric_fn)
-
-    int8_path, int8_eval, quant_info, sensitivity, excluded = _quantize_and_gate(
-        options, profile, fp32_path, fp32_eval, calib_feeds, evaluation_set, reference_outputs, task, work,
-        stages, metric_fn,
-    )  # fmt: skip
-
-    artifacts = [ArtifactFile(fp32_path, "model.fp32.onnx", "onnx", "fp32")]
-    if int8_path is not None:
-        artifacts.insert(0, ArtifactFile(int8_path, "model.int8.onnx", "onnx", "int8", quant_info))
-    tflite_metrics: dict[str, Any] = {}
-    tflite_outputs: accuracy.Outputs = []
-    if "tflite" in formats:
-        tflite_artifacts, tflite_metrics, tflite_outputs = _export_tflite(
-            options, source, tflite_model, calib_feeds, evaluation_set, reference_outputs, inputs, task, work,
-            stages, metric_fn,
-        )  # fmt: skip
-        artifacts.extend(tflite_artifacts)
-
-    with stages.stage("measure") as note:
-        shipped = int8_path or fp32_path
-        paths = {"fp32": reference_path, "int8": shipped}
-        if fp32_path != reference_path:
-            paths["pruned_fp32"] = fp32_path
-        latency = measure_latency_ms(paths, evaluation_set.feeds[0])
-        sizes = {"fp32": reference_path.stat().st_size, "int8": shipped.stat().st_size}
-        if fp32_path != reference_path:
-            sizes["pruned_fp32"] = fp32_path.stat().st_size
-        note(f"int8/fp32 latency {latency['int8']['p50'] / latency['fp32']['p50']:.2f}x")
-        golden_feeds = evaluation_set.feeds[:GOLDEN_SAMPLES]
-        golden_outputs = accuracy.run_onnx(shipped, golden_feeds)
-        others = [accuracy.run_onnx(fp32_path, golden_feeds)] if int8_path is not None else []
-        if tflite_outputs:  # the .tflite is checked against the same golden outputs at load
-            others.append(tflite_outputs[:GOLDEN_SAMPLES])
-        tolerance = golden_tolerance(golden_outputs, others)
-    metrics = _metrics(task, int8_eval, fp32_eval, latency, sizes, len(evaluation_set))
-    if export_info:
-        metrics["export"] = export_info
-    if tflite_metrics:
-        metrics["tflite_int8"] = tflite_metrics
-    gate_passed = int8_eval.drop_points <= options.max_drop
-    metrics["stage_seconds"] = {record.name: round(record.seconds, 2) for record in stages.records}
-    metrics["gate"] = {
-        "metric": int8_eval.metric,
-        "drop_points": round(int8_eval.drop_points, 3),
-        "max_drop": options.max_drop,
-        "passed": gate_passed,
-    }
-    name = source.name
-    spec = PackageSpec(
-        name=name,
-        task=task,
+        if calib is None:
+            raise ConfigError(
+                "--calib is required to quantize: a folder of images or an .npz of input tensors"
+            )
+        if evaluation_set is None:
+            calib, evaluation_set = calib.split(HELD_OUT_FRACTION)
+        calib_feeds = calib.feeds[: options.max_calibration_samples]
+    return RunContext(
+        options=options,
+        profile=profile,
+        formats=formats,
+        source=source,
         inputs=inputs,
-        outputs=outputs,
-        artifacts=artifacts,
-        golden_feeds=golden_feeds,
-        golden_outputs=golden_outputs,
-        tolerance=tolerance,
-        postprocess=_postprocess(task),
         labels=labels,
-        pruning=pruning,
-        metrics=metrics,
-        profile=profile.name,
-    )
-    report_path = None
-    if options.report:
-        with stages.stage("report"):
-            from converters.report import write_report
-
-            report_dir = work / "report"
-            write_report(
-                report_dir, name, stages.records, latency, sizes, int8_eval, fp32_eval, sensitivity, excluded,
-                metrics, pruning,
-            )  # fmt: skip
-            spec.extra_files["report"] = report_dir
-            report_path = options.out / "report" / "report.md"
-    with stages.stage("package"):
-        sign_key = None
-        if options.sign_key is not None:
-            from edge.signing import load_private_key
-
-            sign_key = load_private_key(options.sign_key)
-        manifest = write_package(options.out, spec, sign_key, options.sequence)
-    return ConvertResult(
-        options.out, manifest, gate_passed, int8_eval, stages.records, sensitivity, excluded, report_path
+        metric_fn=metric_fn,
+        calib_feeds=calib_feeds,
+        evaluation_set=evaluation_set if evaluation_set is not None else SampleSet([]),
+        work=work,
+        stages=stages,
     )
 
 
-def _check_torch_accepts(module: Any, inputs: list[TensorSpec]) -> None:
+def _check_torch_accepts(module: torch.nn.Module, inputs: list[TensorSpec]) -> None:
     """Run the factory's module once on zeros of the given shapes: a wrong `--input-shape` fails here with
     the model's own complaint instead of deep inside an exporter."""
     import torch
@@ -347,7 +369,7 @@ def _guess_task(outputs: list[TensorSpec]) -> str:
     return "raw"
 
 
-def _postprocess(task: str) -> dict[str, Any]:
+def _postprocess(task: str) -> Json:
     if task == "classification":
         return {"type": "classification", "softmax": True, "top_k": 5}
     if task == "detection":
@@ -355,24 +377,36 @@ def _postprocess(task: str) -> dict[str, Any]:
     return {"type": "raw"}
 
 
-def _prune(
-    options: ConvertOptions,
-    teacher: Any,
-    feeds: list[dict[str, np.ndarray]],
-    inputs: list[TensorSpec],
-    stages: Stages,
-    channel_multiple: int,
-) -> tuple[Any, dict[str, Any]]:
+# Float models: [prune -> distill] -> export ONNX -> check fp32 ----------------------------------------------
+
+
+def _float_models(run: RunContext) -> FloatModels:
+    if run.source.kind != "torch":
+        assert run.source.path is not None
+        return FloatModels(run.source.path, run.source.path)
+    teacher = run.source.module
+    student, pruning = teacher, None
+    if run.options.prune > 0:
+        student, pruning = _prune(run, teacher)
+    if run.options.distill_steps > 0:
+        student = _distill(run, student, teacher, pruning)
+    return dataclasses.replace(_export_onnx(run, teacher, student), pruning=pruning)
+
+
+def _prune(run: RunContext, teacher: torch.nn.Module) -> tuple[torch.nn.Module, Json]:
     import torch
 
-    with stages.stage(f"prune {options.prune_mode} {options.prune}") as note:
+    options, feeds, channel_multiple = run.options, run.calib_feeds, run.profile.pruning.channel_multiple
+    with run.stages.stage(f"prune {options.prune_mode} {options.prune}") as note:
         try:
             from converters.prune import prune_model
         except ImportError as exc:
             raise ConfigError(f"--prune: pruning is not available in this install ({exc})") from exc
-        example = tuple(torch.from_numpy(feeds[0][s.name]) for s in inputs)
+        example = tuple(torch.from_numpy(feeds[0][s.name]) for s in run.inputs)
         calibration = [
-            tuple(torch.from_numpy(np.concatenate([f[s.name] for f in feeds[i : i + 16]])) for s in inputs)
+            tuple(
+                torch.from_numpy(np.concatenate([f[s.name] for f in feeds[i : i + 16]])) for s in run.inputs
+            )
             for i in range(0, len(feeds), 16)
         ]
         result = prune_model(
@@ -384,7 +418,7 @@ def _prune(
             calibration=calibration,
         )
         note(f"MACs x{result.macs_after / max(result.macs_before, 1):.2f}")
-        info = {
+        info: Json = {
             "mode": result.mode,
             "ratio": result.ratio,
             "macs_before": int(result.macs_before),
@@ -404,14 +438,11 @@ def _prune(
 
 
 def _distill(
-    options: ConvertOptions,
-    student: Any,
-    teacher: Any,
-    feeds: list[dict[str, np.ndarray]],
-    stages: Stages,
-    pruning: dict[str, Any] | None,
-) -> Any:
-    with stages.stage(f"distill {options.distill_steps} steps") as note:
+    run: RunContext, student: torch.nn.Module, teacher: torch.nn.Module, pruning: Json | None
+) -> torch.nn.Module:
+    """Train `student` towards `teacher` on the calibration feeds; records what it did in `pruning`."""
+    options, feeds = run.options, run.calib_feeds
+    with run.stages.stage(f"distill {options.distill_steps} steps") as note:
         try:
             from converters.distill import distill
         except ImportError as exc:
@@ -421,7 +452,7 @@ def _distill(
         if student is teacher:
             student = copy.deepcopy(teacher)
 
-        def on_step(step: int, loss: float, *_: Any) -> None:
+        def on_step(step: int, loss: float) -> None:
             note(f"step {step}/{options.distill_steps} loss {loss:.4f}")
 
         names = list(feeds[0])
@@ -453,156 +484,141 @@ def _distill(
         return result.model.eval()
 
 
-def _quantize_and_gate(
-    options: ConvertOptions,
-    profile: DeviceProfile,
-    fp32_path: Path,
-    fp32_eval: accuracy.Evaluation,
-    calib_feeds: list[dict[str, np.ndarray]],
-    evaluation_set: SampleSet,
-    reference_outputs: accuracy.Outputs,
-    task: str,
-    work: Path,
-    stages: Stages,
-    metric_fn: accuracy.MetricFn | None,
-) -> tuple[Path | None, accuracy.Evaluation, dict[str, Any] | None, dict[str, float], list[str]]:
+def _export_onnx(run: RunContext, teacher: torch.nn.Module, student: torch.nn.Module) -> FloatModels:
+    """The teacher as the reference; the student beside it when pruning or distillation changed it."""
+    reference_path = run.work / "reference.fp32.onnx"
+    fp32_path = run.work / "model.fp32.onnx"
+    with run.stages.stage("export onnx") as note:
+        from converters.export import export_onnx
+
+        names = [s.name for s in run.inputs]
+        exported = export_onnx(teacher, run.calib_feeds, names, reference_path)
+        info: Json = {
+            "exporter": exported.exporter,
+            "opset": exported.opset,
+            "max_abs_diff_vs_torch": float(f"{exported.max_abs_diff:.3g}"),
+            "tolerance": exported.tolerance,
+        }
+        note(f"{exported.exporter} opset {exported.opset}, max |ort-torch| {exported.max_abs_diff:.2g}")
+        if student is not teacher:
+            export_onnx(student, run.calib_feeds, names, fp32_path, exported.output_names)
+        else:
+            fp32_path = reference_path
+    return FloatModels(reference_path, fp32_path, torch_model=student, export=info)
+
+
+def _check_fp32(run: RunContext, floats: FloatModels) -> Baseline:
+    feeds = run.evaluation_set.feeds
+    with run.stages.stage("check fp32"):
+        reference_outputs = accuracy.run_onnx(floats.reference_path, feeds)
+        outputs = _output_specs(floats.reference_path, reference_outputs[0])
+        task = run.options.task or _guess_task(outputs)
+        fp32_outputs = accuracy.run_onnx(floats.fp32_path, feeds) if floats.changed else reference_outputs
+        fp32_eval = accuracy.evaluate(
+            task, reference_outputs, fp32_outputs, run.evaluation_set.labels, run.metric_fn
+        )
+    return Baseline(reference_outputs, outputs, task, fp32_eval)
+
+
+# Compressed models: quantize int8 behind the gate, [TFLite] ------------------------------------------------
+
+
+def _quantize_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> Quantized:
     from converters.quantize import prepare_for_quantization, quantize_model
 
-    scheme = profile.quantization
-    if fp32_eval.drop_points > options.max_drop:
+    options, scheme, work = run.options, run.profile.quantization, run.work
+    fp32_eval = baseline.fp32_eval
+    if not run.passes(fp32_eval):
         raise accuracy.GateError(
             f"accuracy gate: the float model before quantization already drops {fp32_eval.drop_points:.2f} "
             f"points of {fp32_eval.metric} (--max-drop {options.max_drop}); prune less or distill longer"
         )
     if scheme.precision != "int8":
         # fp16/fp32 profiles (GPUs) ship the float model; its gate is the float model against the reference.
-        return None, fp32_eval, None, {}, []
+        return Quantized(None, fp32_eval)
     cache = work / "calibration.json"
+    feeds = run.calib_feeds
 
-    def attempt(exclude: list[str], tag: str) -> tuple[Path, accuracy.Evaluation]:
+    def attempt(exclude: list[str], tag: str) -> accuracy.Candidate:
         path = work / f"model.int8.{tag}.onnx"
-        quantize_model(prepared, path, calib_feeds, scheme, options.calibration_method, exclude, cache)
-        outputs = accuracy.run_onnx(path, evaluation_set.feeds)
-        return path, accuracy.evaluate(task, reference_outputs, outputs, evaluation_set.labels, metric_fn)
+        quantize_model(prepared, path, feeds, scheme, options.calibration_method, exclude, cache)
+        return accuracy.Candidate(
+            path, run.score(baseline, accuracy.run_onnx(path, run.evaluation_set.feeds))
+        )
 
-    with stages.stage(f"quantize int8 ({options.calibration_method}, {len(calib_feeds)} samples)") as note:
+    with run.stages.stage(f"quantize int8 ({options.calibration_method}, {len(feeds)} samples)") as note:
         prepared = prepare_for_quantization(fp32_path, work)
-        int8_path, evaluation = attempt([], "all")
-        note(f"{evaluation.metric} drop {evaluation.drop_points:.2f} points")
+        chosen = attempt([], "all")
+        note(f"{chosen.evaluation.metric} drop {chosen.evaluation.drop_points:.2f} points")
     sensitivity: dict[str, float] = {}
     excluded: list[str] = []
-    if evaluation.drop_points > options.max_drop:
-        with stages.stage("sensitivity + exclusion search") as note:
-            sensitivity = accuracy.layer_sensitivity(
+    if not run.passes(chosen.evaluation):
+        with run.stages.stage("sensitivity + exclusion search") as note:
+            search = accuracy.search_exclusions(
                 prepared.path,
-                int8_path,
-                evaluation_set.feeds[:SENSITIVITY_SAMPLES],
                 prepared.node_names,
-                work,
+                chosen,
+                attempt,
+                max_drop=options.max_drop,
+                feeds=run.evaluation_set.feeds,
+                work_dir=work,
+                note=note,
             )
-            ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
-            units = accuracy.exclusion_units(prepared.path, ranked, prepared.node_names)
-
-            def first(count: int) -> list[str]:
-                names: list[str] = []
-                for unit in units[:count]:
-                    names.extend(n for n in unit if n not in names)
-                return names
-
-            limit = max(1, len(ranked) // 2)
-            best: tuple[int, Path, accuracy.Evaluation] | None = None
-            trial = evaluation
-            failed_below = 0
-            count = 1
-            while best is None and count <= limit:
-                note(f"keeping {count} of {len(ranked)} weighted nodes in float")
-                path, trial = attempt(first(count), f"x{count}")
-                if trial.drop_points <= options.max_drop:
-                    best = (count, path, trial)
-                else:
-                    failed_below = count
-                    count = limit if count < limit < count * 2 else count * 2
-            if best is None:
-                raise accuracy.GateError(
-                    f"accuracy gate: int8 drops {evaluation.drop_points:.2f} points of {evaluation.metric} "
-                    f"(--max-drop {options.max_drop}); keeping the {limit} most sensitive of {len(ranked)} "
-                    f"weighted nodes in float still drops {trial.drop_points:.2f}"
-                )
-            low, high = failed_below + 1, best[0] - 1
-            while low <= high:  # the fewest exclusions that pass, between the last failure and first pass
-                middle = (low + high) // 2
-                path, trial = attempt(first(middle), f"x{middle}")
-                if trial.drop_points <= options.max_drop:
-                    best, high = (middle, path, trial), middle - 1
-                else:
-                    low = middle + 1
-            count, int8_path, evaluation = best
-            excluded = first(count)
-            note(f"kept {len(excluded)} node(s) in float; drop {evaluation.drop_points:.2f} points")
-    quant_info = {
-        "scheme": scheme.scheme,
-        "activations": scheme.activations,
-        "weights": scheme.weights,
-        "per_channel": scheme.per_channel,
-        "reduce_range": scheme.reduce_range,
-        "bias_correction": True,  # quantize_model's default, used by every attempt above
-        "calibration": {"method": options.calibration_method, "samples": len(calib_feeds)},
-        "excluded_nodes": excluded,
-        "opset": {"source": prepared.opset_before, "quantized": prepared.opset_after},
-        "folded_constants": prepared.folded_constants,
-    }
-    return int8_path, evaluation, quant_info, sensitivity, excluded
+            chosen, excluded, sensitivity = search.chosen, search.excluded, search.sensitivity
+    quantization = Quantization.model_validate(
+        {
+            "scheme": scheme.scheme,
+            "activations": scheme.activations,
+            "weights": scheme.weights,
+            "per_channel": scheme.per_channel,
+            "reduce_range": scheme.reduce_range,
+            "bias_correction": True,  # quantize_model's default, used by every attempt above
+            "calibration": {"method": options.calibration_method, "samples": len(feeds)},
+            "excluded_nodes": excluded,
+            "opset": {"source": prepared.opset_before, "quantized": prepared.opset_after},
+            "folded_constants": prepared.folded_constants,
+        }
+    )
+    return Quantized(chosen.path, chosen.evaluation, quantization, sensitivity, excluded)
 
 
-def _export_tflite(
-    options: ConvertOptions,
-    source: LoadedSource,
-    model: Any,
-    calib_feeds: list[dict[str, np.ndarray]],
-    evaluation_set: SampleSet,
-    reference_outputs: accuracy.Outputs,
-    inputs: list[TensorSpec],
-    task: str,
-    work: Path,
-    stages: Stages,
-    metric_fn: accuracy.MetricFn | None,
-) -> tuple[list[ArtifactFile], dict[str, Any], accuracy.Outputs]:
-    """The int8 .tflite beside the ONNX artifacts, held to the same accuracy gate against fp32; also its
-    outputs on the evaluation samples, so the golden tolerance covers it."""
-    if source.kind != "torch" or model is None:
+def _export_tflite(run: RunContext, baseline: Baseline, model: torch.nn.Module | None) -> TfliteResult | None:
+    """The int8 .tflite beside the ONNX artifacts, held to the same accuracy gate against fp32."""
+    if run.source.kind != "torch" or model is None:
         log.warning("--formats tflite: only torch factory sources can be exported to TFLite; skipped")
-        return [], {}, []
+        return None
     import torch
 
-    with stages.stage("export tflite int8") as note:
+    with run.stages.stage("export tflite int8") as note:
         try:
             from converters.tflite import TfliteRunner, export_tflite, to_channel_last
         except ImportError as exc:
             raise ConfigError(
                 f"--formats tflite: TFLite export is not available in this install ({exc})"
             ) from exc
-        if len(inputs) != 1:
+        if len(run.inputs) != 1:
             raise ConfigError("--formats tflite: int8 TFLite export supports single-input models")
-        name = inputs[0].name
-        example = (torch.from_numpy(calib_feeds[0][name]),)
+        name = run.inputs[0].name
+        feeds = run.calib_feeds
+        example = (torch.from_numpy(feeds[0][name]),)
         exported = export_tflite(
-            model, example, work / "model.int8.tflite", "int8", [f[name] for f in calib_feeds]
+            model, example, run.work / "model.int8.tflite", "int8", [f[name] for f in feeds]
         )
         runner = TfliteRunner(exported.path, threads=2)
         outputs = []
         times = []
-        for feed in evaluation_set.feeds:
+        for feed in run.evaluation_set.feeds:
             start = time.perf_counter()
             outputs.append([np.asarray(o) for o in runner([to_channel_last(feed[name])])])
             times.append((time.perf_counter() - start) * 1000)
-        evaluation = accuracy.evaluate(task, reference_outputs, outputs, evaluation_set.labels, metric_fn)
+        evaluation = run.score(baseline, outputs)
         note(f"{evaluation.metric} drop {evaluation.drop_points:.2f} points")
-        if evaluation.drop_points > options.max_drop:
+        if not run.passes(evaluation):
             raise accuracy.GateError(
                 f"accuracy gate: the int8 TFLite drops {evaluation.drop_points:.2f} points of {evaluation.metric} "
-                f"(--max-drop {options.max_drop}); ship ONNX only with --formats onnx"
+                f"(--max-drop {run.options.max_drop}); ship ONNX only with --formats onnx"
             )
-        metrics = {
+        metrics: Json = {
             **_finite(evaluation.details),
             "drop_points": round(evaluation.drop_points, 3),
             "latency_ms_p50": round(float(np.median(times)), 3),
@@ -613,15 +629,38 @@ def _export_tflite(
         keep = ("color", "resize", "mean", "std")
         tflite_inputs = [
             spec.model_copy(update={k: getattr(package_input, k) for k in keep if getattr(spec, k) is None})
-            for spec, package_input in zip(exported.inputs, inputs, strict=False)
+            for spec, package_input in zip(exported.inputs, run.inputs, strict=False)
         ]
         artifact = ArtifactFile(
             Path(exported.path), "model.int8.tflite", "tflite", "int8", None, tflite_inputs, exported.outputs
         )
-        return [artifact], metrics, outputs
+        return TfliteResult(artifact, metrics, outputs)
 
 
-def _finite(details: dict[str, Any]) -> dict[str, Any]:
+# Measure, report, package ---------------------------------------------------------------------------------
+
+
+def _measure(
+    run: RunContext, floats: FloatModels, shipped: Quantized, tflite: TfliteResult | None
+) -> Measurements:
+    with run.stages.stage("measure") as note:
+        shipped_path = shipped.path or floats.fp32_path
+        paths = {"fp32": floats.reference_path, "int8": shipped_path}
+        if floats.changed:
+            paths["pruned_fp32"] = floats.fp32_path
+        latency = measure_latency_ms(paths, run.evaluation_set.feeds[0])
+        sizes = {key: path.stat().st_size for key, path in paths.items()}
+        note(f"int8/fp32 latency {latency['int8']['p50'] / latency['fp32']['p50']:.2f}x")
+        golden_feeds = run.evaluation_set.feeds[:GOLDEN_SAMPLES]
+        golden_outputs = accuracy.run_onnx(shipped_path, golden_feeds)
+        others = [accuracy.run_onnx(floats.fp32_path, golden_feeds)] if shipped.path is not None else []
+        if tflite is not None:  # the .tflite is checked against the same golden outputs at load
+            others.append(tflite.outputs[:GOLDEN_SAMPLES])
+        tolerance = golden_tolerance(golden_outputs, others)
+    return Measurements(latency, sizes, GoldenSet(golden_feeds, golden_outputs, tolerance))
+
+
+def _finite(details: dict[str, float]) -> dict[str, float | None]:
     """JSON has no NaN: a measure without data (no confident samples) is null."""
     return {
         k: (
@@ -636,47 +675,101 @@ def _finite(details: dict[str, Any]) -> dict[str, Any]:
 
 
 def _metrics(
-    task: str,
-    int8_eval: accuracy.Evaluation,
-    fp32_eval: accuracy.Evaluation,
-    latency: dict[str, dict[str, float]],
-    sizes: dict[str, int],
-    samples: int,
-) -> dict[str, Any]:
-    rounded = _finite(int8_eval.details)
-    metrics: dict[str, Any] = {
-        "fp32": _finite(fp32_eval.details),
+    run: RunContext,
+    floats: FloatModels,
+    baseline: Baseline,
+    shipped: Quantized,
+    tflite: TfliteResult | None,
+    measured: Measurements,
+) -> Json:
+    """The manifest's `metrics`: accuracy of both models, latency, size, the gate and the stage times."""
+    latency, sizes = measured.latency, measured.sizes
+    rounded = _finite(shipped.evaluation.details)
+    metrics: Json = {
+        "fp32": _finite(baseline.fp32_eval.details),
         "int8": rounded,
-        "eval_samples": samples,
+        "eval_samples": len(run.evaluation_set),
         "latency_ms": latency,
         "size_bytes": sizes,
         "latency_ratio_int8_fp32": round(latency["int8"]["p50"] / latency["fp32"]["p50"], 3),
         "size_ratio_int8_fp32": round(sizes["int8"] / sizes["fp32"], 3),
     }
-    if task == "classification":
+    if baseline.task == "classification":
         metrics["agreement_top1"] = rounded.get("agreement_top1", 0.0)
+    if floats.export is not None:
+        metrics["export"] = floats.export
+    if tflite is not None:
+        metrics["tflite_int8"] = tflite.metrics
+    metrics["stage_seconds"] = {record.name: round(record.seconds, 2) for record in run.stages.records}
+    metrics["gate"] = {
+        "metric": shipped.evaluation.metric,
+        "drop_points": round(shipped.evaluation.drop_points, 3),
+        "max_drop": run.options.max_drop,
+        "passed": run.passes(shipped.evaluation),
+    }
     return metrics
 
 
-def _package_tflite(
-    options: ConvertOptions,
-    source: LoadedSource,
-    inputs: list[TensorSpec],
-    samples: SampleSet | None,
-    labels: list[str] | None,
-    profile: DeviceProfile,
-    stages: Stages,
-) -> ConvertResult:
+def _report(
+    run: RunContext,
+    floats: FloatModels,
+    baseline: Baseline,
+    shipped: Quantized,
+    measured: Measurements,
+    metrics: Json,
+) -> Path:
+    """report.md with its plots, in the work directory; the package copies it."""
+    with run.stages.stage("report"):
+        from converters.report import write_report
+
+        report_dir = run.work / "report"
+        write_report(
+            report_dir,
+            run.source.name,
+            run.stages.records,
+            measured.latency,
+            measured.sizes,
+            shipped.evaluation,
+            baseline.fp32_eval,
+            shipped.sensitivity,
+            shipped.excluded,
+            metrics,
+            floats.pruning,
+        )
+        return report_dir
+
+
+def _artifacts(floats: FloatModels, shipped: Quantized, tflite: TfliteResult | None) -> list[ArtifactFile]:
+    """The shipped model first: a runtime whose profile precision has no artifact takes the first one."""
+    artifacts = [ArtifactFile(floats.fp32_path, "model.fp32.onnx", "onnx", "fp32")]
+    if shipped.path is not None:
+        artifacts.insert(
+            0, ArtifactFile(shipped.path, "model.int8.onnx", "onnx", "int8", shipped.quantization)
+        )
+    if tflite is not None:
+        artifacts.append(tflite.artifact)
+    return artifacts
+
+
+def _package(run: RunContext, spec: PackageSpec) -> Manifest:
+    with run.stages.stage("package"):
+        return write_package(
+            run.options.out, spec, sign_key=run.options.sign_key, sequence=run.options.sequence
+        )
+
+
+def _package_tflite(run: RunContext) -> ConvertResult:
     """A .tflite is shipped as it is: check it loads and runs, record golden outputs, no gate to pass."""
     from ai_edge_litert.interpreter import Interpreter
 
+    source, inputs = run.source, run.inputs
     assert source.path is not None
-    with stages.stage("check tflite") as note:
+    with run.stages.stage("check tflite") as note:
         interpreter = Interpreter(model_path=str(source.path), num_threads=2)
         interpreter.allocate_tensors()
         in_details, out_details = interpreter.get_input_details(), interpreter.get_output_details()
-        if samples is not None:
-            feeds = samples.feeds[:GOLDEN_SAMPLES]
+        if run.evaluation_set.feeds:
+            feeds = run.evaluation_set.feeds[:GOLDEN_SAMPLES]
         else:
             rng = np.random.default_rng(0)
             feeds = [
@@ -706,37 +799,30 @@ def _package_tflite(
     out_specs = [
         s.model_copy(update={"shape": list(o.shape)}) for s, o in zip(source.outputs, outputs[0], strict=True)
     ]
-    task = options.task or _guess_task(out_specs)
-    precision = (
-        "int8" if any(np.dtype(s.dtype).kind in "iu" for s in source.outputs + source.inputs) else "fp32"
-    )
+    task = run.options.task or _guess_task(out_specs)
+    quantized_io = any(np.dtype(s.dtype).kind in "iu" for s in source.outputs + source.inputs)
+    precision: Literal["int8", "fp32"] = "int8" if quantized_io else "fp32"
+    tolerance = {
+        "atol": 1e-3 * max(1.0, max(float(np.max(np.abs(o))) for o in outputs[0])),
+        "cosine": 0.99,
+    }
     spec = PackageSpec(
         name=source.name,
         task=task,
         inputs=inputs,
         outputs=out_specs,
         artifacts=[ArtifactFile(source.path, source.path.name, "tflite", precision)],
-        golden_feeds=feeds,
-        golden_outputs=outputs,
-        tolerance={
-            "atol": 1e-3 * max(1.0, max(float(np.max(np.abs(o))) for o in outputs[0])),
-            "cosine": 0.99,
-        },
+        golden=GoldenSet(feeds, outputs, tolerance),
         postprocess=_postprocess(task),
-        labels=labels,
+        labels=run.labels,
         metrics={
             "latency_ms": {precision: {"p50": round(float(np.median(times)), 3)}},
             "size_bytes": {precision: source.path.stat().st_size},
             "gate": {"metric": "none", "passed": True, "note": "a .tflite source is packaged as it is"},
         },
-        profile=profile.name,
+        profile=run.profile.name,
     )
-    with stages.stage("package"):
-        sign_key = None
-        if options.sign_key is not None:
-            from edge.signing import load_private_key
-
-            sign_key = load_private_key(options.sign_key)
-        manifest = write_package(options.out, spec, sign_key, options.sequence)
-    evaluation = accuracy.Evaluation("none", 0.0)
-    return ConvertResult(options.out, manifest, True, evaluation, stages.records)
+    manifest = _package(run, spec)
+    return ConvertResult(
+        run.options.out, manifest, True, accuracy.Evaluation("none", 0.0), run.stages.records
+    )

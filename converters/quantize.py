@@ -24,18 +24,22 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 
 from edge.errors import EdgeError
 from edge.profiles import QuantizationScheme
 
+if TYPE_CHECKING:
+    import onnx
+
 MIN_PER_CHANNEL_OPSET = 13
 TARGET_OPSET = 17
 CalibrationMethodName = Literal["minmax", "percentile", "entropy"]
 # Nodes with weights: the ones per-layer sensitivity ranks and the gate may keep in float.
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+AttributeValue = TypeVar("AttributeValue", int, float)
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +77,15 @@ class SampleReader:
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
 
-    def rewind(self) -> None:
-        self._iter = iter(self._feeds)
-
     def __len__(self) -> int:
         return len(self._feeds)
 
 
-def _opset(model: Any) -> int:
+def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def fold_constant_nodes(model: Any) -> int:
+def fold_constant_nodes(model: onnx.ModelProto) -> int:
     """Move tensor-valued Constant nodes into initializers (in place); returns how many moved."""
     from onnx import numpy_helper
 
@@ -103,7 +104,7 @@ def fold_constant_nodes(model: Any) -> int:
     return moved
 
 
-def name_nodes(model: Any) -> None:
+def name_nodes(model: onnx.ModelProto) -> None:
     used = {n.name for n in model.graph.node if n.name}
     for index, node in enumerate(model.graph.node):
         if not node.name:
@@ -207,7 +208,7 @@ def _quantize_static(
         "percentile": CalibrationMethod.Percentile,
         "entropy": CalibrationMethod.Entropy,
     }
-    extra: dict[str, Any] = {"ActivationSymmetric": scheme.activations == "int8", "WeightSymmetric": True}
+    extra: dict[str, bool] = {"ActivationSymmetric": scheme.activations == "int8", "WeightSymmetric": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -232,13 +233,14 @@ def _quantize_static(
 # Bias correction ---------------------------------------------------------------------------------------
 
 
-def _attribute(node: Any, name: str, default: Any) -> Any:
+def _attribute(node: onnx.NodeProto, name: str, default: AttributeValue) -> AttributeValue:
+    """The node's attribute `name`, or `default`; the caller states the type by its default."""
     from onnx import helper
 
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def dequantized_weights(model: Any) -> dict[str, np.ndarray]:
+def dequantized_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Weighted node name -> its weight as the int8 model computes with it (DequantizeLinear applied)."""
     from onnx import numpy_helper
 
@@ -263,7 +265,7 @@ def dequantized_weights(model: Any) -> dict[str, np.ndarray]:
 
 
 def input_channel_means(
-    model: Any, node_names: list[str], feeds: list[dict[str, np.ndarray]]
+    model: onnx.ModelProto, node_names: list[str], feeds: list[dict[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
     """Mean of each node's data input per channel (axis 1 of NCHW, last axis of 2-D) over the samples."""
     import onnx

@@ -9,10 +9,18 @@ import numpy as np
 import onnx
 import pytest
 
-from converters.accuracy import cosine, run_onnx
+from converters.accuracy import (
+    Candidate,
+    ExclusionResult,
+    GateError,
+    cosine,
+    evaluate,
+    run_onnx,
+    search_exclusions,
+)
 from converters.quantize import per_channel_weight_scales, prepare_for_quantization, quantize_model
 from edge.profiles import load_profile
-from tests.assets_models import photo_crops, tiny_classifier
+from tests.assets_models import outlier_model, photo_crops, tiny_classifier
 
 
 def _feeds(count: int, size: int = 32) -> list[dict[str, np.ndarray]]:
@@ -178,3 +186,48 @@ def test_x86_without_vnni_quantizes_weights_to_seven_bits(tmp_path: Path, profil
         if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8
     ]
     assert weights and max(int(np.abs(w).max()) for w in weights) == limit
+
+
+def _outlier_search(tmp_path: Path, max_drop: float) -> tuple[ExclusionResult, list[list[str]]]:
+    """`search_exclusions` on the graph int8 ruins at `mix`, re-quantizing for real and scoring by cosine."""
+    source = outlier_model(tmp_path / "outlier.onnx")
+    prepared = prepare_for_quantization(source, tmp_path)
+    scheme = load_profile("x86-64-vnni").quantization
+    feeds = _feeds(12, size=16)
+    reference = run_onnx(source, feeds)
+    tried: list[list[str]] = []
+
+    def requantize(exclude: list[str], tag: str) -> Candidate:
+        tried.append(exclude)
+        path = quantize_model(prepared, tmp_path / f"int8.{tag}.onnx", feeds, scheme, exclude=exclude).path
+        return Candidate(path, evaluate("raw", reference, run_onnx(path, feeds)))
+
+    failed = requantize([], "all")
+    assert failed.evaluation.drop_points > 1.0  # the graph is built so that full int8 fails
+    search = search_exclusions(
+        prepared.path,
+        prepared.node_names,
+        failed,
+        requantize,
+        max_drop=max_drop,
+        feeds=feeds,
+        work_dir=tmp_path,
+        note=lambda _: None,
+    )
+    return search, tried
+
+
+def test_exclusion_search_keeps_the_fewest_sensitive_nodes_in_float(tmp_path: Path) -> None:
+    search, tried = _outlier_search(tmp_path, max_drop=1.0)
+    assert search.chosen.evaluation.drop_points <= 1.0
+    assert "mix" in search.excluded and "head" not in search.excluded
+    assert set(search.sensitivity) == {"spread", "mix", "head"}
+    assert max(search.sensitivity, key=lambda n: search.sensitivity[n]) == "mix"
+    # `mix` with the nodes back to its weighted producer, found at the first try: no further attempts
+    assert search.excluded == ["mix", "spread_relu", "spread"] and tried == [[], search.excluded]
+    assert set(per_channel_weight_scales(search.chosen.path)) == {"head"}  # the others kept float weights
+
+
+def test_exclusion_search_that_cannot_pass_names_the_limit(tmp_path: Path) -> None:
+    with pytest.raises(GateError, match=r"keeping the 1 most sensitive of 3 weighted nodes in float still"):
+        _outlier_search(tmp_path, max_drop=-1.0)
