@@ -191,8 +191,8 @@ def open_session(
 ) -> ModelSession:
     """Load a verified package, golden-check and warm it up. Raises EdgeError subclasses."""
     from edge.backends import load_model
-    from edge.processing.postprocess import make_postprocessor
     from edge.processing.preprocess import ImagePreprocessor
+    from edge.tasks import make_decoder
 
     loaded = load_model(package, profile, backend=backend, threads=threads, on_event=on_event)
     try:
@@ -212,7 +212,7 @@ def open_session(
         session = ModelSession(
             package=package,
             loaded=loaded,
-            postprocess=make_postprocessor(package.manifest, package.labels()),
+            postprocess=make_decoder(package.manifest, package.labels()),
             image_pre=image_pre,
             sensor_pre=sensor_pre,
             input_name=spec.name,
