@@ -27,6 +27,7 @@ from edge.package import (
     utc_now,
     write_manifest,
 )
+from edge.tasks.base import TaskConfig
 
 GOLDEN_SAMPLES = 4
 
@@ -54,7 +55,7 @@ class PackageSpec:
     golden_feeds: list[dict[str, np.ndarray]]
     golden_outputs: list[list[np.ndarray]]
     tolerance: dict[str, float]
-    postprocess: dict[str, Any] = field(default_factory=dict)
+    postprocess: TaskConfig
     labels: list[str] | None = None
     pruning: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)

@@ -32,6 +32,10 @@ from converters.sources import LoadedSource, load_source, resolve_callable
 from edge.errors import ConfigError, EdgeError
 from edge.package import Manifest, TensorSpec
 from edge.profiles import DeviceProfile, resolve_profile
+from edge.tasks.base import Decoder, DecoderContext, TaskConfig
+from edge.tasks.classification import ClassificationConfig
+from edge.tasks.detection import YoloConfig
+from edge.tasks.raw import RawConfig
 
 log = logging.getLogger(__name__)
 SENSITIVITY_SAMPLES = 8
@@ -212,16 +216,20 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
         reference_outputs = accuracy.run_onnx(reference_path, evaluation_set.feeds)
         outputs = _output_specs(reference_path, reference_outputs[0])
         task = options.task or _guess_task(outputs)
+        postprocess = _postprocess(task)
+        decoder = postprocess.decoder(DecoderContext.from_specs(inputs, outputs, labels))
         fp32_outputs = (
             reference_outputs
             if fp32_path == reference_path
             else accuracy.run_onnx(fp32_path, evaluation_set.feeds)
         )
-        fp32_eval = accuracy.evaluate(task, reference_outputs, fp32_outputs, evaluation_set.labels, metric_fn)
+        fp32_eval = accuracy.evaluate(
+            task, reference_outputs, fp32_outputs, evaluation_set.labels, metric_fn, decoder=decoder
+        )
 
     int8_path, int8_eval, quant_info, sensitivity, excluded = _quantize_and_gate(
         options, profile, fp32_path, fp32_eval, calib_feeds, evaluation_set, reference_outputs, task, work,
-        stages, metric_fn,
+        stages, metric_fn, decoder,
     )  # fmt: skip
 
     artifacts = [ArtifactFile(fp32_path, "model.fp32.onnx", "onnx", "fp32")]
@@ -232,7 +240,7 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
     if "tflite" in formats:
         tflite_artifacts, tflite_metrics, tflite_outputs = _export_tflite(
             options, source, tflite_model, calib_feeds, evaluation_set, reference_outputs, inputs, task, work,
-            stages, metric_fn,
+            stages, metric_fn, decoder,
         )  # fmt: skip
         artifacts.extend(tflite_artifacts)
 
@@ -275,7 +283,7 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
         golden_feeds=golden_feeds,
         golden_outputs=golden_outputs,
         tolerance=tolerance,
-        postprocess=_postprocess(task),
+        postprocess=postprocess,
         labels=labels,
         pruning=pruning,
         metrics=metrics,
@@ -347,12 +355,12 @@ def _guess_task(outputs: list[TensorSpec]) -> str:
     return "raw"
 
 
-def _postprocess(task: str) -> dict[str, Any]:
+def _postprocess(task: str) -> TaskConfig:
     if task == "classification":
-        return {"type": "classification", "softmax": True, "top_k": 5}
+        return ClassificationConfig(type="classification", softmax=True, top_k=5)
     if task == "detection":
-        return {"type": "detection", "score_threshold": accuracy.CONFIDENT, "iou_threshold": 0.5}
-    return {"type": "raw"}
+        return YoloConfig(type="detection", score_threshold=accuracy.CONFIDENT, iou_threshold=0.5)
+    return RawConfig(type="raw")
 
 
 def _prune(
@@ -465,6 +473,7 @@ def _quantize_and_gate(
     work: Path,
     stages: Stages,
     metric_fn: accuracy.MetricFn | None,
+    decoder: Decoder,
 ) -> tuple[Path | None, accuracy.Evaluation, dict[str, Any] | None, dict[str, float], list[str]]:
     from converters.quantize import prepare_for_quantization, quantize_model
 
@@ -483,7 +492,9 @@ def _quantize_and_gate(
         path = work / f"model.int8.{tag}.onnx"
         quantize_model(prepared, path, calib_feeds, scheme, options.calibration_method, exclude, cache)
         outputs = accuracy.run_onnx(path, evaluation_set.feeds)
-        return path, accuracy.evaluate(task, reference_outputs, outputs, evaluation_set.labels, metric_fn)
+        return path, accuracy.evaluate(
+            task, reference_outputs, outputs, evaluation_set.labels, metric_fn, decoder=decoder
+        )
 
     with stages.stage(f"quantize int8 ({options.calibration_method}, {len(calib_feeds)} samples)") as note:
         prepared = prepare_for_quantization(fp32_path, work)
@@ -566,6 +577,7 @@ def _export_tflite(
     work: Path,
     stages: Stages,
     metric_fn: accuracy.MetricFn | None,
+    decoder: Decoder,
 ) -> tuple[list[ArtifactFile], dict[str, Any], accuracy.Outputs]:
     """The int8 .tflite beside the ONNX artifacts, held to the same accuracy gate against fp32; also its
     outputs on the evaluation samples, so the golden tolerance covers it."""
@@ -595,7 +607,9 @@ def _export_tflite(
             start = time.perf_counter()
             outputs.append([np.asarray(o) for o in runner([to_channel_last(feed[name])])])
             times.append((time.perf_counter() - start) * 1000)
-        evaluation = accuracy.evaluate(task, reference_outputs, outputs, evaluation_set.labels, metric_fn)
+        evaluation = accuracy.evaluate(
+            task, reference_outputs, outputs, evaluation_set.labels, metric_fn, decoder=decoder
+        )
         note(f"{evaluation.metric} drop {evaluation.drop_points:.2f} points")
         if evaluation.drop_points > options.max_drop:
             raise accuracy.GateError(
