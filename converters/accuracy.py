@@ -8,7 +8,8 @@ Scores are in 0..1 where 1.0 means "as good as the reference"; the drop is in po
   so a few dozen unlabelled photos resolve well below one point, where plain agreement moves in steps of
   1/n. Agreement overall and where fp32 is confident (max softmax >= CONFIDENT) are reported beside it;
 - raw outputs: 1 - mean cosine similarity of the outputs (SNR in dB reported too);
-- detection: 1 - box mAP@0.5 of the candidate's detections against fp32's;
+- detection: 1 - box mAP@0.5 of the candidate's detections against fp32's, both decoded by the runtime's
+  own decoder for the package's `postprocess` (edge.tasks);
 - `--metric FILE.py:fn`: 1 - fn(reference, candidate).
 """
 
@@ -22,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from edge.errors import EdgeError
+from edge.tasks.base import Decoder, Result
+from edge.tasks.detection import iou_one_to_many
 
 CONFIDENT = 0.3
 Outputs = list[list[np.ndarray]]  # per sample, per model output
@@ -128,41 +131,27 @@ def raw(reference: Outputs, candidate: Outputs) -> Evaluation:
     return Evaluation("output_cosine", 100 * (1 - mean_cos), details)
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of x1,y1,x2,y2 boxes (N,4) x (M,4)."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return np.asarray(inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12))
-
-
 Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N,4), scores (N,), classes (N,)
 
 
-def decode_detections(outputs: list[np.ndarray], threshold: float = CONFIDENT) -> Detections:
-    """Decoded-detector conventions: one (1,N,6) x1,y1,x2,y2,score,class tensor; one (1,N,4+C) tensor of
-    boxes and per-class scores; or boxes (1,N,4) beside scores (1,N) / (1,N,C)."""
-    if len(outputs) == 1:
-        table = outputs[0].reshape(-1, outputs[0].shape[-1]).astype(np.float64)
-        if table.shape[1] == 6:
-            boxes, scores, classes = table[:, :4], table[:, 4], table[:, 5].astype(int)
-        elif table.shape[1] > 4:
-            boxes, per_class = table[:, :4], table[:, 4:]
-            scores, classes = per_class.max(axis=1), per_class.argmax(axis=1)
-        else:
-            raise EdgeError(
-                f"detection output of shape {list(outputs[0].shape)}: expected (1,N,6) or (1,N,4+C)"
-            )
-    else:
-        boxes = outputs[0].reshape(-1, 4).astype(np.float64)
-        score_table = outputs[1].reshape(boxes.shape[0], -1).astype(np.float64)
-        scores, classes = score_table.max(axis=1), score_table.argmax(axis=1)
-    keep = scores >= threshold
-    return boxes[keep], scores[keep], classes[keep]
+def detections(result: Result) -> Detections:
+    """The boxes, scores and class indexes of a runtime detection result (edge.tasks.detection)."""
+    rows = result.get("detections")
+    if not isinstance(rows, list):
+        raise EdgeError(f"detection gate: the decoder gave a '{result.get('type')}' result, no detections")
+    boxes, scores, classes = [], [], []
+    for row in rows:
+        assert isinstance(row, dict)
+        box, score, index = row["box"], row["score"], row["index"]
+        assert isinstance(box, list) and isinstance(score, float) and isinstance(index, int)
+        boxes.append(box)
+        scores.append(score)
+        classes.append(index)
+    return (
+        np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+        np.asarray(scores, dtype=np.float64),
+        np.asarray(classes, dtype=np.int64),
+    )
 
 
 def average_precision(truth: list[Detections], predicted: list[Detections], iou: float = 0.5) -> float:
@@ -181,7 +170,7 @@ def average_precision(truth: list[Detections], predicted: list[Detections], iou:
             used = np.zeros(len(gt), dtype=bool)
             for order in np.argsort(-scores):
                 if len(gt):
-                    overlaps = box_iou(preds[order : order + 1], gt)[0]
+                    overlaps = iou_one_to_many(preds[order], gt)
                     overlaps[used] = -1
                     best = int(np.argmax(overlaps))
                     if overlaps[best] >= iou:
@@ -199,9 +188,11 @@ def average_precision(truth: list[Detections], predicted: list[Detections], iou:
     return float(np.mean(aps))
 
 
-def detection(reference: Outputs, candidate: Outputs) -> Evaluation:
-    truth = [decode_detections(s) for s in reference]
-    predicted = [decode_detections(s, threshold=0.05) for s in candidate]
+def detection(reference: Outputs, candidate: Outputs, decoder: Decoder) -> Evaluation:
+    """Box mAP@0.5 of the candidate against fp32, both decoded by the package's own runtime decoder, so
+    the gate measures the boxes a device would publish."""
+    truth = [detections(decoder(sample, None)) for sample in reference]
+    predicted = [detections(decoder(sample, None)) for sample in candidate]
     box_map = average_precision(truth, predicted)
     evaluation = raw(reference, candidate)
     evaluation.details["map50_vs_fp32"] = box_map
@@ -214,14 +205,19 @@ def evaluate(
     candidate: Outputs,
     labels: list[int] | None = None,
     metric_fn: MetricFn | None = None,
+    *,
+    decoder: Decoder | None = None,
 ) -> Evaluation:
+    """`decoder` is the package's post-processing (edge.tasks); the detection gate needs it."""
     if metric_fn is not None:
         score = float(metric_fn(reference, candidate))
         return Evaluation("user_metric", 100 * (1 - score), {"user_metric": score})
     if task == "classification":
         return classification(reference, candidate, labels)
     if task == "detection":
-        return detection(reference, candidate)
+        if decoder is None:
+            raise ValueError("the detection gate decodes with the package's decoder: pass decoder=")
+        return detection(reference, candidate, decoder)
     return raw(reference, candidate)
 
 

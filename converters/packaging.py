@@ -29,6 +29,7 @@ from edge.package import (
     utc_now,
     write_manifest,
 )
+from edge.tasks.base import TaskConfig
 
 GOLDEN_SAMPLES = 4
 ArtifactFormat = Literal["onnx", "tflite"]
@@ -67,7 +68,7 @@ class PackageSpec:
     outputs: list[TensorSpec]
     artifacts: list[ArtifactFile]
     golden: GoldenSet
-    postprocess: Json = field(default_factory=dict)
+    postprocess: TaskConfig
     labels: list[str] | None = None
     pruning: Json | None = None
     metrics: Json = field(default_factory=dict)

@@ -38,6 +38,10 @@ from converters.sources import LoadedSource, load_source, resolve_callable
 from edge.errors import ConfigError, EdgeError
 from edge.package import Manifest, Quantization, TensorSpec
 from edge.profiles import DeviceProfile, resolve_profile
+from edge.tasks.base import Decoder, DecoderContext, TaskConfig
+from edge.tasks.classification import ClassificationConfig
+from edge.tasks.detection import YoloConfig
+from edge.tasks.raw import RawConfig
 
 if TYPE_CHECKING:
     import torch
@@ -162,7 +166,12 @@ class RunContext:
     def score(self, baseline: Baseline, outputs: accuracy.Outputs) -> accuracy.Evaluation:
         """A candidate's outputs on the evaluation samples against the reference's."""
         return accuracy.evaluate(
-            baseline.task, baseline.outputs, outputs, self.evaluation_set.labels, self.metric_fn
+            baseline.task,
+            baseline.outputs,
+            outputs,
+            self.evaluation_set.labels,
+            self.metric_fn,
+            decoder=baseline.decoder,
         )
 
     def passes(self, evaluation: accuracy.Evaluation) -> bool:
@@ -192,6 +201,8 @@ class Baseline:
     outputs: accuracy.Outputs
     output_specs: list[TensorSpec]
     task: str
+    postprocess: TaskConfig  # what goes into the manifest; the gate decodes with the same decoder
+    decoder: Decoder
     fp32_eval: accuracy.Evaluation  # the float model to compress, against the reference
 
 
@@ -248,7 +259,7 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
             outputs=baseline.output_specs,
             artifacts=_artifacts(floats, shipped, tflite),
             golden=measured.golden,
-            postprocess=_postprocess(baseline.task),
+            postprocess=baseline.postprocess,
             labels=run.labels,
             pruning=floats.pruning,
             metrics=metrics,
@@ -369,12 +380,12 @@ def _guess_task(outputs: list[TensorSpec]) -> str:
     return "raw"
 
 
-def _postprocess(task: str) -> Json:
+def _postprocess(task: str) -> TaskConfig:
     if task == "classification":
-        return {"type": "classification", "softmax": True, "top_k": 5}
+        return ClassificationConfig(type="classification", softmax=True, top_k=5)
     if task == "detection":
-        return {"type": "detection", "score_threshold": accuracy.CONFIDENT, "iou_threshold": 0.5}
-    return {"type": "raw"}
+        return YoloConfig(type="detection", score_threshold=accuracy.CONFIDENT, iou_threshold=0.5)
+    return RawConfig(type="raw")
 
 
 # Float models: [prune -> distill] -> export ONNX -> check fp32 ----------------------------------------------
@@ -513,11 +524,13 @@ def _check_fp32(run: RunContext, floats: FloatModels) -> Baseline:
         reference_outputs = accuracy.run_onnx(floats.reference_path, feeds)
         outputs = _output_specs(floats.reference_path, reference_outputs[0])
         task = run.options.task or _guess_task(outputs)
+        postprocess = _postprocess(task)
+        decoder = postprocess.decoder(DecoderContext.from_specs(run.inputs, outputs, run.labels))
         fp32_outputs = accuracy.run_onnx(floats.fp32_path, feeds) if floats.changed else reference_outputs
         fp32_eval = accuracy.evaluate(
-            task, reference_outputs, fp32_outputs, run.evaluation_set.labels, run.metric_fn
+            task, reference_outputs, fp32_outputs, run.evaluation_set.labels, run.metric_fn, decoder=decoder
         )
-    return Baseline(reference_outputs, outputs, task, fp32_eval)
+    return Baseline(reference_outputs, outputs, task, postprocess, decoder, fp32_eval)
 
 
 # Compressed models: quantize int8 behind the gate, [TFLite] ------------------------------------------------

@@ -18,11 +18,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from edge.errors import PackageError
+from edge.tasks.base import TaskConfig
+from edge.tasks.registry import PostprocessConfig, explain, task_keys
 
 SCHEMA = "edge.package/1"
 MANIFEST = "manifest.json"
@@ -90,16 +100,24 @@ class Golden(_Model):
     tolerance: dict[str, float] = Field(default_factory=dict)
 
 
+if TYPE_CHECKING:
+    TaskKey = str
+else:
+    TaskKey = Literal[task_keys()]  # every task edge.tasks serves
+
+
 class Manifest(_Model):
     schema_: Literal["edge.package/1"] = Field(default="edge.package/1", alias="schema")
     name: str
     version: str
     created: str
-    task: Literal["classification", "detection", "segmentation", "regression", "anomaly", "raw"]
+    task: TaskKey
     artifacts: list[Artifact] = Field(min_length=1)
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
-    postprocess: dict[str, Any] = Field(default_factory=dict)
+    # Typed per task (edge.tasks); without `type` it is the manifest's task, so `{}` or no key at all
+    # means that task's defaults.
+    postprocess: PostprocessConfig
     labels: str | None = None
     pruning: dict[str, Any] | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -109,6 +127,21 @@ class Manifest(_Model):
     sequence: int = Field(default=0, ge=0)
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _postprocess_type_defaults_to_task(cls, data: object) -> object:
+        if not isinstance(data, dict) or not isinstance(data.get("task"), str):
+            return data
+        post = data.get("postprocess", {})
+        if isinstance(post, dict) and "type" not in post:
+            return {**data, "postprocess": {**post, "type": data["task"]}}
+        return data
+
+    @field_serializer("postprocess")
+    def _postprocess_as_written(self, config: TaskConfig) -> dict[str, object]:
+        # Only what was stated: a manifest keeps the shape its writer gave it, defaults stay implicit.
+        return config.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
     def artifact(self, fmt: str | None = None, precision: str | None = None) -> Artifact:
         for artifact in self.artifacts:
@@ -189,8 +222,12 @@ def parse_manifest(raw: bytes, where: Path) -> Manifest:
         return Manifest.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise PackageError(f"{where}: {field}: {err['msg']}") from exc
+        field, message = (
+            explain(err)
+            if err["loc"][:1] == ("postprocess",)
+            else (".".join(map(str, err["loc"])), err["msg"])
+        )
+        raise PackageError(f"{where}: {field}: {message}") from exc
 
 
 def load_package(path: str | Path, trusted_keys: list[bytes] | None = None) -> Package:

@@ -30,12 +30,11 @@ from edge.arrays import Array
 from edge.backends import EventCallback, LoadedModel, load_model
 from edge.backends.golden import GoldenReport
 from edge.errors import BackendError, EdgeError, PackageError
-from edge.jsontypes import JSONObject as Result
 from edge.package import Package, TensorSpec, extract_archive, load_package
-from edge.processing.postprocess import PostProcessor as Decoder
-from edge.processing.postprocess import make_postprocessor as make_decoder
 from edge.processing.preprocess import ImagePreprocessor, Letterbox
 from edge.profiles import DeviceProfile, resolve_profile
+from edge.tasks import make_decoder
+from edge.tasks.base import Decoder, Result
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,11 @@
-"""The gate's measures on real arrays: agreement, cosine/SNR, box mAP against fp32, sample loading."""
+"""The gate's measures on real arrays: agreement, cosine/SNR, box mAP against fp32 (decoded by the
+runtime's own decoder, on a real ONNX detector), sample loading."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,13 +14,18 @@ from converters.accuracy import (
     average_precision,
     classification,
     cosine,
-    decode_detections,
+    detections,
     evaluate,
     raw,
+    run_onnx,
     snr_db,
 )
 from converters.calibration import load_samples, resolve_input_specs
+from converters.cli import main
 from edge.errors import ConfigError
+from edge.package import Manifest, load_package
+from edge.tasks import make_decoder
+from edge.tasks.base import Decoder
 from tests.assets_models import photo_crops, write_photo_folder
 
 
@@ -59,27 +67,132 @@ def test_cosine_and_snr_track_noise() -> None:
     assert evaluation.metric == "output_cosine" and evaluation.drop_points > 5
 
 
-def test_box_map_against_fp32() -> None:
-    boxes = np.array([[10, 10, 50, 50, 0.9, 1], [60, 60, 100, 120, 0.8, 2], [0, 0, 5, 5, 0.1, 1]], np.float32)
-    reference = [[boxes[None]]]
-    assert (
-        average_precision(
-            [decode_detections(r) for r in reference], [decode_detections(r, 0.05) for r in reference]
-        )
-        == 1.0
+def _decoder(post: dict[str, Any], size: int = 32, labels: list[str] | None = None) -> Decoder:
+    """The runtime decoder (edge.tasks.make_decoder) of a package with this input size and postprocess."""
+    manifest = Manifest.model_validate(
+        {
+            "schema": "edge.package/1",
+            "name": "det",
+            "version": "1",
+            "created": "2026-01-01T00:00:00Z",
+            "task": "detection",
+            "artifacts": [
+                {"path": "m.onnx", "format": "onnx", "precision": "fp32", "sha256": "0" * 64, "bytes": 1}
+            ],
+            "inputs": [{"name": "input", "shape": [1, 3, size, size], "layout": "NCHW"}],
+            "outputs": [{"name": "head", "shape": [1, 8, 6]}],
+            "postprocess": post,
+        }
     )
+    return make_decoder(manifest, labels)
+
+
+# A YOLO head [1, N, 4+C] on a 32x32 input: cx, cy, w, h in input pixels, then two class scores. Read as
+# x1,y1,x2,y2 (the old gate's assumption) the second and third boxes have no area, so fp32 dropped 50
+# points against itself.
+HEAD = np.array(
+    [
+        [8, 8, 10, 10, 0.9, 0.05],
+        [24, 10, 8, 12, 0.05, 0.8],
+        [16, 24, 12, 8, 0.7, 0.1],
+        *[[4 * i, 28, 4, 4, 0.02, 0.03] for i in range(1, 6)],  # under every threshold
+    ],
+    np.float32,
+)
+
+
+def tiny_detector(path: Path, head: np.ndarray = HEAD, seed: int = 0) -> Path:
+    """A real ONNX detector: one full-image Conv whose bias is the head above and whose small weights make
+    every image move the boxes and scores a little; reshaped to [1, N, 6]."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(seed)
+    rows, columns = head.shape
+    scale = np.where(np.arange(columns) < 4, 0.01, 0.0005).astype(np.float32)
+    weights = (
+        rng.normal(0, 1, (rows, columns, 3, 32, 32)).astype(np.float32) * scale[None, :, None, None, None]
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["input", "w", "b"], ["conv"], name="head_conv"),
+            helper.make_node("Reshape", ["conv", "shape"], ["head"], name="to_rows"),
+        ],
+        "tiny_detector",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("head", TensorProto.FLOAT, [1, rows, columns])],
+        [
+            numpy_helper.from_array(weights.reshape(rows * columns, 3, 32, 32), "w"),
+            numpy_helper.from_array(head.reshape(-1).astype(np.float32), "b"),
+            numpy_helper.from_array(np.array([1, rows, columns], np.int64), "shape"),
+        ],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _photo_feeds(count: int) -> list[dict[str, np.ndarray]]:
+    crops = photo_crops(count, 32)
+    return [{"input": ((c[None].astype(np.float32) - 127) / 128).transpose(0, 3, 1, 2).copy()} for c in crops]
+
+
+def test_fp32_detector_passes_its_own_gate_and_a_candidate_that_loses_boxes_does_not(tmp_path: Path) -> None:
+    feeds = _photo_feeds(6)
+    reference = run_onnx(tiny_detector(tmp_path / "fp32.onnx"), feeds)
+    decoder = _decoder({"type": "detection", "score_threshold": 0.3, "iou_threshold": 0.5})
+    assert [len(detections(decoder(s, None))[0]) for s in reference] == [3] * 6
+    itself = evaluate("detection", reference, reference, decoder=decoder)
+    assert itself.metric == "box_map50_vs_fp32"
+    assert itself.details["map50_vs_fp32"] == 1.0 and itself.drop_points == 0.0
+
+    damaged = HEAD.copy()
+    damaged[1, 0] += 12  # the class-1 box moves off its object
+    damaged[2, 4] = 0.1  # the second class-0 box falls under the score threshold
+    candidate = run_onnx(tiny_detector(tmp_path / "damaged.onnx", damaged), feeds)
+    worse = evaluate("detection", reference, candidate, decoder=decoder)
+    # class 0: every kept box right but half of them lost (AP 0.5); class 1: every box wrong (AP 0)
+    assert worse.details["map50_vs_fp32"] == pytest.approx(0.25)
+    assert worse.drop_points == pytest.approx(75.0)
+
+
+def test_detection_gate_needs_the_package_decoder() -> None:
+    with pytest.raises(ValueError, match="decoder="):
+        evaluate("detection", [[HEAD[None]]], [[HEAD[None]]])
+
+
+def test_box_map_with_the_boxes_format() -> None:
+    boxes = np.array([[[0.1, 0.1, 0.5, 0.5], [0.6, 0.6, 1.0, 0.9], [0.0, 0.0, 0.05, 0.05]]], np.float32)
+    scores = np.array([[[0.9, 0.0, 0.0], [0.0, 0.0, 0.8], [0.1, 0.0, 0.0]]], np.float32)
+    decoder = _decoder({"type": "detection", "format": "boxes", "score_threshold": 0.3})
+    truth = detections(decoder([boxes, scores], None))
+    assert list(truth[2]) == [0, 2] and truth[1].tolist() == pytest.approx([0.9, 0.8])
+    assert average_precision([truth], [truth]) == 1.0
     shifted = boxes.copy()
-    shifted[1, :4] += 30  # the second box moves off its object
-    evaluation = evaluate("detection", reference, [[shifted[None]]])
+    shifted[0, 1] -= 0.5  # the second box moves off its object
+    evaluation = evaluate("detection", [[boxes, scores]], [[shifted, scores]], decoder=decoder)
     assert evaluation.details["map50_vs_fp32"] == pytest.approx(0.5)
     assert evaluation.drop_points == pytest.approx(50.0)
-    # boxes + per-class scores layout
-    two = [
-        np.array([[[0, 0, 10, 10], [20, 20, 30, 30]]], np.float32),
-        np.array([[[0.9, 0.05], [0.1, 0.7]]], np.float32),
-    ]
-    truth = decode_detections(two)
-    assert list(truth[2]) == [0, 1]
+
+
+def test_edge_convert_gates_a_detector_with_the_runtime_decoder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tiny_detector(tmp_path / "det.onnx")
+    np.savez(tmp_path / "calib.npz", input=np.concatenate([f["input"] for f in _photo_feeds(16)]))
+    out = tmp_path / "pkg"
+    code = main(
+        [str(source), "--out", str(out), "--calib", str(tmp_path / "calib.npz"), "--task", "detection",
+         "--formats", "onnx", "-q"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    manifest = load_package(out).manifest
+    assert json.loads(manifest.to_json())["postprocess"] == {
+        "type": "detection",
+        "score_threshold": 0.3,
+        "iou_threshold": 0.5,
+    }
+    assert manifest.metrics["fp32"]["map50_vs_fp32"] == 1.0
+    assert manifest.metrics["gate"]["metric"] == "box_map50_vs_fp32" and manifest.metrics["gate"]["passed"]
+    assert manifest.metrics["int8"]["map50_vs_fp32"] >= 0.9
 
 
 def test_image_folder_goes_through_the_runtime_preprocessing(tmp_path: Path) -> None:
