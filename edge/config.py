@@ -12,11 +12,12 @@ import argparse
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge.errors import ConfigError
+from edge.backends import registry
+from edge.errors import BackendError, ConfigError
 from edge.publish.mqtt import MqttConfig
 from edge.sources.config import SourceConfig
 from edge.trust import check_secret_file
@@ -61,7 +62,7 @@ class DaemonConfig(_Strict):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     metrics: MetricsConfig | None = Field(default_factory=MetricsConfig)
     trusted_keys: list[Path] = Field(default_factory=list, description="ed25519 public key PEM files")
-    backend: Literal["onnxruntime", "litert"] | None = None
+    backend: str | None = Field(default=None, description="force this backend (default: the profile's order)")
     threads: int | None = Field(default=None, ge=1, le=256)
     frame_queue: int = Field(default=4, ge=1, le=1024, description="frames waiting for inference")
     flush_timeout_s: float = Field(default=5.0, ge=0, description="on stop: time to drain the outbox")
@@ -74,6 +75,16 @@ class DaemonConfig(_Strict):
     def _device_id_is_topic_safe(cls, value: str) -> str:
         if not _DEVICE_ID.fullmatch(value):  # `match` with `$` would let a trailing newline through
             raise ValueError("must be 1-128 of A-Z a-z 0-9 . _ : - (it becomes an MQTT topic level)")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_is_registered(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                registry.plugin_for(value)
+            except BackendError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @model_validator(mode="after")
