@@ -184,7 +184,8 @@ def engine_vs_bare(package_dir: Path, threads: int, seconds: float) -> dict[str,
 def litert_vs_onnxruntime(package_dir: Path, threads: int, seconds: float) -> dict[str, Any]:
     """int8 TFLite on XNNPACK vs int8 ONNX, interleaved. Opened below the golden gate so the speed is
     measured even when the .tflite disagrees with the golden outputs; the agreement is reported beside it."""
-    from edge.backends import LoadRequest, golden_check, relayout
+    from edge.backends import golden_check, relayout
+    from edge.backends.base import LoadRequest
     from edge.backends.litert import LiteRTBackend
     from edge.backends.onnxruntime import OnnxRuntimeBackend
     from edge.bench import interleaved_latency_ms, percentiles
@@ -237,7 +238,8 @@ def tflite_only_package(package_dir: Path, out: Path) -> Path:
     cold start of a LiteRT-served package can be measured even when the .tflite disagrees with the ONNX."""
     import shutil
 
-    from edge.backends import LoadRequest, relayout
+    from edge.backends import relayout
+    from edge.backends.base import LoadRequest
     from edge.backends.litert import LiteRTBackend
     from edge.package import Manifest, describe_file, load_package, staged_package, write_manifest
 

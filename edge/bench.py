@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edge.backends import registry
 from edge.errors import BackendError, ConfigError
 
 
@@ -286,7 +287,7 @@ def render(report: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("package", metavar="PKG", help="package directory")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--backend", choices=["onnxruntime", "litert"], help="force a backend")
+    parser.add_argument("--backend", choices=registry.names(), help="force a backend")
     parser.add_argument("--threads", type=int, help="inference threads (default: the profile's)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time (default 5)")
     parser.add_argument("--warmup", type=int, default=10, help="warm-up runs per subject (default 10)")
@@ -297,7 +298,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--compare-backend",
         metavar="NAME",
-        choices=["onnxruntime", "litert"],
+        choices=registry.names(),
         help="the same package on another backend, run interleaved",
     )
 

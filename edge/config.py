@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge.errors import ConfigError
+from edge.backends import registry
+from edge.errors import BackendError, ConfigError
 from edge.publish.mqtt import PASSWORD_FILE_ENV, MqttConfig, check_device_id, read_password
 from edge.sources.config import SourceConfig
 from edge.trust import check_secret_file
@@ -63,7 +64,7 @@ class DaemonConfig(_Strict):
     metrics: MetricsConfig | None = Field(default_factory=MetricsConfig)
     health: HealthConfig | None = Field(default=None, description="null: probes on the metrics port only")
     trusted_keys: list[Path] = Field(default_factory=list, description="ed25519 public key PEM files")
-    backend: Literal["onnxruntime", "litert"] | None = None
+    backend: str | None = Field(default=None, description="force this backend (default: the profile's order)")
     threads: int | None = Field(default=None, ge=1, le=256)
     frame_queue: int = Field(default=4, ge=1, le=1024, description="frames waiting for inference")
     flush_timeout_s: float = Field(default=5.0, ge=0, description="on stop: time to drain the outbox")
@@ -75,6 +76,16 @@ class DaemonConfig(_Strict):
     @classmethod
     def _device_id_is_topic_safe(cls, value: str) -> str:
         return check_device_id(value)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_is_registered(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                registry.plugin_for(value)
+            except BackendError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="after")
     def _one_source_key(self) -> DaemonConfig:

@@ -273,20 +273,14 @@ def check_delegate(
 
 
 def _backend_versions() -> dict[str, str]:
-    versions: dict[str, str] = {}
-    try:
-        from edge.backends import onnxruntime as ort_backend
+    from edge.backends import registry
 
-        versions["onnxruntime"] = ort_backend.version()
-    except ImportError as exc:
-        versions["onnxruntime"] = f"absent ({exc})"
-    from edge.backends import litert
-
-    versions["litert"] = litert.version()
-    return versions
+    return {name: plugin.version() for name, plugin in registry.plugins().items()}
 
 
 def collect(profile_name: str | None = None, package_dir: str | None = None) -> dict[str, Any]:
+    from edge.backends.litert import LiteRTPreference
+    from edge.backends.onnxruntime import OnnxRuntimePreference
     from edge.profiles import HostFacts, resolve_profile
 
     facts = HostFacts.from_system()
@@ -310,7 +304,12 @@ def collect(profile_name: str | None = None, package_dir: str | None = None) -> 
         import onnxruntime
 
         present = onnxruntime.get_available_providers()
-        wanted = [p for pref in (profile.backends if profile else []) for p in pref.providers]
+        wanted = [
+            provider
+            for pref in (profile.backends if profile else [])
+            if isinstance(pref, OnnxRuntimePreference)
+            for provider in pref.providers
+        ]
         for name in dict.fromkeys(present + wanted):
             entry = (
                 check_provider(name)
@@ -324,7 +323,8 @@ def collect(profile_name: str | None = None, package_dir: str | None = None) -> 
     report["providers"] = providers
 
     delegates: list[dict[str, Any]] = []
-    litert_pref = profile.backend("litert") if profile else None
+    chosen = profile.backend("litert") if profile else None
+    litert_pref = chosen if isinstance(chosen, LiteRTPreference) else None
     for name in dict.fromkeys(["xnnpack", "cpu", *(litert_pref.delegates if litert_pref else [])]):
         delegates.append(check_delegate(name, litert_pref.options.get(name) if litert_pref else None))
     report["delegates"] = delegates

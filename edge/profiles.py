@@ -14,10 +14,12 @@ import platform
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edge.backends import registry
+from edge.backends.base import PreferenceBase
 from edge.errors import ConfigError
 from edge.yamlio import load_model
 
@@ -28,16 +30,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class BackendPreference(_Strict):
-    """One backend and the accelerators to try on it, best first."""
-
-    name: Literal["onnxruntime", "litert"]
-    # ONNX Runtime execution providers, e.g. [TensorrtExecutionProvider, CUDAExecutionProvider, ...]
-    providers: list[str] = Field(default_factory=list)
-    # LiteRT delegates: xnnpack (built in), gpu, nnapi, edgetpu, or a shared-library path/name
-    delegates: list[str] = Field(default_factory=list)
-    # Provider/delegate specific options, e.g. {"TensorrtExecutionProvider": {"trt_fp16_enable": true}}
-    options: dict[str, dict[str, str | int | float | bool]] = Field(default_factory=dict)
+# One `backends:` entry: the preference model of the backend its `name` picks (ONNX Runtime `providers`,
+# LiteRT `delegates`, ...), each with extra="forbid", so a key of another backend is an error.
+if TYPE_CHECKING:
+    BackendPreference = PreferenceBase
+else:
+    BackendPreference = registry.preference_union()
 
 
 class QuantizationScheme(_Strict):

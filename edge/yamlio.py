@@ -110,14 +110,37 @@ def line_of(lines: dict[Loc, int], loc: Sequence[str | int]) -> int:
     return lines.get((), 1)
 
 
+def _key_path(lines: dict[Loc, int], loc: Sequence[str | int]) -> list[str | int]:
+    """pydantic's error location as the key path in the file. pydantic puts a tagged union's tag into
+    the location (`backends.0.onnxruntime.delegates` for the `delegates:` key of the first entry): a part
+    the file has no key for is dropped when the location goes on below it. The last part stays even
+    when the file lacks it: that is a missing key."""
+    path: list[str | int] = []
+    for index, part in enumerate(loc):
+        if isinstance(part, str) and part.startswith("function-"):
+            continue
+        if (*path, part) not in lines and index < len(loc) - 1:
+            continue
+        path.append(part)
+    return path
+
+
 def describe_validation_error(path: Path, lines: dict[Loc, int], exc: ValidationError) -> str:
     """First validation error as `file:line: field: message` (one line)."""
     err = exc.errors()[0]
-    loc = [part for part in err["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
-    field = ".".join(str(part) for part in loc) or "(top level)"
+    loc = _key_path(lines, err["loc"])
     message = err["msg"]
     if err["type"] == "extra_forbidden":
         message = "unknown key"
+    elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        # What is wrong is the tag key itself: name it (and so its line), not the entry holding it.
+        ctx = err.get("ctx") or {}
+        loc.append(str(ctx.get("discriminator", "")).strip("'"))
+        if err["type"] == "union_tag_invalid":
+            message = f"'{ctx.get('tag')}' is not one of {ctx.get('expected_tags')}"
+        else:
+            message = "Field required"
+    field = ".".join(str(part) for part in loc) or "(top level)"
     more = len(exc.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     return f"{path}:{line_of(lines, loc)}: {field}: {message}{suffix}"

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.backends import LoadRequest, golden_check, relayout
+from edge.backends import golden_check, relayout
+from edge.backends.base import LoadRequest
 from edge.backends.golden import run_golden
 from edge.backends.onnxruntime import OnnxRuntimeBackend
 from edge.errors import PackageError

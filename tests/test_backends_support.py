@@ -174,7 +174,7 @@ def face_detector_package(root: Path, cache_dir: Path, *, golden_from: str = "li
     """The real face detector as a package; golden outputs from LiteRT (XNNPACK) on a real photo."""
     from skimage import data
 
-    from edge.backends import LoadRequest
+    from edge.backends.base import LoadRequest
     from edge.backends.litert import LiteRTBackend
 
     tflite = face_detector_tflite(cache_dir)

@@ -59,7 +59,7 @@ def test_several_sources_share_one_model_and_metrics_can_be_disabled(tmp_path: P
     [
         (GOOD.replace("port: 1883", "port: 1883, hots: x"), ":5: mqtt.hots: unknown key"),
         (GOOD + "colour: blue\n", ":8: colour: unknown key"),
-        (GOOD.replace("fps: 5", "fps: -1"), ":4: source.video.fps:"),
+        (GOOD.replace("fps: 5", "fps: -1"), ":4: source.fps:"),
         (GOOD.replace("max_bytes: 1048576", "max_bytes: lots"), ":6: outbox.max_bytes:"),
         (GOOD.replace("device_id: cam-01", "device_id: cam/01"), ":1: device_id:"),
         (GOOD + "sources: [{type: video, uri: b.avi}]\n", "exactly one of `source` or `sources`"),

@@ -7,86 +7,42 @@ candidate that passes serves. Anything that did not work on the way is a *fallba
 decides what happens to it: `allow` (log and count), `warn` (also `on_event("fallback", ...)`), `forbid`
 (refuse with one line naming the provider or delegate).
 
-Backend modules are imported only when used (the registry holds dotted paths), so `import edge.backends`
-costs nothing and a device without ai-edge-litert never imports it.
+Which backends exist is not written here: `edge.backends.registry` finds every module of this package
+that declares a `PLUGIN` (its key, artifact format, default accelerators, profile preference type and
+backend class; see `edge.backends.base`). Plugin modules import their runtimes only when a model is opened,
+so `import edge.backends` costs nothing and a device without ai-edge-litert never imports it.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edge.backends import registry
+from edge.backends.base import Backend, BackendPlugin, LoadRequest, PreferenceBase
 from edge.backends.golden import GoldenReport, run_golden
 from edge.errors import BackendError, EdgeError
+from edge.jsontypes import JSONObject
 from edge.package import Artifact, Package, TensorSpec
-from edge.profiles import BackendPreference, DeviceProfile
+
+if TYPE_CHECKING:  # edge.profiles builds its `backends:` union from the registry, so it imports us
+    from edge.profiles import DeviceProfile
 
 log = logging.getLogger(__name__)
 
-EventCallback = Callable[[str, dict[str, Any]], None]
-
-# name -> "module:Class"; imported lazily by `backend_class`.
-REGISTRY: dict[str, str] = {
-    "onnxruntime": "edge.backends.onnxruntime:OnnxRuntimeBackend",
-    "litert": "edge.backends.litert:LiteRTBackend",
-}
-ARTIFACT_FORMAT: dict[str, str] = {"onnxruntime": "onnx", "litert": "tflite"}
-# What a backend runs on when a profile names it without accelerators.
-DEFAULT_ACCELERATORS: dict[str, list[str]] = {
-    "onnxruntime": ["CPUExecutionProvider"],
-    "litert": ["xnnpack"],
-}
+# name, payload: "fallback" with {"package", "from", "to", "policy"}
+EventCallback = Callable[[str, JSONObject], None]
 
 _fallbacks: Counter[str] = Counter()
 _fallbacks_lock = threading.Lock()
-
-
-class Backend(Protocol):
-    name: ClassVar[str]
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    providers_in_use: list[str]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class LoadRequest:
-    """Everything a backend needs to open one artifact on one accelerator."""
-
-    path: Path
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    # ONNX Runtime: the provider chain, best first; LiteRT: one delegate.
-    accelerators: list[str]
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    threads: int = 0
-    cache_dir: Path | None = None
-
-
-def backend_class(name: str) -> Any:
-    """The backend class registered under `name`, imported now."""
-    try:
-        target = REGISTRY[name]
-    except KeyError:
-        raise BackendError(f"unknown backend '{name}' (known: {', '.join(REGISTRY)})") from None
-    module_name, _, class_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise BackendError(f"backend '{name}' cannot be imported: {exc}") from exc
-    return getattr(module, class_name)
 
 
 def fallback_counts() -> dict[str, int]:
@@ -100,37 +56,6 @@ def _count_fallback(what: str) -> None:
         _fallbacks[what] += 1
 
 
-_DTYPE_NAMES = {"float": "float32", "double": "float64", "float16": "float16", "bool": "bool"}
-
-
-def normalize_dtype(name: str) -> str:
-    """ONNX Runtime's 'tensor(float)' / numpy's 'float32' -> numpy dtype name."""
-    name = name.removeprefix("tensor(").removesuffix(")")
-    return _DTYPE_NAMES.get(name, name)
-
-
-def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> None:
-    """Refuse feeds the model would misread: missing/unknown names, other dtype, other fixed dims."""
-    wanted = {spec.name for spec in specs}
-    unknown = sorted(set(feeds) - wanted)
-    if unknown:
-        raise BackendError(f"input '{unknown[0]}' is not a model input (inputs: {', '.join(sorted(wanted))})")
-    for spec in specs:
-        if spec.name not in feeds:
-            raise BackendError(f"input '{spec.name}' is missing from the feeds")
-        array = feeds[spec.name]
-        if not isinstance(array, np.ndarray):
-            raise BackendError(f"input '{spec.name}': expected a numpy array, got {type(array).__name__}")
-        if array.dtype != np.dtype(spec.dtype):
-            raise BackendError(f"input '{spec.name}': dtype {array.dtype}, the model takes {spec.dtype}")
-        fixed = [d if isinstance(d, int) and d > 0 else None for d in spec.shape]
-        if array.ndim != len(fixed) or any(
-            f is not None and f != a for f, a in zip(fixed, array.shape, strict=False)
-        ):
-            shown = [d if d is not None else "?" for d in fixed]
-            raise BackendError(f"input '{spec.name}': shape {list(array.shape)}, the model takes {shown}")
-
-
 @dataclass(frozen=True)
 class Attempt:
     backend: str
@@ -138,7 +63,7 @@ class Attempt:
     ok: bool
     reason: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return {
             "backend": self.backend,
             "accelerator": self.accelerator,
@@ -250,7 +175,7 @@ def default_cache_dir() -> Path:
 
 def pick_artifact(package: Package, backend: str, profile: DeviceProfile) -> Artifact | None:
     """The package artifact this backend reads, preferring the profile's precision."""
-    fmt = ARTIFACT_FORMAT[backend]
+    fmt = registry.artifact_format(backend)
     matching = [a for a in package.manifest.artifacts if a.format == fmt]
     preferred = [a for a in matching if a.precision == profile.quantization.precision]
     candidates = preferred or matching
@@ -259,23 +184,16 @@ def pick_artifact(package: Package, backend: str, profile: DeviceProfile) -> Art
 
 def _candidates(
     profile: DeviceProfile, backend: str | None
-) -> list[tuple[str, list[str], BackendPreference]]:
-    """(backend, accelerator chain, preference) best first. An ORT chain keeps the providers after the
-    primary one, so nodes the primary cannot take land on the next provider in the profile's order."""
-    prefs = list(profile.backends)
+) -> list[tuple[BackendPlugin, list[str], PreferenceBase]]:
+    """(plugin, accelerator chain, preference) best first; each plugin turns its preference into chains."""
+    prefs: list[PreferenceBase] = list(profile.backends)
     if backend is not None:
-        if backend not in REGISTRY:
-            raise BackendError(f"unknown backend '{backend}' (known: {', '.join(REGISTRY)})")
-        chosen = profile.backend(backend)
-        prefs = [chosen or BackendPreference(name=backend)]
-    out: list[tuple[str, list[str], BackendPreference]] = []
+        forced = registry.plugin_for(backend)
+        prefs = [profile.backend(backend) or forced.preference(name=backend)]
+    out: list[tuple[BackendPlugin, list[str], PreferenceBase]] = []
     for pref in prefs:
-        if pref.name == "onnxruntime":
-            chain = pref.providers or DEFAULT_ACCELERATORS["onnxruntime"]
-            out.extend((pref.name, chain[i:], pref) for i in range(len(chain)))
-        else:
-            delegates = pref.delegates or DEFAULT_ACCELERATORS["litert"]
-            out.extend((pref.name, [d], pref) for d in delegates)
+        plugin = registry.plugin_for(pref.name)
+        out.extend((plugin, chain, pref) for chain in plugin.candidate_chains(pref))
     return out
 
 
@@ -306,12 +224,12 @@ def load_model(
         failures.append(Attempt("package", f"profile:{manifest.profile}", False, reason))
 
     engines_root = cache_dir or default_cache_dir()
-    for name, chain, pref in _candidates(profile, backend):
-        accelerator = chain[0]
+    for plugin, chain, pref in _candidates(profile, backend):
+        name, accelerator = plugin.key, chain[0]
         artifact = pick_artifact(package, name, profile)
         if artifact is None:
             attempts.append(
-                Attempt(name, accelerator, False, f"package has no {ARTIFACT_FORMAT[name]} artifact")
+                Attempt(name, accelerator, False, f"package has no {plugin.artifact_format} artifact")
             )
             continue
         inputs, outputs = _artifact_specs(package, artifact)
@@ -324,7 +242,7 @@ def load_model(
             threads=profile.threads if threads is None else threads,
             cache_dir=engines_root / artifact.sha256[:16],
         )
-        attempt, loaded = _try_candidate(name, accelerator, request, package, artifact)
+        attempt, loaded = _try_candidate(plugin, accelerator, request, package, artifact)
         attempts.append(attempt)
         if loaded is None:
             failures.append(attempt)
@@ -350,10 +268,11 @@ def load_model(
 
 
 def _try_candidate(
-    name: str, accelerator: str, request: LoadRequest, package: Package, artifact: Artifact
+    plugin: BackendPlugin, accelerator: str, request: LoadRequest, package: Package, artifact: Artifact
 ) -> tuple[Attempt, tuple[Backend, GoldenReport | None] | None]:
+    name = plugin.key
     try:
-        backend_obj: Backend = backend_class(name)(request)
+        backend_obj = plugin.backend(request)
     except EdgeError as exc:
         return Attempt(name, accelerator, False, str(exc)), None
     if accelerator not in backend_obj.providers_in_use:
@@ -376,9 +295,9 @@ def _apply_policy(
 ) -> None:
     for failure in failures:
         _count_fallback(failure.accelerator)
-    event = {
+    event: JSONObject = {
         "package": package_name,
-        "from": [f.to_dict() for f in failures],
+        "from": [failure.to_dict() for failure in failures],
         "to": {"backend": chosen.backend, "accelerator": chosen.accelerator},
         "policy": policy,
     }

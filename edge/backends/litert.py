@@ -8,6 +8,8 @@ so a `DELEGATE` node in the graph proves that *that* delegate took part of the m
 Interpreter modules, best first: `ai_edge_litert.interpreter`, `tflite_runtime.interpreter`,
 `tensorflow.lite`. Quantized inputs/outputs are converted with the tensor's scale and zero point when the
 caller's spec says float.
+
+A profile names it as `{name: litert, delegates: [...], options: {...}}`; each delegate is one candidate.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
 
-from edge.backends import LoadRequest, check_feeds
+from edge.backends.base import BackendPlugin, LoadRequest, OptionValue, PreferenceBase, check_feeds
 from edge.errors import BackendError
 from edge.package import TensorSpec
 
@@ -45,6 +49,15 @@ DELEGATE_INSTALL: dict[str, str] = {
 RUNTIME_INSTALL = "pip install ai-edge-litert"
 BUILTIN = ("xnnpack", "cpu")
 _MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow.lite")
+
+
+class LiteRTPreference(PreferenceBase):
+    name: Literal["litert"]
+    # xnnpack (built in), cpu, gpu, nnapi, edgetpu, qnn, vx, or a shared-library path/name
+    delegates: list[str] = Field(default_factory=list)
+
+    def candidate_chains(self, default_accelerators: Sequence[str]) -> list[list[str]]:
+        return [[delegate] for delegate in self.delegates or default_accelerators]
 
 
 class DelegateUnavailable(BackendError):
@@ -133,7 +146,7 @@ def _check_delegate_library(delegate_name: str, library: str) -> None:
 
 def open_interpreter(
     delegate_name: str,
-    options: dict[str, Any],
+    options: Mapping[str, OptionValue],
     threads: int,
     *,
     model_path: str | None = None,
@@ -277,3 +290,13 @@ class LiteRTBackend:
         # The interpreter must go before the delegate it runs on.
         self.__dict__.pop("interpreter", None)
         self.__dict__.pop("_delegates", None)
+
+
+PLUGIN = BackendPlugin(
+    key="litert",
+    artifact_format="tflite",
+    default_accelerators=("xnnpack",),
+    preference=LiteRTPreference,
+    backend=LiteRTBackend,
+    version=version,
+)

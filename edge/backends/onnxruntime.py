@@ -10,18 +10,31 @@ Session options come from the profile's `options["session"]`:
 true for CPU-only chains: the optimized graph is saved once and reloaded without re-optimizing),
 `inter_op_threads`, `execution_mode` (sequential|parallel). Provider options come from
 `options[<provider>]`; TensorRT and OpenVINO get engine/blob cache directories under the cache dir.
+
+A profile names it as `{name: onnxruntime, providers: [...], options: {...}}`; each provider in turn is
+tried as the primary one, keeping the providers after it (nodes the primary cannot take land on the next
+provider in the profile's order).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
 
-from edge.backends import LoadRequest, check_feeds, normalize_dtype
+from edge.backends.base import (
+    BackendPlugin,
+    LoadRequest,
+    OptionValue,
+    PreferenceBase,
+    check_feeds,
+    normalize_dtype,
+)
 from edge.errors import BackendError
 from edge.package import TensorSpec
 
@@ -39,9 +52,21 @@ _LEVELS = {
 }
 
 
-def version() -> str:
-    import onnxruntime
+class OnnxRuntimePreference(PreferenceBase):
+    name: Literal["onnxruntime"]
+    # Execution providers, best first, e.g. [TensorrtExecutionProvider, CUDAExecutionProvider, ...]
+    providers: list[str] = Field(default_factory=list)
 
+    def candidate_chains(self, default_accelerators: Sequence[str]) -> list[list[str]]:
+        chain = self.providers or list(default_accelerators)
+        return [chain[i:] for i in range(len(chain))]
+
+
+def version() -> str:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        return f"absent ({exc})"
     return str(onnxruntime.__version__)
 
 
@@ -51,7 +76,9 @@ def available_accelerators() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
-def _provider_options(provider: str, given: dict[str, Any], cache_dir: Path | None) -> dict[str, str]:
+def _provider_options(
+    provider: str, given: Mapping[str, OptionValue], cache_dir: Path | None
+) -> dict[str, str]:
     options = {
         key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in given.items()
     }
@@ -196,3 +223,13 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.__dict__.pop("session", None)
+
+
+PLUGIN = BackendPlugin(
+    key="onnxruntime",
+    artifact_format="onnx",
+    default_accelerators=(CPU,),
+    preference=OnnxRuntimePreference,
+    backend=OnnxRuntimeBackend,
+    version=version,
+)

@@ -9,8 +9,6 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-STAT_KEYS = ("frames_in", "frames_dropped", "reconnects", "read_errors")
-
 
 @dataclass(frozen=True)
 class Frame:
@@ -27,6 +25,9 @@ class Source(Protocol):
 
     @property
     def finished(self) -> bool: ...  # a file ended and loop is false
+
+    @property
+    def lossless(self) -> bool: ...  # read at the reader's pace (files): the frame queue waits, never drops
 
     @property
     def stats(self) -> dict[str, int]: ...  # frames_in, frames_dropped, reconnects, read_errors

@@ -200,7 +200,7 @@ def test_path_fields(field: tuple[Any, ...], value: str) -> None:
 def test_a_wrong_value_is_named_by_its_field(field: str, value: Any) -> None:
     result = check_load(yaml.safe_dump(with_field(VALID, field, value)).encode())
     if isinstance(result, str):
-        # pydantic names a discriminated source as sources.0.video.fps
+        # the field is named by its key path in the file (sources.0.fps), not by pydantic's location
         top = field.split(".")[0]
         assert re.match(rf"^:\d+: {top}[.:]", result), result
 
