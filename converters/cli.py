@@ -1,4 +1,4 @@
-"""`edge-convert SOURCE --out PKG_DIR [...]` (DESIGN.md 2.1). Exit 0 only when the accuracy gate passed."""
+"""`edge-convert SOURCE --out PKG_DIR [...]` (docs/contracts.md). Exit 0 only when the accuracy gate passed."""
 
 from __future__ import annotations
 

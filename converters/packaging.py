@@ -1,4 +1,4 @@
-"""Write the model package (DESIGN.md 2.2): artifacts, manifest with measured metrics, golden data, labels,
+"""Write the model package (docs/contracts.md): artifacts, manifest with measured metrics, golden data, labels,
 signature. `write_package` is the one place that does it, for converted and as-is (.tflite) sources alike.
 
 Everything is written inside `edge.package.staged_package`, so a failure leaves no half package behind and

@@ -2,7 +2,7 @@
 
 litert-torch lowers the module (wrapped so the file's image I/O is NHWC, the layout LiteRT delegates
 want); litert-quantizer (ai-edge-quantizer) then casts weights to float16 for GPU profiles, or
-calibrates and quantizes weights and activations to int8 (DESIGN.md 4: ~0.5x ORT fp32 latency on
+calibrates and quantizes weights and activations to int8 (on an AVX-512 VNNI host ~0.5x ORT fp32 latency on
 XNNPACK). int8 keeps the ops that produce the model's outputs in float compute (int8 weights, dequantized)
 because int8 logits clip at the calibration maximum and flip confident top-1 answers.
 

@@ -1,6 +1,6 @@
 """The model package: a directory (or .tar) with `manifest.json`, artifacts, labels and golden data.
 
-Schema `edge.package/1` (DESIGN.md 2.2). Loading verifies every artifact's sha256 and size, refuses paths
+Schema `edge.package/1` (docs/contracts.md). Loading verifies every artifact's sha256 and size, refuses paths
 that leave the package directory, and checks an ed25519 signature over the manifest bytes when a trusted
 key is given. Writing is atomic: a temp directory beside the target, renamed into place.
 """
