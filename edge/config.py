@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from edge.backends import registry
 from edge.errors import BackendError, ConfigError
 from edge.publish.mqtt import PASSWORD_FILE_ENV, MqttConfig, check_device_id, read_password
-from edge.sources.config import SourceConfig
+from edge.sources import SourceConfig
 from edge.trust import check_secret_file
 
 

@@ -22,8 +22,8 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from edge.errors import ConfigError
-from edge.sources import Frame, LatestFrameSlot, SourceConfig, VideoSourceConfig, open_source
-from edge.sources.camera import VideoSource
+from edge.sources import Frame, LatestFrameSlot, SourceConfig, open_source
+from edge.sources.camera import VideoSource, VideoSourceConfig
 from tests.assets_media import draw_stamp, labelled_clip, make_clip, photo, read_stamp
 
 

@@ -23,8 +23,8 @@ import pytest
 from pydantic import ValidationError
 
 from edge.errors import ConfigError
-from edge.sources import Frame, SensorSourceConfig, open_source
-from edge.sources.sensor import SampleWindower
+from edge.sources import Frame, open_source
+from edge.sources.sensor import SampleWindower, SensorSourceConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

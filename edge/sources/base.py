@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from pydantic import BaseModel
 
 
 @dataclass(frozen=True)
@@ -127,3 +129,13 @@ class CapturingSource:
 
     def read(self, timeout: float) -> Frame | None:
         return self._slot.take(timeout)
+
+
+@dataclass(frozen=True)
+class SourcePlugin:
+    """What a source module declares as its module-level `PLUGIN`: the config's `type` key, the config
+    model (pydantic, extra="forbid", `type: Literal[key]`) and the Source class built from that config."""
+
+    key: str
+    config: type[BaseModel]
+    source: Callable[..., Source]

@@ -19,11 +19,12 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge.errors import ConfigError
-from edge.sources.base import CapturingSource, Frame
-from edge.sources.config import VideoSourceConfig
+from edge.sources.base import CapturingSource, Frame, SourcePlugin
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,53 @@ STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp:
 # Slack on top of the FFmpeg timeouts before the watchdog gives up on a session.
 WATCHDOG_SLACK_S = 2.0
 SUPERVISOR_POLL_S = 0.05
+
+
+class VideoSourceConfig(BaseModel):
+    """A camera: a video file, a USB device (/dev/videoN or an index), or an RTSP/HTTP stream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["video"] = "video"
+    uri: str | int = 0
+    fps: float | None = Field(
+        default=None,
+        gt=0,
+        description="cap on frames delivered per second; cameras, streams and realtime files skip the frames "
+        "over it; a file with realtime false delivers every frame, one per 1/fps",
+    )
+    loop: bool = Field(default=False, description="files only: restart at the end instead of finishing")
+    realtime: bool = Field(
+        default=True,
+        description="files only. true: play at the file's own frame rate like a camera (an fps cap skips "
+        "frames). false with fps: every frame, paced at fps. false without fps: decoded flat out, as fast "
+        "as the reader takes them, none skipped (benchmarks)",
+    )
+    width: int | None = Field(default=None, gt=0, description="USB cameras: requested frame width")
+    height: int | None = Field(default=None, gt=0, description="USB cameras: requested frame height")
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=10.0, gt=0)
+    open_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_not_blank(cls, value: str | int) -> str | int:
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                raise ValueError("must not be empty")
+            if value.isdigit():
+                return int(value)
+        elif value < 0:
+            raise ValueError("a camera index must be >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> VideoSourceConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
 
 
 def uri_kind(uri: str | int) -> str:
@@ -309,3 +357,6 @@ class VideoSource(CapturingSource):
             if self._stop.wait(delay):
                 break
             self._count("reconnects")
+
+
+PLUGIN = SourcePlugin(key="video", config=VideoSourceConfig, source=VideoSource)

@@ -21,13 +21,13 @@ import time
 import wave
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge.errors import ConfigError
-from edge.sources.base import CapturingSource, Frame
-from edge.sources.config import SensorSourceConfig
+from edge.sources.base import CapturingSource, Frame, SourcePlugin
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,60 @@ FORMATS: dict[str, tuple[str, float]] = {
     "s8": ("i1", 1 / 128),
 }
 WAV_FORMATS = {1: "u8", 2: "s16le", 4: "s32le"}  # sample width in bytes -> format
+
+
+SampleFormat = Literal["s16le", "s16be", "s32le", "s32be", "f32le", "f32be", "f64le", "u8", "s8"]
+
+
+class SensorSourceConfig(BaseModel):
+    """Fixed-format samples from a serial port, a file, stdin ("-") or a WAV file, cut into windows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["sensor"] = "sensor"
+    uri: str
+    baud: int = Field(default=115200, gt=0)
+    format: SampleFormat = "s16le"
+    channels: int = Field(default=1, ge=1)
+    sample_rate: int | None = Field(
+        default=None, gt=0, description="samples per second per channel; WAV files bring their own"
+    )
+    window: int = Field(default=16000, ge=1, description="samples per channel in one frame")
+    hop: int | None = Field(default=None, ge=1, description="samples between window starts (default window)")
+    loop: bool = Field(default=False, description="plain files and WAV: restart at the end")
+    realtime: bool | None = Field(
+        default=None,
+        description="files: deliver windows at sample_rate like a live sensor (default: when the rate is known)",
+    )
+    read_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="serial: reopen the port after this long without a byte (default: a quiet sensor is fine)",
+    )
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_not_blank(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> SensorSourceConfig:
+        if self.hop is not None and self.hop > self.window:
+            raise ValueError(f"hop ({self.hop}) must not exceed window ({self.window})")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if self.realtime and self.sample_rate is None and not self.uri.lower().endswith(".wav"):
+            raise ValueError("realtime needs sample_rate")
+        return self
+
+    @property
+    def hop_samples(self) -> int:
+        return self.hop if self.hop is not None else self.window
 
 
 def decode_samples(raw: bytes, sample_format: str, channels: int) -> np.ndarray:
@@ -344,3 +398,6 @@ class SensorSource(CapturingSource):
                 self._count("read_errors")
             finally:
                 port.close()
+
+
+PLUGIN = SourcePlugin(key="sensor", config=SensorSourceConfig, source=SensorSource)

@@ -18,8 +18,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from edge.errors import ConfigError
-from edge.sources import Frame, SensorSourceConfig, open_source
-from edge.sources.sensor import FORMATS, SampleWindower, SensorSource
+from edge.sources import Frame, open_source
+from edge.sources.sensor import FORMATS, SampleWindower, SensorSource, SensorSourceConfig
 from tests.fuzz.support import TEST_TIMEOUT_S, assert_clear_error, fuzz_settings, no_hang
 
 pytestmark = pytest.mark.timeout(TEST_TIMEOUT_S)
