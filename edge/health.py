@@ -307,25 +307,21 @@ class _SnapshotCollector:
             "edge_mqtt_connected", "1 while connected to the broker", int(snap.mqtt_connected)
         )
         yield CounterMetricFamily("edge_mqtt_reconnects", "MQTT reconnects", snap.mqtt_reconnects)
-        failures = CounterMetricFamily(
+        yield _labelled(
             "edge_mqtt_connect_failures",
             "Failed MQTT connection attempts by reason (refused, dns, timeout, tls, auth, ...)",
-            labels=["reason"],
+            "reason",
+            snap.mqtt_connect_failures,
         )
-        for reason, count in sorted(snap.mqtt_connect_failures.items()):
-            failures.add_metric([reason], count)
-        yield failures
         yield CounterMetricFamily(
             "edge_inference_errors", "Frames whose inference failed (counted, skipped)", snap.inference_errors
         )
-        fallbacks = CounterMetricFamily(
+        yield _labelled(
             "edge_backend_fallbacks",
             "Backend accelerators given up at model load (the profile's fallback policy allowed it)",
-            labels=["accelerator"],
+            "accelerator",
+            snap.backend_fallbacks,
         )
-        for accelerator, count in sorted(snap.backend_fallbacks.items()):
-            fallbacks.add_metric([accelerator], count)
-        yield fallbacks
         yield CounterMetricFamily(
             "edge_predictions_published", "Predictions acknowledged by the broker", snap.predictions_published
         )
@@ -342,3 +338,13 @@ class _SnapshotCollector:
             },
         )
         yield info
+
+
+def _labelled(name: str, documentation: str, label: str, counts: Mapping[str, int]) -> Any:
+    """A counter with one label, a sample per key of `counts`."""
+    from prometheus_client.core import CounterMetricFamily
+
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in sorted(counts.items()):
+        family.add_metric([value], count)
+    return family

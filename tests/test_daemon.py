@@ -474,21 +474,17 @@ def test_source_file_vanishing_and_coming_back_reconnects_and_reports_it(
             assert not daemon.stop_event.is_set()
 
 
-def test_with_trusted_keys_only_signed_newer_packages_are_swapped_in(
-    tmp_path: Path, clip: Path, mosquitto: Mosquitto
-) -> None:
+def _signed_models(tmp_path: Path, clip: Path, mosquitto: Mosquitto) -> tuple[DaemonConfig, Path]:
+    """Signed packages v1 (sequence 5, served through `current`), v2 (6) and older (4), and a config that
+    trusts only their key."""
     from edge.signing import generate_keypair, load_private_key
 
     generate_keypair(tmp_path / "signing.pem", tmp_path / "signing.pub.pem")
-    other_key = tmp_path / "other.pem"
-    generate_keypair(other_key, tmp_path / "other.pub.pem")
     key = load_private_key(tmp_path / "signing.pem")
     models = tmp_path / "models"
     make_tiny_package(models / "v1", version="1.0.0", sequence=5, sign_key=key)
-    make_tiny_package(models / "unsigned", version="1.1.0", sequence=6)
-    make_tiny_package(models / "stranger", version="1.2.0", sequence=6, sign_key=load_private_key(other_key))
-    make_tiny_package(models / "older", version="0.9.0", sequence=4, sign_key=key)
     make_tiny_package(models / "v2", version="2.0.0", gain=6.0, sequence=6, sign_key=key)
+    make_tiny_package(models / "older", version="0.9.0", sequence=4, sign_key=key)
     (models / "current").symlink_to("v1")
     config = _config(
         tmp_path,
@@ -499,6 +495,19 @@ def test_with_trusted_keys_only_signed_newer_packages_are_swapped_in(
         trusted_keys=[str(tmp_path / "signing.pub.pem")],
         model=str(models / "current"),
     )
+    return config, models
+
+
+def test_with_trusted_keys_only_signed_newer_packages_are_swapped_in(
+    tmp_path: Path, clip: Path, mosquitto: Mosquitto
+) -> None:
+    from edge.signing import generate_keypair, load_private_key
+
+    other_key = tmp_path / "other.pem"
+    generate_keypair(other_key, tmp_path / "other.pub.pem")
+    config, models = _signed_models(tmp_path, clip, mosquitto)
+    make_tiny_package(models / "unsigned", version="1.1.0", sequence=6)
+    make_tiny_package(models / "stranger", version="1.2.0", sequence=6, sign_key=load_private_key(other_key))
     with running(config) as daemon:
         for target, reason in (
             ("unsigned", "not signed"),
@@ -525,24 +534,7 @@ def test_with_trusted_keys_only_signed_newer_packages_are_swapped_in(
 def test_rollback_returns_to_the_previous_package_only_and_survives_a_restart(
     tmp_path: Path, clip: Path, mosquitto: Mosquitto
 ) -> None:
-    from edge.signing import generate_keypair, load_private_key
-
-    generate_keypair(tmp_path / "signing.pem", tmp_path / "signing.pub.pem")
-    key = load_private_key(tmp_path / "signing.pem")
-    models = tmp_path / "models"
-    make_tiny_package(models / "v1", version="1.0.0", sequence=5, sign_key=key)
-    make_tiny_package(models / "v2", version="2.0.0", gain=6.0, sequence=6, sign_key=key)
-    make_tiny_package(models / "older", version="0.9.0", sequence=4, sign_key=key)
-    (models / "current").symlink_to("v1")
-    config = _config(
-        tmp_path,
-        models,
-        mosquitto.port,
-        clip,
-        source=_video_source(clip, fps=30),
-        trusted_keys=[str(tmp_path / "signing.pub.pem")],
-        model=str(models / "current"),
-    )
+    config, models = _signed_models(tmp_path, clip, mosquitto)
     with subscribed(mosquitto.port, f"{PREFIX}/#") as sub, running(config) as daemon:
         reply = _send_command(mosquitto.port, "rollback", {})
         assert reply["ok"] is False and "no previous model" in reply["error"], reply

@@ -9,14 +9,13 @@ them imports nothing heavy.
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
 from typing import Annotated, Union
 
 from pydantic import Field
 
 from edge.backends.base import BackendPlugin, PreferenceBase
 from edge.errors import BackendError
+from edge.plugins import discover
 
 PACKAGE = "edge.backends"
 
@@ -24,17 +23,7 @@ PACKAGE = "edge.backends"
 @functools.cache
 def plugins() -> dict[str, BackendPlugin]:
     """Every backend plugin by key, in module name order."""
-    package = importlib.import_module(PACKAGE)
-    found: dict[str, BackendPlugin] = {}
-    for module_info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{PACKAGE}.{module_info.name}")
-        plugin = getattr(module, "PLUGIN", None)
-        if not isinstance(plugin, BackendPlugin):
-            continue
-        if plugin.key in found:
-            raise BackendError(f"backend '{plugin.key}' is declared twice (second time in {module.__name__})")
-        found[plugin.key] = plugin
-    return found
+    return discover(PACKAGE, BackendPlugin, lambda plugin: plugin.key, BackendError)
 
 
 def names() -> list[str]:

@@ -8,13 +8,12 @@ Source modules stay light at import (OpenCV and pyserial are imported when a sou
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
 from typing import TYPE_CHECKING, Annotated, Union
 
 from pydantic import BaseModel, Field, TypeAdapter
 
 from edge.errors import ConfigError
+from edge.plugins import discover
 from edge.sources.base import Source, SourcePlugin
 
 PACKAGE = "edge.sources"
@@ -23,18 +22,7 @@ PACKAGE = "edge.sources"
 @functools.cache
 def plugins() -> dict[str, SourcePlugin]:
     """Every source plugin by its config `type`, in module name order."""
-    package = importlib.import_module(PACKAGE)
-    found: dict[str, SourcePlugin] = {}
-    for module_info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{PACKAGE}.{module_info.name}")
-        plugin = getattr(module, "PLUGIN", None)
-        if isinstance(plugin, SourcePlugin):
-            if plugin.key in found:
-                raise ConfigError(
-                    f"source type '{plugin.key}' is declared twice (again in {module.__name__})"
-                )
-            found[plugin.key] = plugin
-    return found
+    return discover(PACKAGE, SourcePlugin, lambda plugin: plugin.key, ConfigError)
 
 
 def source_config_union() -> object:
