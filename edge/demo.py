@@ -366,6 +366,8 @@ def main(args: argparse.Namespace) -> int:
         enough = threading.Event()
 
         def on_message(client: Any, userdata: Any, msg: Any) -> None:
+            if enough.is_set():
+                return  # predictions still arriving while the daemon stops are past --count
             message = json.loads(msg.payload)
             received.append(message)
             print(format_prediction(message), flush=True)

@@ -59,7 +59,9 @@ def test_demo_prints_predictions_as_a_subscriber_receives_them(tmp_path: Path, c
     )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("seq ")]
-    assert len(lines) >= 8, done.stdout
+    # `--count 8` means eight printed, not eight and whatever arrived while the daemon stopped.
+    assert len(lines) == 8, done.stdout
+    assert "demo: 8 prediction(s) received" in done.stdout
     parsed = [LINE.match(line) for line in lines]
     assert all(parsed), lines
     seqs = [int(m.group(1)) for m in parsed if m]
