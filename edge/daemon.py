@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import logging
 import os
 import signal
@@ -48,14 +47,6 @@ log = logging.getLogger(__name__)
 WORKER_POLL_S = 0.1  # the worker wakes this often even without frames, to ping the watchdog
 # /healthz/live fails when the worker has not come round its loop for this long (a hung backend).
 WORKER_STALL_S = 30.0
-
-
-@functools.lru_cache(maxsize=256)
-def public_uri(uri: str) -> str:
-    """A source uri fit for payloads, metrics and events: an RTSP password never leaves the device."""
-    from edge.sources.camera import redact
-
-    return redact(uri)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -352,7 +343,7 @@ class Daemon:
             try:
                 source.stop()
             except Exception:
-                log.exception("stopping source %s", public_uri(source.uri))
+                log.exception("stopping source %s", source.uri)
         self._worker_stop.set()
         if self._worker is not None:
             self._worker.join(timeout=30)
@@ -422,7 +413,7 @@ class Daemon:
             result, timings = session.infer(frame.data)
         except Exception as exc:  # a bad frame must not stop the stream; count and go on
             self.inference_errors += 1
-            log.warning("frame %d from %s: %s", frame.index, public_uri(frame.uri), exc)
+            log.warning("frame %d from %s: %s", frame.index, frame.uri, exc)
             return
         if self.metrics is not None:
             self.metrics.inference_seconds.observe(timings.inference / 1e3)
@@ -432,7 +423,7 @@ class Daemon:
             device_id=self.config.device_id,
             boot_id=self.boot_id,
             ts=time.time(),
-            source={"uri": public_uri(frame.uri), "frame": frame.index, "captured_at": frame.captured_at},
+            source={"uri": frame.uri, "frame": frame.index, "captured_at": frame.captured_at},
             model=session.info,
             runtime={"backend": session.backend_name, "provider": session.provider},
             latency_ms=latency_ms,
@@ -450,7 +441,7 @@ class Daemon:
             if reconnects > self._last_reconnects.get(source.uri, 0):
                 self._last_reconnects[source.uri] = reconnects
                 self.publisher.publish_event(
-                    "source_reconnected", {"uri": public_uri(source.uri), "reconnects": reconnects}
+                    "source_reconnected", {"uri": source.uri, "reconnects": reconnects}
                 )
 
     # -- models ----------------------------------------------------------------------------------------------
@@ -601,8 +592,8 @@ class Daemon:
         session = self.active
         pub_stats = self.publisher.stats
         return StatsSnapshot(
-            sources={public_uri(s.uri): dict(s.stats) for s in self.sources},
-            queue_dropped={public_uri(uri): count for uri, count in self.queue.dropped.items()},
+            sources={s.uri: dict(s.stats) for s in self.sources},
+            queue_dropped={uri: count for uri, count in self.queue.dropped.items()},
             outbox_depth=self.outbox.depth,
             outbox_dropped=self.outbox.dropped,
             outbox_disk_full=self.outbox.disk_full,

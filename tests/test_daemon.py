@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from edge.daemon import Daemon
 from edge.errors import PackageError
 from edge.health import Notifier
 from tests.assets_media import labelled_clip, photo
-from tests.broker import Mosquitto
+from tests.broker import Mosquitto, free_port
 from tests.daemon_helpers import TINY_LABELS, make_tiny_package, subscribed, wait_until, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -457,7 +458,6 @@ def test_sensor_windows_from_a_file_reach_the_model_in_order(tmp_path: Path, mos
 def test_source_file_vanishing_and_coming_back_reconnects_and_reports_it(
     tmp_path: Path, clip: Path, mosquitto: Mosquitto, daemon_config: Callable[..., DaemonConfig]
 ) -> None:
-    import shutil
 
     local = tmp_path / "cam.mp4"
     shutil.copy(clip, local)
@@ -558,3 +558,61 @@ def test_rollback_returns_to_the_previous_package_only_and_survives_a_restart(
             # ... while any other older package is still refused.
             reply = _send_command(mosquitto.port, "reload", {"path": "older"})
             assert reply["ok"] is False and "rollback refused" in reply["error"], reply
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg binary (apt install ffmpeg)")
+def test_stream_credentials_never_leave_the_source(
+    tmp_path: Path,
+    clip: Path,
+    mosquitto: Mosquitto,
+    daemon_config: Callable[..., DaemonConfig],
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """One stream that plays (ffmpeg, credentials in its URL) and one RTSP camera that never answers: not
+    one MQTT message, log line (Python or OpenCV's own), metric, stats reply or thread name may carry the
+    password."""
+    import logging
+
+    secret = "s3cr3t-pw"
+    port = free_port()
+    served = f"http://127.0.0.1:{port}/live.mjpg"
+    ffmpeg = subprocess.Popen(
+        ["ffmpeg", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
+         "-c:v", "mjpeg", "-q:v", "5", "-f", "mpjpeg", "-listen", "1", served],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    caplog.set_level(logging.DEBUG)
+    stream = {"type": "video", "uri": f"http://viewer:{secret}@127.0.0.1:{port}/live.mjpg", "fps": 10}
+    dead = {"type": "video", "uri": f"rtsp://admin:{secret}@127.0.0.1:{free_port()}/ch1", "fps": 10}
+    for camera in (stream, dead):
+        camera.update(open_timeout_s=1, read_timeout_s=1, reconnect_min_s=0.2, reconnect_max_s=0.4)
+    config = daemon_config(source=None, sources=[stream, dead], metrics={"port": 0, "addr": "127.0.0.1"})
+    try:
+        time.sleep(0.3)  # ffmpeg opens its listening socket
+        with subscribed(mosquitto.port, "#", client_id="leak-scan") as sub, running(config) as daemon:
+            assert sub.wait_for(lambda ms: len(ms) >= 5, 30, suffix="/predictions")
+            assert sub.wait_for(lambda es: any(e["event"] == "source_reconnected" for e in es), 30, "/events")
+            stats = _send_command(mosquitto.port, "stats", {})
+            assert daemon.metrics is not None
+            with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics.port}/metrics", timeout=5) as resp:
+                metrics = resp.read().decode()
+            threads = [thread.name for thread in threading.enumerate()]
+            messages = [payload.decode(errors="replace") for _, payload, _ in sub.messages]
+    finally:
+        ffmpeg.terminate()
+        ffmpeg.wait(timeout=5)
+    native = capfd.readouterr()
+    logged = [record.getMessage() for record in caplog.records]
+    assert "viewer:***@127.0.0.1" in json.dumps(stats)  # the sources are named, only without the password
+    assert "127.0.0.1" in metrics and messages and logged
+    for where, texts in {
+        "MQTT message": messages,
+        "log line": logged,
+        "native output": [native.out, native.err],
+        "stats reply": [json.dumps(stats)],
+        "metrics": [metrics],
+        "thread name": threads,
+    }.items():
+        leaked = [text for text in texts if secret in text]
+        assert not leaked, f"the password reached a {where}: {leaked[0][:300]}"

@@ -18,12 +18,12 @@ class Frame:
     index: int  # frame/window number since the source opened
     captured_at: float  # time.time() at capture (payload)
     captured_mono: float  # time.monotonic() at capture (latencies)
-    uri: str
+    uri: str  # the source's public uri: never carries credentials
 
 
 @runtime_checkable
 class Source(Protocol):
-    uri: str
+    uri: str  # public: credentials redacted by the source itself, so nothing downstream can leak them
 
     @property
     def finished(self) -> bool: ...  # a file ended and loop is false

@@ -229,7 +229,10 @@ class VideoSource(CapturingSource):
     def __init__(self, config: VideoSourceConfig) -> None:
         super().__init__()
         self.config = config
-        self.uri = str(config.uri)
+        # Only the capture call sees the credentials; `uri` is what frames, events, logs, metrics and
+        # thread names carry, so none of them can leak an RTSP password.
+        self._capture_uri = str(config.uri)
+        self.uri = redact(config.uri)
         self.kind = uri_kind(config.uri)
         self._supervisor: threading.Thread | None = None
         if self.kind == "file" and not Path(self.uri).is_file():
@@ -295,14 +298,14 @@ class VideoSource(CapturingSource):
             return cap
         if not _has_ffmpeg_backend():
             # Some device builds of OpenCV (GStreamer only) lack FFmpeg; the watchdog still bounds every call.
-            return cv2.VideoCapture(self.uri, cv2.CAP_ANY)
+            return cv2.VideoCapture(self._capture_uri, cv2.CAP_ANY)
         params = [
             cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
             int(config.open_timeout_s * 1000),
             cv2.CAP_PROP_READ_TIMEOUT_MSEC,
             int(config.read_timeout_s * 1000),
         ]
-        cap = cv2.VideoCapture(self.uri, cv2.CAP_FFMPEG, params)
+        cap = cv2.VideoCapture(self._capture_uri, cv2.CAP_FFMPEG, params)
         if cap.isOpened() and self.kind == "stream":
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         return cap
@@ -336,7 +339,7 @@ class VideoSource(CapturingSource):
                     session.abandoned = True
                     session.outcome = "stuck"
                     self._count("read_errors")
-                    log.warning("video source %s: capture stuck, abandoning it", redact(self.uri))
+                    log.warning("video source %s: capture stuck, abandoning it", self.uri)
                     break
             if self._stop.is_set():
                 session.thread.join(timeout=1.0)  # release the capture before stop() returns, if it can
@@ -350,7 +353,7 @@ class VideoSource(CapturingSource):
                 continue  # a looping file restarts at once; that is not a reconnect
             if session.delivered > 0:
                 failures = 0
-            self.last_error = f"video source {redact(self.uri)}: {session.outcome.replace('_', ' ')}"
+            self.last_error = f"video source {self.uri}: {session.outcome.replace('_', ' ')}"
             delay = min(config.reconnect_max_s, config.reconnect_min_s * (2**failures))
             failures += 1
             log.info("%s; reconnecting in %.1f s", self.last_error, delay)
