@@ -616,3 +616,36 @@ def test_stream_credentials_never_leave_the_source(
     }.items():
         leaked = [text for text in texts if secret in text]
         assert not leaked, f"the password reached a {where}: {leaked[0][:300]}"
+
+
+def test_sensor_windows_piped_into_stdin_are_all_served(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """`producer | edge-infer run` with a sensor on "-": a pipe is data, not a live sensor; every window
+    written into it becomes a prediction, however fast it was written."""
+    from tests.daemon_helpers import make_sensor_package
+
+    make_sensor_package(tmp_path / "models" / "sensor", window=16, channels=2)
+    windows = 187
+    samples = np.repeat(np.arange(windows, dtype=np.float32), 16)
+    config_path = write_config(
+        tmp_path / "edge.yaml",
+        device_id=DEVICE,
+        profile="x86-64-avx2",
+        model="models/sensor",
+        source={"type": "sensor", "uri": "-", "format": "f32le", "channels": 2, "window": 16},
+        mqtt={"host": "127.0.0.1", "port": mosquitto.port, "qos": 1, "topic_prefix": "edge"},
+        outbox={"path": "state/outbox.db"},
+        metrics=None,
+        exit_on_source_end=True,
+    )
+    with subscribed(mosquitto.port, f"{PREFIX}/predictions", client_id="stdin-sub") as sub:
+        done = subprocess.run(
+            [sys.executable, "-m", "edge.cli", "run", "--config", str(config_path)],
+            input=np.stack([samples, -samples], axis=1).astype("<f4").tobytes(),
+            capture_output=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        assert sub.wait_for(lambda ms: len(_seqs(ms)) >= windows, 20), len(sub.payloads())
+        frames = sorted(m["source"]["frame"] for m in sub.payloads())
+        assert frames == list(range(windows))

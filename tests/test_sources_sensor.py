@@ -389,3 +389,29 @@ def test_looping_raw_file_restarts_and_a_too_short_one_finishes(tmp_path: Path) 
         assert "shorter than one window" in (source.last_error or "")  # type: ignore[attr-defined]
     finally:
         source.stop()
+
+
+LOSSLESS_PROBE = """
+from edge.sources import open_source
+print(open_source({"type": "sensor", "uri": "-", "format": "s16le", "window": 4}).lossless)
+"""
+
+
+def test_stdin_is_lossless_from_a_pipe_or_file_and_live_from_a_terminal(tmp_path: Path) -> None:
+    def probe(stdin: object) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", LOSSLESS_PROBE], stdin=stdin, capture_output=True, text=True, cwd=REPO
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert probe(subprocess.PIPE) == "True"
+    (tmp_path / "samples.raw").write_bytes(b"\0" * 64)
+    with (tmp_path / "samples.raw").open("rb") as redirected:
+        assert probe(redirected) == "True"
+    controller, terminal = os.openpty()
+    try:
+        assert probe(terminal) == "False"
+    finally:
+        os.close(controller)
+        os.close(terminal)

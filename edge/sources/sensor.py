@@ -70,7 +70,10 @@ class SensorSourceConfig(BaseModel):
     loop: bool = Field(default=False, description="plain files and WAV: restart at the end")
     realtime: bool | None = Field(
         default=None,
-        description="files: deliver windows at sample_rate like a live sensor (default: when the rate is known)",
+        description=(
+            "files: deliver windows at sample_rate like a live sensor (default: when the rate is known); "
+            "stdin: true treats a pipe as live (newest window wins; default: only a terminal is live)"
+        ),
     )
     read_timeout_s: float | None = Field(
         default=None,
@@ -171,7 +174,7 @@ def uri_kind(uri: str) -> str:
 
 def _is_file(path: Path) -> bool:
     try:
-        return path.is_file()
+        return path.is_file() or path.is_fifo()
     except (OSError, ValueError):  # a name too long for the file system, a NUL byte
         return False
 
@@ -188,6 +191,8 @@ class SensorSource(CapturingSource):
         self.channels = config.channels
         self.sample_rate: int | None = config.sample_rate
         self._thread: threading.Thread | None = None
+        # stdin from a pipe or a file is data someone wants every window of; a terminal is typed live
+        self._stdin_live = self.kind == "stdin" and (config.realtime is True or os.isatty(0))
         if self.kind in ("file", "wav") and not _is_file(Path(self.uri)):
             raise ConfigError(f"sensor source {self.uri}: file not found")
         if self.kind == "wav":
@@ -291,6 +296,8 @@ class SensorSource(CapturingSource):
 
     @property
     def lossless(self) -> bool:
+        if self.kind == "stdin":
+            return not self._stdin_live
         return self.kind in ("file", "wav") and not self._pace()
 
     def _pace(self) -> bool:
@@ -304,8 +311,8 @@ class SensorSource(CapturingSource):
             started = time.monotonic()
             emitted = 0
             pace = self._pace() and self.kind != "stdin"
-            # a file with no clock goes at the reader's pace and drops nothing; stdin may be a live pipe
-            reader_paced = not pace and self.kind != "stdin"
+            # a file with no clock, a pipe or a redirected file goes at the reader's pace and drops nothing
+            reader_paced = not pace and not self._stdin_live
             read_chunk, close = self._open_stream(windower)
             try:
                 while not self._stop.is_set():
