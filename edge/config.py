@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge.backends import registry
-from edge.errors import BackendError, ConfigError
+from edge.errors import BackendError, ConfigError, EdgeError, Finding
 from edge.publish.mqtt import PASSWORD_FILE_ENV, MqttConfig, check_device_id, read_password
 from edge.sources import SourceConfig
 from edge.trust import check_secret_file
@@ -122,6 +123,15 @@ def _resolved_path(config_path: Path, field: str, path: Path) -> Path:
         raise ConfigError(f"{config_path}: {field}: cannot expand '{text}': {exc}") from exc
 
 
+def _source_next_to(config_path: Path, field: str, source: BaseModel) -> BaseModel:
+    """A source whose uri is a relative file path reads the file next to the config (streams, device
+    nodes, indexes and stdin are left as they are)."""
+    uri = getattr(source, "uri", None)
+    if not isinstance(uri, str) or uri == "-" or "://" in uri or Path(uri).expanduser().is_absolute():
+        return source
+    return source.model_copy(update={"uri": str(_resolved_path(config_path, field, Path(uri)))})
+
+
 def load_config(path: str | Path, environ: dict[str, str] | None = None) -> DaemonConfig:
     """Parse and validate a config file; relative paths are resolved against the file's directory."""
     from edge import yamlio
@@ -138,6 +148,13 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Daem
             update={"path": _resolved_path(path, "outbox.path", config.outbox.path)}
         ),
     }
+    if config.sources is not None:
+        updates["sources"] = [
+            _source_next_to(path, f"sources.{index}.uri", source)
+            for index, source in enumerate(config.sources)
+        ]
+    elif config.source is not None:
+        updates["source"] = _source_next_to(path, "source.uri", config.source)
     env = os.environ if environ is None else environ
     mqtt_updates: dict[str, Any] = {}
     # The publisher reads the file itself; the environment may point it elsewhere (a systemd credential).
@@ -168,6 +185,60 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Daem
 # `edge-infer check-config FILE`
 
 
+def _writable_dir(path: Path) -> str | None:
+    """Why the daemon could not create or write files in directory `path`, or None."""
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user"
+    return None
+
+
+def preflight(config: DaemonConfig, package: bool = True) -> list[Finding]:
+    """Everything about a loaded config that can be checked without starting the daemon: sources' files
+    and device nodes, key files, the models and outbox directories. What cannot (the broker) is a
+    warning."""
+    from edge.signing import load_public_key
+    from edge.sources.registry import plugins
+
+    found: list[Finding] = []
+    field = "sources" if config.sources is not None else "source"
+    for index, source in enumerate(config.all_sources):
+        where = f"{field}.{index}" if config.sources is not None else field
+        check = plugins()[source.type].check
+        found += [Finding(f"{where}.{f.where}", f.message, f.fatal) for f in check(source)]
+    if package and not (config.model / "manifest.json").is_file():
+        found.append(Finding("model", f"{config.model}: not a model package (no manifest.json)"))
+    if problem := _writable_dir(config.models_dir):
+        found.append(Finding("model", f"{problem}: reload and rollback cannot switch packages", False))
+    for index, key in enumerate(config.trusted_keys):
+        try:
+            load_public_key(key)
+        except (EdgeError, OSError) as exc:
+            found.append(Finding(f"trusted_keys.{index}", str(exc)))
+    tls = config.mqtt.tls
+    for name in ("ca_file", "cert_file", "key_file"):
+        path = getattr(tls, name) if tls is not None else None
+        if path is not None and not Path(path).is_file():
+            found.append(Finding(f"mqtt.tls.{name}", f"{path}: no such file"))
+    if config.outbox.enabled and (problem := _writable_dir(config.outbox.path.parent)):
+        found.append(Finding("outbox.path", f"{problem}: the outbox cannot be created"))
+    found.append(
+        Finding(
+            "mqtt",
+            f"the broker {config.mqtt.host}:{config.mqtt.port} is not tried here; "
+            "`edge-infer doctor --config FILE` tries it with this TLS and these credentials",
+            False,
+        )
+    )
+    return found
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="the daemon's YAML config")
     parser.add_argument(
@@ -177,6 +248,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    findings = preflight(config, package=not args.no_package)
+    for finding in findings:
+        kind = "error" if finding.fatal else "warning"
+        print(f"{kind}: {args.config}: {finding.where}: {finding.message}", file=sys.stderr)
+    problems = sum(finding.fatal for finding in findings)
+    if problems:
+        raise ConfigError(f"{args.config}: {problems} problem(s), each named above")
     model_note = str(config.model)
     if not args.no_package:
         from edge.package import load_package

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -421,13 +422,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--package", metavar="PKG", help="also load this package and run its golden self-check"
     )
-    parser.add_argument("--profile", default="auto", help="device profile name or path (default: auto)")
+    parser.add_argument(
+        "--profile", default=None, help="device profile name or path (default: the config's, else auto)"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="also check this daemon config: its files (as check-config), its package, and the broker, "
+        "tried with the config's TLS and credentials",
+    )
+
+
+def check_config(path: Path) -> dict[str, Any]:
+    """What `check-config` finds, plus one real connection to the configured broker."""
+    from edge.config import load_config, preflight
+    from edge.publish.mqtt import probe_broker
+
+    config = load_config(path)
+    findings = [
+        {"where": f.where, "message": f.message, "fatal": f.fatal}
+        for f in preflight(config)
+        if f.where != "mqtt"  # the broker is tried below instead
+    ]
+    try:
+        broker = probe_broker(config.mqtt, f"edge-doctor-{config.device_id}-{os.getpid()}")
+    except ConfigError as exc:
+        broker = {"ok": False, "reason": "config", "detail": str(exc)}
+    return {
+        "path": str(path),
+        "device_id": config.device_id,
+        "profile": config.profile,
+        "model": str(config.model),
+        "findings": findings,
+        "broker": {"host": config.mqtt.host, "port": config.mqtt.port, **broker},
+        "ok": bool(broker["ok"]) and not any(f["fatal"] for f in findings),
+    }
+
+
+def render_config(checked: dict[str, Any]) -> str:
+    lines = [f"config       {checked['path']}: device {checked['device_id']}"]
+    for finding in checked["findings"]:
+        kind = "error" if finding["fatal"] else "warning"
+        lines.append(f"config       {kind}: {finding['where']}: {finding['message']}")
+    broker = checked["broker"]
+    where = f"{broker['host']}:{broker['port']}"
+    if broker["ok"]:
+        lines.append(f"broker       {where}: connected ({broker['detail']})")
+    else:
+        lines.append(f"broker       {where}: FAILED ({broker['reason']}): {broker['detail']}")
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
     if args.package and not Path(args.package).exists():
         raise ConfigError(f"{args.package}: package directory not found")
-    report = collect(args.profile, args.package)
-    print(json.dumps(report, indent=2) if args.json else render(report))
+    checked = check_config(args.config) if args.config else None
+    profile = args.profile or (checked["profile"] if checked else "auto")
+    package_dir = args.package or (checked["model"] if checked else None)
+    report = collect(profile, package_dir)
+    if checked:
+        report["config"] = checked
+    text = render(report) + ("\n" + render_config(checked) if checked else "")
+    print(json.dumps(report, indent=2) if args.json else text)
     package = report.get("package")
-    return 1 if package is not None and not package.get("ok") else 0
+    failed = package is not None and not package.get("ok")
+    return 1 if failed or (checked and not checked["ok"]) else 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class EdgeError(Exception):
     """A failure with a one-line, user-facing reason (names the file, field or topic)."""
@@ -20,3 +22,13 @@ class PackageError(EdgeError):
 
 class BackendError(EdgeError):
     """An inference backend could not load or run a model."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What a check made without starting anything found: a problem (`fatal`) or a warning about what it
+    could not check. `where` is the config field (`sources.0`, `mqtt.tls.ca_file`)."""
+
+    where: str
+    message: str
+    fatal: bool = True

@@ -121,12 +121,25 @@ def _check_config(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _clip_next_to_config(tmp_path: Path) -> None:
+    import shutil
+
+    from tests.assets_media import labelled_clip
+
+    shutil.copy(labelled_clip().path, tmp_path / "clip.avi")
+
+
 def test_check_config_cli_ok_and_error(tmp_path: Path) -> None:
     make_tiny_package(tmp_path / "models" / "current")
+    _clip_next_to_config(tmp_path)
     good = _write(tmp_path, GOOD.replace("profile: auto", "profile: x86-64-avx2"))
     done = _check_config(good)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"ok: {good}: device cam-01, model tiny-colour 1.0.0")
+    assert done.stderr.strip() == (
+        f"warning: {good}: mqtt: the broker 127.0.0.1:1883 is not tried here; "
+        "`edge-infer doctor --config FILE` tries it with this TLS and these credentials"
+    )
 
     bad = _write(tmp_path, GOOD.replace("qos: 1", "qos: 3"), name="bad.yaml")
     done = _check_config(bad)
@@ -138,6 +151,7 @@ def test_check_config_cli_ok_and_error(tmp_path: Path) -> None:
 
 def test_check_config_refuses_a_tampered_package(tmp_path: Path) -> None:
     make_tiny_package(tmp_path / "models" / "current", corrupt="hash")
+    _clip_next_to_config(tmp_path)
     done = _check_config(_write(tmp_path, GOOD))
     assert done.returncode == 2
     assert "sha256 of 'model.onnx'" in done.stderr
@@ -162,3 +176,53 @@ def test_check_config_never_prints_a_stream_password(tmp_path: Path) -> None:
     done = _check_config(path, "--no-package")
     assert done.returncode == 0, done.stderr
     assert "hunter2" not in done.stdout and "rtsp://admin:***@cam/stream" in done.stdout
+    assert (
+        "hunter2" not in done.stderr and "video source rtsp://admin:***@cam/stream: a stream" in done.stderr
+    )
+
+
+def test_check_config_checks_files_devices_and_keys_without_starting(tmp_path: Path) -> None:
+    """Everything that can be checked before the daemon runs is, each problem on its own line naming the
+    field; the exit code says the config would not start."""
+    make_tiny_package(tmp_path / "models" / "current")
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state").chmod(0o500)
+    (tmp_path / "not-a-video.avi").write_text("hello")
+    text = (
+        GOOD.replace(
+            "source: {type: video, uri: clip.avi, fps: 5, loop: false}",
+            "sources:\n"
+            "  - {type: video, uri: missing.avi}\n"
+            "  - {type: video, uri: not-a-video.avi}\n"
+            "  - {type: video, uri: /dev/video97}\n"
+            "  - {type: sensor, uri: /dev/ttyUSB97}\n"
+            "  - {type: sensor, uri: samples.raw}\n"
+            "  - {type: video, uri: 'rtsp://cam/stream'}",
+        )
+        .replace("topic_prefix: edge}", "topic_prefix: edge, tls: {ca_file: ca.pem}}")
+        .replace("outbox: {path: state/outbox.db", "outbox: {path: state/db/outbox.db")
+        + "trusted_keys: [keys/release.pub.pem]\n"
+    )
+    config = _write(tmp_path, text)
+    done = _check_config(config, "--no-package")
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    expected = [
+        f"error: {config}: sources.0.uri: video source {tmp_path}/missing.avi: file not found",
+        f"error: {config}: sources.1.uri: video source {tmp_path}/not-a-video.avi: OpenCV cannot decode",
+        f"error: {config}: sources.2.uri: video source /dev/video97: no such device",
+        f"error: {config}: sources.3.uri: sensor source /dev/ttyUSB97: no such device",
+        f"error: {config}: sources.4.uri: sensor source {tmp_path}/samples.raw: file not found",
+        f"warning: {config}: sources.5.uri: video source rtsp://cam/stream: a stream is not tried",
+        f"error: {config}: trusted_keys.0: {tmp_path}/keys/release.pub.pem: not a readable",
+        f"error: {config}: mqtt.tls.ca_file: {tmp_path}/ca.pem: no such file",
+        f"error: {config}: outbox.path: {tmp_path}/state is not writable by this user",
+        f"warning: {config}: mqtt: the broker 127.0.0.1:1883 is not tried here",
+        f"edge-infer check-config: error: {config}: 8 problem(s), each named above",
+    ]
+    if os.geteuid() == 0:  # root writes anywhere
+        expected = [line for line in expected if "outbox.path" not in line]
+        expected[-1] = expected[-1].replace("8 problem", "7 problem")
+    assert len(lines) == len(expected), done.stderr
+    for line, start in zip(lines, expected, strict=True):
+        assert line.startswith(start), (line, start)

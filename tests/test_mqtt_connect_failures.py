@@ -107,3 +107,59 @@ def test_two_daemons_with_one_client_id_are_named_once(
 
 # MQTT 3.1.1 has no takeover reason: the streak that identifies one logs a couple of plain disconnects first.
 TAKEOVER_TOLERANCE = 4
+
+
+def _doctor(config: Path) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "edge.cli", "doctor", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_doctor_config_tries_the_broker_as_the_daemon_would_and_says_what_failed(tmp_path: Path) -> None:
+    from tests.daemon_helpers import make_tiny_package, write_config
+
+    make_tiny_package(tmp_path / "models" / "current")
+    passwords = tmp_path / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), DEVICE, "right"], check=True)
+    broker = Mosquitto(
+        tmp_path / "broker", extra_config=f"allow_anonymous false\npassword_file {passwords}"
+    ).start()
+    secret = tmp_path / "secret"
+    secret.write_text("wrong\n")
+    secret.chmod(0o600)
+
+    def config(port: int) -> Path:
+        return write_config(
+            tmp_path / "edge.yaml",
+            device_id=DEVICE,
+            profile="x86-64-avx2",
+            model="models/current",
+            source={"type": "video", "uri": "rtsp://cam/stream"},
+            mqtt={"host": "127.0.0.1", "port": port, "username": DEVICE, "password_file": str(secret)},
+            outbox={"path": "state/outbox.db"},
+            metrics=None,
+        )
+
+    try:
+        done = _doctor(config(broker.port))
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert f"broker       127.0.0.1:{broker.port}: FAILED (auth): the broker refused" in done.stdout
+        assert "package      tiny-colour 1.0.0" in done.stdout  # the config's package was self-checked
+
+        refused = free_port()
+        done = _doctor(config(refused))
+        assert done.returncode == 1
+        assert f"broker       127.0.0.1:{refused}: FAILED (refused)" in done.stdout, done.stdout
+
+        secret.write_text("right\n")
+        done = _doctor(config(broker.port))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"broker       127.0.0.1:{broker.port}: connected" in done.stdout
+        assert "config       warning: source.uri: video source rtsp://cam/stream: a stream" in done.stdout
+    finally:
+        broker.stop()

@@ -530,3 +530,9 @@ def test_publisher_pinning_the_wrong_ca_logs_why_once(pki, mtls_broker, tmp_path
     finally:
         publisher.stop(flush_timeout=0.2)
         publisher.outbox.close()
+    # `doctor --config` makes the same attempt and names the same reason.
+    from edge.publish.mqtt import probe_broker
+
+    probed = probe_broker(config, "doctor-probe", timeout=5)
+    assert probed["ok"] is False and probed["reason"] == "tls_certificate", probed
+    assert "certificate verify failed" in str(probed["detail"])

@@ -150,6 +150,63 @@ def connect_failure_reason(exc: OSError) -> str:
     return "network"
 
 
+def configure_transport(client: paho.Client, cfg: MqttConfig) -> None:
+    """TLS and credentials exactly as the config gives them: the daemon and `doctor --config` share this."""
+    if cfg.tls is not None:
+        tls = cfg.tls
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(tls, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"mqtt.tls.{name}: {path}: no such file")
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise ConfigError("mqtt.tls: cert_file and key_file go together (mutual TLS)")
+        client.tls_set(
+            ca_certs=str(tls.ca_file) if tls.ca_file else None,
+            certfile=str(tls.cert_file) if tls.cert_file else None,
+            keyfile=str(tls.key_file) if tls.key_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+        client.tls_insecure_set(tls.insecure)
+    password = read_password(cfg)
+    if cfg.username is not None or password is not None:
+        client.username_pw_set(cfg.username or "", password)
+
+
+def probe_broker(cfg: MqttConfig, client_id: str, timeout: float = 10.0) -> dict[str, str | bool]:
+    """One connection attempt with the config's TLS and credentials, under a client id of its own (the
+    running daemon's session must not be taken over): `{"ok", "reason", "detail"}`, where `reason` is
+    the label `edge_mqtt_connect_failures_total` would count."""
+    protocol = paho.MQTTv5 if cfg.protocol == 5 else paho.MQTTv311
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    answered = threading.Event()
+    outcome: dict[str, str | bool] = {"ok": False, "reason": "timeout", "detail": "no CONNACK"}
+
+    def on_connect(
+        c: paho.Client, userdata: object, flags: object, reason: ReasonCode, props: object
+    ) -> None:
+        if reason.is_failure:
+            label = "auth" if str(reason) in _AUTH_REFUSED else "broker_refused"
+            outcome.update(reason=label, detail=f"the broker refused the connection: {reason}")
+        else:
+            outcome.update(ok=True, reason="connected", detail=f"CONNACK: {reason}")
+        answered.set()
+
+    client.on_connect = on_connect
+    configure_transport(client, cfg)
+    try:
+        client.connect(cfg.host, cfg.port, keepalive=max(5, int(timeout)))
+    except OSError as exc:
+        return {"ok": False, "reason": connect_failure_reason(exc), "detail": str(exc) or type(exc).__name__}
+    client.loop_start()
+    try:
+        if not answered.wait(timeout):
+            outcome["detail"] = f"no CONNACK within {timeout:g} s"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return outcome
+
+
 class _Client(paho.Client):
     """paho's client, telling the publisher before each connection attempt and why one failed (paho's
     network loop swallows the OSError and only retries)."""
@@ -266,24 +323,7 @@ class Publisher:
         client.reconnect_delay_set(
             min_delay=max(1, round(cfg.reconnect_min_s)), max_delay=round(cfg.reconnect_max_s)
         )
-        if cfg.tls is not None:
-            tls = cfg.tls
-            for name in ("ca_file", "cert_file", "key_file"):
-                path = getattr(tls, name)
-                if path is not None and not Path(path).is_file():
-                    raise ConfigError(f"mqtt.tls.{name}: {path}: no such file")
-            if (tls.cert_file is None) != (tls.key_file is None):
-                raise ConfigError("mqtt.tls: cert_file and key_file go together (mutual TLS)")
-            client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-            client.tls_insecure_set(tls.insecure)
-        password = read_password(cfg)
-        if cfg.username is not None or password is not None:
-            client.username_pw_set(cfg.username or "", password)
+        configure_transport(client, cfg)
         client.before_connect = self._before_connect
         client.on_socket_error = self._on_socket_error
         self._set_will(client)

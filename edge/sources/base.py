@@ -11,6 +11,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel
 
+from edge.errors import Finding
+
 
 @dataclass(frozen=True)
 class Frame:
@@ -134,8 +136,11 @@ class CapturingSource:
 @dataclass(frozen=True)
 class SourcePlugin:
     """What a source module declares as its module-level `PLUGIN`: the config's `type` key, the config
-    model (pydantic, extra="forbid", `type: Literal[key]`) and the Source class built from that config."""
+    model (pydantic, extra="forbid", `type: Literal[key]`), the Source class built from that config, and
+    `check`: what `check-config` can verify of such a config without starting the source (files, device
+    nodes), as messages that name the source."""
 
     key: str
     config: type[BaseModel]
     source: Callable[..., Source]
+    check: Callable[..., list[Finding]]

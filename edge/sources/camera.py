@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge.errors import ConfigError
+from edge.errors import ConfigError, Finding
 from edge.sources.base import CapturingSource, Frame, SourcePlugin
 
 log = logging.getLogger(__name__)
@@ -362,4 +362,38 @@ class VideoSource(CapturingSource):
             self._count("reconnects")
 
 
-PLUGIN = SourcePlugin(key="video", config=VideoSourceConfig, source=VideoSource)
+def check(config: VideoSourceConfig) -> list[Finding]:
+    """A file must exist and decode, a device node must exist and be readable; a stream is only reached
+    when the daemon runs."""
+    kind = uri_kind(config.uri)
+    if kind == "stream":
+        return [
+            Finding(
+                "uri",
+                f"video source {redact(config.uri)}: a stream is not tried before the daemon runs",
+                False,
+            )
+        ]
+    if kind == "device":
+        node = f"/dev/video{config.uri}" if isinstance(config.uri, int) else str(config.uri)
+        if not os.path.exists(node):
+            return [Finding("uri", f"video source {node}: no such device")]
+        if not os.access(node, os.R_OK | os.W_OK):
+            return [Finding("uri", f"video source {node}: this user may not open it (group video?)")]
+        return []
+    import cv2
+
+    quiet = (
+        cv2.utils.logging.LOG_LEVEL_ERROR
+    )  # a file that is not a video is said once, here, not by OpenCV too
+    louder = cv2.utils.logging.setLogLevel(quiet)
+    try:
+        VideoSource(config)._probe_file()
+    except ConfigError as exc:
+        return [Finding("uri", str(exc))]
+    finally:
+        cv2.utils.logging.setLogLevel(louder)
+    return []
+
+
+PLUGIN = SourcePlugin(key="video", config=VideoSourceConfig, source=VideoSource, check=check)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge.errors import ConfigError
+from edge.errors import ConfigError, Finding
 from edge.sources.base import CapturingSource, Frame, SourcePlugin
 
 log = logging.getLogger(__name__)
@@ -407,4 +407,23 @@ class SensorSource(CapturingSource):
                 port.close()
 
 
-PLUGIN = SourcePlugin(key="sensor", config=SensorSourceConfig, source=SensorSource)
+def check(config: SensorSourceConfig) -> list[Finding]:
+    """A file or WAV file must exist (and a WAV header agree with the config); a serial port must exist
+    and be openable by this user."""
+    kind = uri_kind(config.uri)
+    if kind == "stdin":
+        return []
+    if kind == "serial":
+        if not os.path.exists(config.uri):
+            return [Finding("uri", f"sensor source {config.uri}: no such device")]
+        if not os.access(config.uri, os.R_OK | os.W_OK):
+            return [Finding("uri", f"sensor source {config.uri}: this user may not open it (group dialout?)")]
+        return []
+    try:
+        SensorSource(config)
+    except ConfigError as exc:
+        return [Finding("uri", str(exc))]
+    return []
+
+
+PLUGIN = SourcePlugin(key="sensor", config=SensorSourceConfig, source=SensorSource, check=check)
