@@ -12,6 +12,7 @@ process's peak RSS are measured in a fresh subprocess per subject.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import resource
@@ -20,7 +21,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -304,16 +304,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    for path in (args.package, args.compare):
-        if path is not None and not Path(path).is_dir():
-            raise ConfigError(f"{path}: package directory not found")
+    from edge.package import package_dir
+
     if args.seconds <= 0:
         raise ConfigError("--seconds: must be > 0")
-    subjects = [Subject("A", args.package, args.backend)]
-    if args.compare:
-        subjects.append(Subject("B", args.compare, args.backend))
-    elif args.compare_backend:
-        subjects.append(Subject("B", args.package, args.compare_backend))
+    with contextlib.ExitStack() as unpacked:
+        # a package .tar is benchmarked from a temporary unpacked copy, removed afterwards
+        package = str(unpacked.enter_context(package_dir(args.package)))
+        subjects = [Subject("A", package, args.backend)]
+        if args.compare:
+            subjects.append(
+                Subject("B", str(unpacked.enter_context(package_dir(args.compare))), args.backend)
+            )
+        elif args.compare_backend:
+            subjects.append(Subject("B", package, args.compare_backend))
+        return _bench(args, subjects)
+
+
+def _bench(args: argparse.Namespace, subjects: list[Subject]) -> int:
     report = run_bench(
         subjects,
         profile=args.profile,

@@ -57,7 +57,10 @@ class HealthConfig(_Strict):
 class DaemonConfig(_Strict):
     device_id: str
     profile: str = "auto"
-    model: Path = Field(description="a package directory; reloads must stay inside its parent directory")
+    model: Path = Field(
+        description="a package directory or a package .tar (unpacked into its directory); reloads must stay "
+        "inside its parent directory"
+    )
     source: SourceConfig | None = None
     sources: list[SourceConfig] | None = Field(default=None, min_length=1)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
@@ -203,6 +206,7 @@ def preflight(config: DaemonConfig, package: bool = True) -> list[Finding]:
     """Everything about a loaded config that can be checked without starting the daemon: sources' files
     and device nodes, key files, the models and outbox directories. What cannot (the broker) is a
     warning."""
+    from edge.package import is_archive
     from edge.signing import load_public_key
     from edge.sources.registry import plugins
 
@@ -212,7 +216,7 @@ def preflight(config: DaemonConfig, package: bool = True) -> list[Finding]:
         where = f"{field}.{index}" if config.sources is not None else field
         check = plugins()[source.type].check
         found += [Finding(f"{where}.{f.where}", f.message, f.fatal) for f in check(source)]
-    if package and not (config.model / "manifest.json").is_file():
+    if package and not (config.model / "manifest.json").is_file() and not is_archive(config.model):
         found.append(Finding("model", f"{config.model}: not a model package (no manifest.json)"))
     if problem := _writable_dir(config.models_dir):
         found.append(Finding("model", f"{problem}: reload and rollback cannot switch packages", False))
@@ -257,11 +261,12 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: {problems} problem(s), each named above")
     model_note = str(config.model)
     if not args.no_package:
-        from edge.package import load_package
+        from edge.package import load_package, package_dir
         from edge.signing import load_public_key
 
         keys = [load_public_key(key) for key in config.trusted_keys] or None
-        package = load_package(config.model, trusted_keys=keys)
+        with package_dir(config.model) as root:  # a package .tar is checked from a temporary copy
+            package = load_package(root, trusted_keys=keys)
         signed = ", signed" if package.signed else ""
         model_note = f"{package.manifest.name} {package.manifest.version}{signed} at {config.model}"
     from edge.sources.camera import redact

@@ -35,7 +35,7 @@ from edge.config import DaemonConfig, HealthConfig, MetricsConfig, load_config
 from edge.errors import BackendError, ConfigError, EdgeError, PackageError
 from edge.health import HealthProbes, HttpEndpoint, Metrics, Notifier, Probe, StatsSnapshot
 from edge.jsontypes import JSONObject, JSONValue
-from edge.package import Package
+from edge.package import Package, is_archive, unpack_into
 from edge.profiles import DeviceProfile
 from edge.publish.commands import CommandHandler
 from edge.session import ModelSession, open_session
@@ -447,9 +447,13 @@ class Daemon:
     # -- models ----------------------------------------------------------------------------------------------
 
     def _load_verified(self, path: Path, current: ModelSession | None) -> Package:
-        """The package at `path`, hashes and signature verified, and not older than what we accepted.
-        Resolved first: the configured `model` is a symlink that a later swap repoints, and a session kept
-        for rollback must still read its own golden files."""
+        """The package at `path` (a package .tar is unpacked into the models directory first), hashes and
+        signature verified, and not older than what we accepted. Resolved first: the configured `model`
+        is a symlink that a later swap repoints, and a session kept for rollback must still read its own
+        golden files."""
+        if is_archive(path):
+            path = unpack_into(path, self.config.models_dir)
+            log.info("unpacked the package archive into %s", path)
         return self.trust.load(path.resolve(), current.package.manifest if current is not None else None)
 
     def _open_session(self, package: Package) -> ModelSession:
@@ -482,8 +486,8 @@ class Daemon:
             old = self.active
             assert old is not None
             try:
-                path = self.resolve_reload_path(raw_path)
-                package = self._load_verified(path, old)
+                package = self._load_verified(self.resolve_reload_path(raw_path), old)
+                path = package.root
                 new = self._open_session(package)
             except EdgeError as exc:
                 failed: JSONObject = {"path": str(raw_path), "error": str(exc), "serving": _info(old)}

@@ -340,7 +340,17 @@ def collect(profile_name: str | None = None, package_dir: str | None = None) -> 
     return report
 
 
-def self_check(package_dir: str, profile: Any) -> dict[str, Any]:
+def self_check(path: str, profile: Any) -> dict[str, Any]:
+    from edge.package import package_dir
+
+    try:
+        with package_dir(path) as root:
+            return {**_self_check(root, profile), "path": path}
+    except EdgeError as exc:
+        return {"path": path, "ok": False, "error": str(exc)}
+
+
+def _self_check(package_dir: Path, profile: Any) -> dict[str, Any]:
     from edge.backends import load_model
     from edge.package import load_package
 
@@ -353,9 +363,8 @@ def self_check(package_dir: str, profile: Any) -> dict[str, Any]:
             package, profile, on_event=lambda name, data: events.append({"event": name, **data})
         )
     except EdgeError as exc:
-        return {"path": package_dir, "ok": False, "error": str(exc)}
+        return {"ok": False, "error": str(exc)}
     result = {
-        "path": package_dir,
         "name": package.manifest.name,
         "version": package.manifest.version,
         "ok": model.golden.passed if model.golden else True,
@@ -476,7 +485,7 @@ def render_config(checked: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     if args.package and not Path(args.package).exists():
-        raise ConfigError(f"{args.package}: package directory not found")
+        raise ConfigError(f"{args.package}: neither a package directory nor a package .tar")
     checked = check_config(args.config) if args.config else None
     profile = args.profile or (checked["profile"] if checked else "auto")
     package_dir = args.package or (checked["model"] if checked else None)

@@ -38,6 +38,7 @@ SCHEMA = "edge.package/1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 MAX_ARCHIVE_MEMBER_BYTES = 2 << 30
+MAX_ARCHIVE_BYTES = 4 << 30  # all members together: a tar bomb must not fill the models directory
 
 
 class _Model(BaseModel):
@@ -234,8 +235,8 @@ def load_package(path: str | Path, trusted_keys: list[bytes] | None = None) -> P
     """Load and verify a package directory. With `trusted_keys` (raw ed25519 public keys), a valid
     signature by one of them is required."""
     root = Path(path)
-    if root.is_file() and tarfile.is_tarfile(root):
-        raise PackageError(f"{root}: is an archive; unpack it with `extract_archive` first")
+    if is_archive(root):
+        raise PackageError(f"{root}: is an archive; open it with `package_dir` or `unpack_into` first")
     manifest_path = root / MANIFEST
     try:
         raw = manifest_path.read_bytes()
@@ -356,11 +357,20 @@ def write_manifest(root: Path, manifest: Manifest, sign_key: bytes | None = None
         (root / SIGNATURE).write_bytes(sign(text, sign_key))
 
 
-def extract_archive(archive: Path, dest: Path, max_member_bytes: int = MAX_ARCHIVE_MEMBER_BYTES) -> Path:
-    """Unpack a package .tar into `dest`, refusing `..`, absolute paths, links, devices and huge members."""
+def extract_archive(
+    archive: Path,
+    dest: Path,
+    max_member_bytes: int = MAX_ARCHIVE_MEMBER_BYTES,
+    max_total_bytes: int = MAX_ARCHIVE_BYTES,
+) -> Path:
+    """Unpack a package .tar into `dest`, refusing `..`, absolute paths, links, devices, huge members and
+    archives that unpack to more than `max_total_bytes`."""
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
+            total = sum(member.size for member in members)
+            if total > max_total_bytes:
+                raise PackageError(f"{archive}: unpacks to {total} bytes (limit {max_total_bytes})")
             for member in members:
                 name = member.name
                 if os.path.isabs(name) or ".." in Path(name).parts:
@@ -385,3 +395,44 @@ def extract_archive(archive: Path, dest: Path, max_member_bytes: int = MAX_ARCHI
     if len(roots) == 1 and (dest / next(iter(roots)) / MANIFEST).is_file():
         return dest / next(iter(roots))
     raise PackageError(f"{archive}: no {MANIFEST} at the top of the archive")
+
+
+def is_archive(path: Path) -> bool:
+    return path.is_file() and tarfile.is_tarfile(path)
+
+
+def unpack_into(archive: Path, models_dir: Path) -> Path:
+    """A package .tar unpacked (safely, see `extract_archive`) into a directory of its own in
+    `models_dir`, named by its manifest and the manifest's hash, so the same archive given again is found
+    rather than unpacked twice. Staged beside and renamed in: a half-unpacked package is never seen."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=models_dir))
+    try:
+        root = extract_archive(archive, staging)
+        text = (root / MANIFEST).read_bytes()
+        try:
+            manifest = json.loads(text)
+            name, version = str(manifest["name"]), str(manifest["version"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PackageError(f"{archive}: {MANIFEST} has no name and version: {exc}") from exc
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{name}-{version}")
+        target = models_dir / f"{safe}-{hashlib.sha256(text).hexdigest()[:12]}"
+        if not target.exists():
+            os.rename(root, target)
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def package_dir(path: str | Path) -> Iterator[Path]:
+    """A package directory as it is, or a package .tar unpacked into a temporary directory for the
+    length of the block (`bench`, `doctor`: nothing is left behind)."""
+    path = Path(path)
+    if not is_archive(path):
+        if not path.is_dir():
+            raise PackageError(f"{path}: neither a package directory nor a package .tar")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="edge-package-") as tmp:
+        yield unpack_into(path, Path(tmp))

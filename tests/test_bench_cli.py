@@ -103,7 +103,7 @@ def test_compare_backend_without_that_artifact_is_a_clear_error(tmp_path: Path, 
 
 def test_missing_package_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["bench", str(tmp_path / "nope")]) == 2
-    assert "nope: package directory not found" in capsys.readouterr().err
+    assert "nope: neither a package directory nor a package .tar" in capsys.readouterr().err
 
 
 def test_interleaved_latency_runs_blocks_after_a_pause_and_times_only_the_block() -> None:
