@@ -4,9 +4,13 @@
 2 cores the first time and caches the weights in $EDGE_CACHE as safetensors, keyed by a hash of this
 file, so changing the training code retrains. The 8x8 digits are upsampled to 1x16x16 (values 0..1) to
 leave the convolutions room to be pruned. The held-out split (25 %, stratified, fixed seed) is never
-used for training; `write_held_out_npz` / `write_calib_npz` write it as `.npz` tensors keyed by the input name.
+used for training. `write_held_out_npz` writes it as an `.npz` keyed by the input name plus a `labels` key
+(the true digits, so the gate measures real accuracy); `write_calib_npz` draws calibration inputs from the
+training split. From a shell:
 
-    edge-convert examples/digits_cnn.py:build --input-shape 1,1,16,16 --calib CALIB.npz --eval TEST.npz ...
+    python examples/digits_cnn.py --write-data data     # data/calib.npz, data/test.npz, data/labels.txt
+    edge-convert examples/digits_cnn.py:build --out digits.pkg --input-shape 1,1,16,16 \
+        --calib data/calib.npz --eval data/test.npz --labels data/labels.txt
 """
 
 from __future__ import annotations
@@ -70,10 +74,11 @@ def held_out_set() -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_held_out_npz(path: Path | str) -> Path:
-    """The held-out inputs as `.npz` (key = the model's input name); labels via `held_out_labels()`."""
-    x_test, _ = held_out_set()
+    """The held-out inputs as `.npz` (key = the model's input name) with their true digits under
+    `labels` (edge-convert's gate then scores real top-1 accuracy, not agreement with fp32)."""
+    x_test, y_test = held_out_set()
     path = Path(path)
-    arrays: dict[str, Any] = {INPUT_NAME: x_test}
+    arrays: dict[str, Any] = {INPUT_NAME: x_test, "labels": y_test}
     np.savez(path, **arrays)
     return path
 
@@ -176,9 +181,21 @@ def accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(1).numpy() == y).mean())
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    import argparse
     import time
 
+    parser = argparse.ArgumentParser(description="train (or load) the digits CNN and report its accuracy")
+    parser.add_argument(
+        "--write-data", metavar="DIR", type=Path, help="also write DIR/calib.npz, DIR/test.npz and DIR/labels.txt"
+    )
+    args = parser.parse_args(argv)
+    if args.write_data:
+        args.write_data.mkdir(parents=True, exist_ok=True)
+        write_calib_npz(args.write_data / "calib.npz")
+        write_held_out_npz(args.write_data / "test.npz")
+        write_labels(args.write_data / "labels.txt")
+        print(f"wrote {args.write_data}/calib.npz, test.npz (with labels) and labels.txt")
     started = time.perf_counter()
     trained = build()
     x_held_out, y_held_out = held_out_set()
@@ -186,3 +203,7 @@ if __name__ == "__main__":
         f"digits CNN: held-out accuracy {accuracy(trained, x_held_out, y_held_out):.4f} on {len(y_held_out)} "
         f"samples ({time.perf_counter() - started:.1f} s)"
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -43,7 +43,9 @@ def test_npz_files_are_keyed_by_input_name_and_calibration_never_sees_the_test_s
     calib = digits_cnn.write_calib_npz(tmp_path / "calib.npz", samples=64)
     labels = digits_cnn.write_labels(tmp_path / "labels.txt")
     with np.load(held_out) as test_arrays, np.load(calib) as calib_arrays:
-        assert list(test_arrays) == list(calib_arrays) == [digits_cnn.INPUT_NAME]
+        assert list(test_arrays) == [digits_cnn.INPUT_NAME, "labels"]
+        assert list(calib_arrays) == [digits_cnn.INPUT_NAME]
+        assert test_arrays["labels"].tolist() == digits_cnn.held_out_labels().tolist()
         test_x, calib_x = test_arrays[digits_cnn.INPUT_NAME], calib_arrays[digits_cnn.INPUT_NAME]
     assert len(test_x) == len(digits_cnn.held_out_labels()) == 450 and calib_x.shape == (64, 1, 16, 16)
     x_train, _, _, _ = digits_cnn.load_split()
