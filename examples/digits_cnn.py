@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="train (or load) the digits CNN and report its accuracy")
     parser.add_argument(
-        "--write-data", metavar="DIR", type=Path, help="also write DIR/calib.npz, DIR/test.npz and DIR/labels.txt"
+        "--write-data",
+        metavar="DIR",
+        type=Path,
+        help="also write DIR/calib.npz, DIR/test.npz and DIR/labels.txt",
     )
     args = parser.parse_args(argv)
     if args.write_data:
