@@ -54,6 +54,15 @@ class HealthConfig(_Strict):
     addr: str = "0.0.0.0"
 
 
+class BatchingConfig(_Strict):
+    """Frames from every source grouped into one backend call (packages with a dynamic batch axis)."""
+
+    max_size: int = Field(default=4, ge=1, le=256, description="items in one backend call at most")
+    max_delay_ms: float = Field(
+        default=5.0, ge=0, le=1000, description="how long the first item waits for others to join it"
+    )
+
+
 class DaemonConfig(_Strict):
     device_id: str
     profile: str = "auto"
@@ -71,6 +80,9 @@ class DaemonConfig(_Strict):
     backend: str | None = Field(default=None, description="force this backend (default: the profile's order)")
     threads: int | None = Field(default=None, ge=1, le=256)
     frame_queue: int = Field(default=4, ge=1, le=1024, description="frames waiting for inference")
+    batching: BatchingConfig | None = Field(
+        default=None, description="null: one frame per backend call (the default for one camera)"
+    )
     flush_timeout_s: float = Field(default=5.0, ge=0, description="on stop: time to drain the outbox")
     exit_on_source_end: bool = Field(
         default=True, description="exit 0 once every source is a finished file (loop: false)"
@@ -90,6 +102,15 @@ class DaemonConfig(_Strict):
             except BackendError as exc:
                 raise ValueError(str(exc)) from None
         return value
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self) -> DaemonConfig:
+        if self.batching is not None and self.frame_queue < self.batching.max_size:
+            raise ValueError(
+                f"frame_queue ({self.frame_queue}) must hold at least batching.max_size "
+                f"({self.batching.max_size}) frames"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_source_key(self) -> DaemonConfig:

@@ -38,7 +38,7 @@ from edge.jsontypes import JSONObject, JSONValue
 from edge.package import Package, is_archive, unpack_into
 from edge.profiles import DeviceProfile
 from edge.publish.commands import CommandHandler
-from edge.session import ModelSession, open_session
+from edge.session import ModelSession, StageTimings, open_session
 from edge.sources import Frame, Source
 from edge.trust import TrustPolicy, check_model_path
 
@@ -83,6 +83,26 @@ class FrameQueue:
             frame = self._items.popleft()
             self._cond.notify_all()  # a lossless source may be waiting for this room
             return frame
+
+    def get_batch(self, max_size: int, timeout: float, max_delay_s: float) -> list[Frame]:
+        """Up to `max_size` frames: waits `timeout` for the first, then at most `max_delay_s` more for
+        the rest (Triton's max_queue_delay, DeepStream's batched-push-timeout); [] when none came."""
+        first = self.get(timeout)
+        if first is None:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + max_delay_s
+        with self._cond:
+            while len(batch) < max_size:
+                if not self._items:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                    continue
+                batch.append(self._items.popleft())
+            self._cond.notify_all()  # lossless sources may be waiting for this room
+        return batch
 
     def discard_all(self) -> int:
         with self._cond:
@@ -394,9 +414,16 @@ class Daemon:
             while not self._worker_stop.is_set():
                 self._worker_beat = time.monotonic()
                 self.notifier.watchdog()
-                frame = self.queue.get(WORKER_POLL_S)
-                if frame is not None:
-                    self._infer_one(frame)
+                batching = self.config.batching
+                if batching is None:
+                    frame = self.queue.get(WORKER_POLL_S)
+                    frames = [frame] if frame is not None else []
+                else:
+                    frames = self.queue.get_batch(
+                        batching.max_size, WORKER_POLL_S, batching.max_delay_ms / 1e3
+                    )
+                if frames:
+                    self._infer(frames)
                 elif self._all_pumped.is_set() and len(self.queue) == 0:
                     self.sources_done.set()
         except BaseException as exc:  # a worker crash must stop the daemon, not hang it
@@ -404,28 +431,42 @@ class Daemon:
             self._worker_error = exc
             self.stop_event.set()
 
-    def _infer_one(self, frame: Frame) -> None:
-        from edge.publish.payload import build_prediction
-
-        session = self.active  # read once: the whole frame is served by one model
+    def _infer(self, frames: list[Frame]) -> None:
+        session = self.active  # read once: the whole batch is served by one model
         assert session is not None
         try:
-            result, timings = session.infer(frame.data)
-        except Exception as exc:  # a bad frame must not stop the stream; count and go on
-            self.inference_errors += 1
-            log.warning("frame %d from %s: %s", frame.index, frame.uri, exc)
+            served = session.infer_batch([frame.data for frame in frames])
+        except Exception as exc:
+            if len(frames) == 1:  # a bad frame must not stop the stream; count and go on
+                self.inference_errors += 1
+                log.warning("frame %d from %s: %s", frames[0].index, frames[0].uri, exc)
+                return
+            # one bad frame must not cost the others their predictions: serve them one by one
+            for frame in frames:
+                self._infer([frame])
             return
+        for frame, (result, timings) in zip(frames, served, strict=True):
+            self._publish(session, frame, result, timings, len(frames))
+
+    def _publish(
+        self, session: ModelSession, frame: Frame, result: JSONObject, timings: StageTimings, batch: int
+    ) -> None:
+        from edge.publish.payload import build_prediction
+
         if self.metrics is not None:
             self.metrics.inference_seconds.observe(timings.inference / 1e3)
         latency_ms = timings.to_dict()
         latency_ms["capture_to_publish"] = (time.monotonic() - frame.captured_mono) * 1e3
+        runtime: JSONObject = {"backend": session.backend_name, "provider": session.provider}
+        if batch > 1:
+            runtime["batch"] = batch
         payload = build_prediction(
             device_id=self.config.device_id,
             boot_id=self.boot_id,
             ts=time.time(),
             source={"uri": frame.uri, "frame": frame.index, "captured_at": frame.captured_at},
             model=session.info,
-            runtime={"backend": session.backend_name, "provider": session.provider},
+            runtime=runtime,
             latency_ms=latency_ms,
             result=result,
         )
@@ -457,13 +498,23 @@ class Daemon:
         return self.trust.load(path.resolve(), current.package.manifest if current is not None else None)
 
     def _open_session(self, package: Package) -> ModelSession:
-        return open_session(
+        session = open_session(
             package,
             self.profile,
             backend=self.config.backend,
             threads=self.config.threads,
             on_event=self._on_backend_event,
         )
+        batching = self.config.batching
+        if batching is not None and batching.max_size > 1 and not session.batchable:
+            shapes = ", ".join(f"{spec.name} {spec.shape}" for spec in session.input_specs)
+            log.warning(
+                "batching: %s %s has a fixed batch size (%s); its frames run one backend call each",
+                package.manifest.name,
+                package.manifest.version,
+                shapes,
+            )
+        return session
 
     def _on_backend_event(self, name: str, data: JSONObject) -> None:
         self.publisher.publish_event(name, data)

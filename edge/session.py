@@ -117,6 +117,39 @@ class ModelSession:
         t3 = time.perf_counter()
         return result, StageTimings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
 
+    @property
+    def batchable(self) -> bool:
+        """Whether one backend call may carry several inputs: every input's first dimension is symbolic
+        (a package exported with a dynamic batch axis)."""
+        return all(not (isinstance(spec.shape[0], int) and spec.shape[0] > 0) for spec in self.input_specs)
+
+    def infer_batch(
+        self, batch: Sequence[Array], color: ColorOrder = "BGR"
+    ) -> list[tuple[Result, StageTimings]]:
+        """Several frames or windows in one backend call (when the package has a dynamic batch axis;
+        otherwise one call each): a result per item, in order, each equal to what `infer` gives it.
+        Every item's timings carry the whole call's inference time: that is what each one waited."""
+        if len(batch) == 1 or not self.batchable:
+            return [self.infer(data, color) for data in batch]
+        t0 = time.perf_counter()
+        prepared = [self._feeds_for(data, color) for data in batch]
+        feeds = {name: np.concatenate([f[name] for f, _ in prepared]) for name in prepared[0][0]}
+        t1 = time.perf_counter()
+        outputs = self.loaded.run(feeds)
+        t2 = time.perf_counter()
+        if any(out.ndim == 0 or out.shape[0] != len(batch) for out in outputs):
+            raise BackendError(
+                f"batched run of {len(batch)} gave outputs of shapes {[list(o.shape) for o in outputs]}: "
+                "the model's batch axis is not its outputs' first dimension"
+            )
+        results = []
+        pre_ms, infer_ms = (t1 - t0) * 1e3 / len(batch), (t2 - t1) * 1e3
+        for index, (_, geometry) in enumerate(prepared):
+            t3 = time.perf_counter()
+            result = self.decoder([out[index : index + 1] for out in outputs], geometry)
+            results.append((result, StageTimings(pre_ms, infer_ms, (time.perf_counter() - t3) * 1e3)))
+        return results
+
     def infer_feeds(self, feeds: Mapping[str, Array]) -> tuple[Result, StageTimings]:
         """Ready tensors by input name (multi-input and sensor models): no pre-processing."""
         t1 = time.perf_counter()
@@ -236,7 +269,11 @@ class Model:
         return session.infer(x, color="RGB")[0]
 
     def infer_batch(self, inputs: Sequence[ModelInput]) -> list[Result]:
-        """Several inputs, one result each, in order."""
+        """Several inputs, one result each, in order; images in one backend call when the package has a
+        dynamic batch axis."""
+        if inputs and all(isinstance(x, np.ndarray) and x.dtype == np.uint8 for x in inputs):
+            arrays = [x for x in inputs if isinstance(x, np.ndarray)]
+            return [result for result, _ in self.session.infer_batch(arrays, color="RGB")]
         return [self.infer(x) for x in inputs]
 
     def _input_summary(self) -> str:

@@ -17,7 +17,7 @@ import yaml
 TINY_LABELS = ["red", "green", "blue", "gray"]
 
 
-def _tiny_model_bytes(weights: np.ndarray, bias: np.ndarray) -> bytes:
+def _tiny_model_bytes(weights: np.ndarray, bias: np.ndarray, batch: int | str = 1) -> bytes:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -29,8 +29,8 @@ def _tiny_model_bytes(weights: np.ndarray, bias: np.ndarray) -> bytes:
     graph = helper.make_graph(
         nodes,
         "tiny-colour",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, len(TINY_LABELS)])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, len(TINY_LABELS)])],
         initializer=[
             numpy_helper.from_array(weights.astype(np.float32), "W"),
             numpy_helper.from_array(bias.astype(np.float32), "B"),
@@ -50,12 +50,13 @@ def make_tiny_package(
     corrupt: str | None = None,
     sequence: int = 0,
     sign_key: bytes | None = None,
+    batch: int | str = 1,
 ) -> Path:
     """A classification package whose logits are the mean R, G, B of the frame (plus a constant 'gray').
 
     `gain` changes the weights, hence the artifact's sha256 (an "old" and a "new" model). `corrupt` makes
     a broken package: "golden" (golden outputs that the model does not reproduce) or "hash" (an artifact
-    whose bytes no longer match the manifest).
+    whose bytes no longer match the manifest). `batch="N"` gives it a dynamic batch axis.
     """
     import onnxruntime as ort
 
@@ -65,7 +66,7 @@ def make_tiny_package(
     weights = np.zeros((3, len(TINY_LABELS)), np.float32)
     weights[0, 0] = weights[1, 1] = weights[2, 2] = gain
     bias = np.array([0, 0, 0, gain * 0.45], np.float32)
-    model_bytes = _tiny_model_bytes(weights, bias)
+    model_bytes = _tiny_model_bytes(weights, bias, batch)
     (out_dir / "model.onnx").write_bytes(model_bytes)
     (out_dir / "labels.txt").write_text("\n".join(TINY_LABELS) + "\n")
 
@@ -91,7 +92,7 @@ def make_tiny_package(
             "inputs": [
                 TensorSpec(
                     name="input",
-                    shape=[1, 3, 32, 32],
+                    shape=[batch, 3, 32, 32],
                     layout="NCHW",
                     color="RGB",
                     resize="stretch",
@@ -99,7 +100,7 @@ def make_tiny_package(
                     std=[255, 255, 255],
                 ).model_dump(exclude_none=True)
             ],
-            "outputs": [{"name": "logits", "shape": [1, len(TINY_LABELS)], "dtype": "float32"}],
+            "outputs": [{"name": "logits", "shape": [batch, len(TINY_LABELS)], "dtype": "float32"}],
             "postprocess": {"type": "classification", "softmax": True, "top_k": 2},
             "labels": "labels.txt",
             "golden": Golden(

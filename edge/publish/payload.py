@@ -50,7 +50,11 @@ def build_prediction(
             "captured_at": rfc3339(source["captured_at"]),
         },
         "model": {"name": model["name"], "version": str(model["version"]), "sha256": model["sha256"]},
-        "runtime": {"backend": runtime["backend"], "provider": runtime["provider"]},
+        "runtime": {
+            "backend": runtime["backend"],
+            "provider": runtime["provider"],
+            **({"batch": int(runtime["batch"])} if "batch" in runtime else {}),
+        },
         "latency_ms": {key: round(float(value), 3) for key, value in latency_ms.items()},
         "result": result,
     }
