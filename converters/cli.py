@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--weights", type=Path, metavar="FILE", help="state dict (.pt weights_only / .safetensors)"
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-package directory at --out (otherwise refused)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     return parser
 
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         weights=args.weights,
         calibration_method=args.calib_method,
         quiet=args.quiet,
+        force=args.force,
     )
     try:
         result = convert(options)

@@ -17,7 +17,9 @@ from typing import Literal
 
 import numpy as np
 
+from edge.errors import ConfigError
 from edge.package import (
+    MANIFEST,
     Artifact,
     Golden,
     Manifest,
@@ -140,12 +142,40 @@ def git_short_hash() -> str:
         return "local"
 
 
+def check_out_dir(out_dir: Path, force: bool = False) -> None:
+    """Refuse an `--out` that holds something other than a model package, so that writing the package
+    (which replaces what is there) can never destroy a user's files: a file, or a non-empty directory
+    without `manifest.json` unless `force`. A missing or empty directory, or a package, is fine."""
+    try:
+        if not out_dir.exists() and not out_dir.is_symlink():
+            return
+        if not out_dir.is_dir():
+            raise ConfigError(f"--out {out_dir}: exists and is not a directory; give a package directory")
+        if force or (out_dir / MANIFEST).is_file() or next(out_dir.iterdir(), None) is None:
+            return
+    except OSError as exc:
+        raise ConfigError(f"--out {out_dir}: cannot inspect: {exc.strerror or exc}") from exc
+    raise ConfigError(
+        f"--out {out_dir}: directory is not empty and holds no {MANIFEST} (not a model package); "
+        "refusing to replace it (--force replaces it)"
+    )
+
+
 def write_package(
-    out_dir: Path, spec: PackageSpec, *, sign_key: Path | None = None, sequence: int | None = None
+    out_dir: Path,
+    spec: PackageSpec,
+    *,
+    sign_key: Path | None = None,
+    sequence: int | None = None,
+    force: bool = False,
 ) -> Manifest:
     """Write `spec` as the package `out_dir`, signed with the ed25519 PEM `sign_key` when given, and check
     that the runtime loads it. `sequence` is the signed anti-rollback counter devices compare (default:
-    build time in Unix seconds, so a later build always outranks an earlier one)."""
+    build time in Unix seconds, so a later build always outranks an earlier one).
+
+    The package is staged beside `out_dir` and renamed onto it (`edge.package.staged_package`); what was
+    at `out_dir` must be a package or empty (`check_out_dir`), unless `force`."""
+    check_out_dir(out_dir, force)
     private_key = None
     if sign_key is not None:
         from edge.signing import load_private_key
@@ -206,4 +236,5 @@ def write_package(
         )
         write_manifest(root, manifest, sign_key=private_key)
         load_package(root)  # refuse to publish anything the runtime would refuse
+        check_out_dir(out_dir, force)  # again: files may have appeared there while the package was staged
     return manifest

@@ -30,6 +30,7 @@ from converters.packaging import (
     GoldenSet,
     Json,
     PackageSpec,
+    check_out_dir,
     golden_tolerance,
     measure_latency_ms,
     write_package,
@@ -80,6 +81,7 @@ class ConvertOptions:
     calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
     max_calibration_samples: int = 128
     quiet: bool = False
+    force: bool = False  # replace a non-package directory at `out`
 
 
 @dataclass
@@ -282,6 +284,7 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
 def _load(options: ConvertOptions, work: Path, stages: Stages) -> RunContext:
     if not 0 <= options.prune < 1:
         raise ConfigError(f"--prune {options.prune}: must be in [0, 1)")
+    check_out_dir(options.out, options.force)  # before minutes of work, not after
     with stages.stage("load"):
         profile = resolve_profile(options.profile).profile
         formats = options.formats or list(profile.quantization.formats)
@@ -767,7 +770,11 @@ def _artifacts(floats: FloatModels, shipped: Quantized, tflite: TfliteResult | N
 def _package(run: RunContext, spec: PackageSpec) -> Manifest:
     with run.stages.stage("package"):
         return write_package(
-            run.options.out, spec, sign_key=run.options.sign_key, sequence=run.options.sequence
+            run.options.out,
+            spec,
+            sign_key=run.options.sign_key,
+            sequence=run.options.sequence,
+            force=run.options.force,
         )
 
 

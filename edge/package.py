@@ -326,9 +326,16 @@ def staged_package(out_dir: Path) -> Iterator[Path]:
         _fsync_tree(staging)
         old: Path | None = None
         if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            # A fresh empty directory as the name to move onto: rename(2) replaces an empty directory,
+            # so a stale `.old-` left by a killed run can never make this fail or be mistaken for ours.
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.rename(out_dir, old)
-        os.rename(staging, out_dir)
+        try:
+            os.rename(staging, out_dir)
+        except BaseException:
+            if old is not None:
+                os.rename(old, out_dir)  # put the previous package back: nothing is lost
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

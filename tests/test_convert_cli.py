@@ -242,3 +242,44 @@ def manifest_profile_reduces_range(profile_name: str | None) -> bool:
     from edge.profiles import resolve_profile
 
     return resolve_profile(profile_name).profile.quantization.reduce_range
+
+
+def _tiny_npz(tmp_path: Path) -> Path:
+    """16 ready input tensors for `tiny_classifier`: the quickest conversion there is."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "calib.npz"
+    np.savez(path, input=rng.normal(0, 1, (16, 3, 32, 32)).astype(np.float32))
+    return path
+
+
+def test_out_refuses_a_directory_that_is_not_a_package(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, calib = str(tiny_classifier(tmp_path / "tiny.onnx")), str(_tiny_npz(tmp_path))
+    out = tmp_path / "work"
+    out.mkdir()
+    (out / "notes.txt").write_text("a user's notes\n")
+    line = _run_error([source, "--out", str(out), "--calib", calib], capsys)
+    assert f"--out {out}:" in line and "manifest.json" in line and "--force" in line
+    assert (out / "notes.txt").read_text() == "a user's notes\n"  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "tiny.onnx", "work"]
+
+    (tmp_path / "file").write_text("x")
+    line = _run_error([source, "--out", str(tmp_path / "file"), "--calib", calib], capsys)
+    assert f"--out {tmp_path / 'file'}:" in line and "not a directory" in line
+    assert (tmp_path / "file").read_text() == "x"
+
+    assert main([source, "--out", str(out), "--calib", calib, "--force", "-q"]) == 0
+    assert not (out / "notes.txt").exists() and load_package(out).manifest.task == "classification"
+
+
+def test_out_replaces_a_package_or_an_empty_directory_by_rename(tmp_path: Path) -> None:
+    source, calib = str(tiny_classifier(tmp_path / "tiny.onnx")), str(_tiny_npz(tmp_path))
+    out = tmp_path / "pkg"
+    out.mkdir()  # an empty directory holds nothing to lose
+    assert main([source, "--out", str(out), "--calib", calib, "--sequence", "1", "-q"]) == 0
+    first_inode = out.stat().st_ino
+    assert main([source, "--out", str(out), "--calib", calib, "--sequence", "2", "-q"]) == 0
+    assert load_package(out).manifest.sequence == 2
+    assert out.stat().st_ino != first_inode  # a new directory renamed in, not the old one emptied
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "pkg", "tiny.onnx"]

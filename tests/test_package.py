@@ -153,6 +153,22 @@ def test_staged_package_is_all_or_nothing(tmp_path: Path):
     assert load_package(out).manifest.name == "tiny"
 
 
+def test_staged_package_replaces_by_rename_even_beside_a_stale_old_directory(tmp_path: Path):
+    import os
+
+    out = tmp_path / "out"
+    with staged_package(out) as stage:
+        make_package(stage)
+    stale = tmp_path / f".out.old-{os.getpid()}"  # what a killed earlier run of this pid would leave
+    stale.mkdir()
+    (stale / "keep").write_text("x")
+    with staged_package(out) as stage:
+        make_package(stage)
+        (stage / "second").write_text("2")
+    assert (out / "second").is_file() and load_package(out).manifest.name == "tiny"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "out"]
+
+
 def test_archive_roundtrip_and_refusals(tmp_path: Path):
     make_package(tmp_path / "pkg")
     good = tmp_path / "good.tar"
