@@ -122,6 +122,32 @@ def outlier_model(path: Path, size: int = 16, seed: int = 0) -> Path:
     return path
 
 
+def unmerged_dims_model(path: Path, width: int = 32, seed: int = 0) -> Path:
+    """Two inputs with different symbolic batch dims ('n', 'm') added together, then a MatMul whose 4 KB
+    weight is an initializer. ONNX Runtime's symbolic shape inference cannot merge 'n' with 'm' (no
+    auto_merge), gives up, and on the way saves the model as `sym_shape_infer_temp.onnx` with its weights
+    in a uuid-named `.data` file, in whatever directory the process runs in."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["a", "b"], ["s"], name="join"),
+            helper.make_node("MatMul", ["s", "w"], ["y"], name="mix"),
+        ],
+        "unmerged_dims",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", width]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["m", width]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
+        [numpy_helper.from_array(rng.normal(0, 0.2, (width, width)).astype(np.float32), "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 # Photos --------------------------------------------------------------------------------------------------
 
 

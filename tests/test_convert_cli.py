@@ -13,7 +13,13 @@ import pytest
 from converters.cli import main
 from edge.package import load_package
 from edge.signing import generate_keypair, load_public_key
-from tests.assets_models import outlier_model, photo_crops, tiny_classifier, write_photo_folder
+from tests.assets_models import (
+    outlier_model,
+    photo_crops,
+    tiny_classifier,
+    unmerged_dims_model,
+    write_photo_folder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +289,34 @@ def test_out_replaces_a_package_or_an_empty_directory_by_rename(tmp_path: Path) 
     assert load_package(out).manifest.sequence == 2
     assert out.stat().st_ino != first_inode  # a new directory renamed in, not the old one emptied
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "pkg", "tiny.onnx"]
+
+
+def test_conversion_leaves_nothing_in_the_directory_it_runs_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onnxruntime.quantization import quant_pre_process
+
+    source = unmerged_dims_model(tmp_path / "two.onnx")
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.npz"
+    np.savez(
+        calib,
+        a=rng.normal(0, 1, (16, 32)).astype(np.float32),
+        b=rng.normal(0, 1, (16, 32)).astype(np.float32),
+    )
+
+    # The asset still provokes the cause: ORT's pre-processing, called plainly, writes into the cwd.
+    provoked = tmp_path / "provoked"
+    provoked.mkdir()
+    monkeypatch.chdir(provoked)
+    with pytest.raises(Exception, match="Incomplete symbolic shape inference"):
+        quant_pre_process(str(source), str(tmp_path / "prep.onnx"))
+    assert "sym_shape_infer_temp.onnx" in {p.name for p in provoked.iterdir()}
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    code = main([str(source), "--out", str(tmp_path / "pkg"), "--calib", str(calib), "--task", "raw", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert list(cwd.iterdir()) == []
+    assert load_package(tmp_path / "pkg").manifest.task == "raw"
