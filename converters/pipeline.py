@@ -775,6 +775,7 @@ def _package(run: RunContext, spec: PackageSpec) -> Manifest:
             sign_key=run.options.sign_key,
             sequence=run.options.sequence,
             force=run.options.force,
+            profile=run.profile,
         )
 
 

@@ -34,8 +34,9 @@ def tiny_classifier(
     size: int = 32,
     classes: int = 10,
     seed: int = 0,
+    channels: int = 3,
 ) -> Path:
-    """input[1,3,S,S] -> Conv 3x3 -> Relu -> Conv 3x3 (stride 2) -> Relu -> GAP -> Flatten -> Gemm -> logits.
+    """input[1,C,S,S] (C = `channels`, default 3) -> Conv 3x3 -> Relu -> Conv 3x3 (stride 2) -> Relu -> GAP -> Flatten -> Gemm -> logits.
 
     With `constant_weights`, weights are Constant nodes instead of initializers (as some exporters write)."""
     import onnx
@@ -43,7 +44,7 @@ def tiny_classifier(
 
     rng = np.random.default_rng(seed)
     tensors = {
-        "w1": _conv_weights(rng, 16, 3, 3),
+        "w1": _conv_weights(rng, 16, channels, 3),
         "b1": (rng.standard_normal(16) * 0.1).astype(np.float32),
         "w2": _conv_weights(rng, 32, 16, 3),
         "b2": (rng.standard_normal(32) * 0.1).astype(np.float32),
@@ -69,7 +70,7 @@ def tiny_classifier(
     graph = helper.make_graph(
         nodes,
         "tiny_classifier",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
         initializer=initializers,
     )

@@ -12,6 +12,7 @@ import pytest
 
 from converters.cli import main
 from edge.package import load_package
+from edge.session import open_model
 from edge.signing import generate_keypair, load_public_key
 from tests.assets_models import (
     outlier_model,
@@ -320,3 +321,66 @@ def test_conversion_leaves_nothing_in_the_directory_it_runs_from(
     assert code == 0, capsys.readouterr().err
     assert list(cwd.iterdir()) == []
     assert load_package(tmp_path / "pkg").manifest.task == "raw"
+
+
+def test_a_one_channel_model_from_npz_is_served_by_the_runtime(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tiny_classifier(tmp_path / "gray.onnx", channels=1)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", input=rng.normal(0, 1, (16, 1, 32, 32)).astype(np.float32))
+    out = tmp_path / "pkg"
+    code = main([str(source), "--out", str(out), "--calib", str(tmp_path / "calib.npz"), "-q"])
+    assert code == 0, capsys.readouterr().err
+    spec = load_package(out).manifest.inputs[0]
+    assert (spec.mean, spec.std, spec.color, spec.layout) == ([127.0], [128.0], "GRAY", "NCHW")
+    with open_model(out, profile="x86-64-avx2") as model:  # what `edge-infer run` opens
+        assert model.session.golden is not None and model.session.golden.passed
+        gray = model.infer(rng.integers(0, 255, (48, 40), dtype=np.uint8))
+        color = model.infer(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    assert gray["type"] == color["type"] == "classification"
+
+
+def test_a_four_dim_tensor_that_is_no_image_is_served_as_tensors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tiny_classifier(tmp_path / "five.onnx", channels=5, size=8)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", input=rng.normal(0, 1, (16, 5, 8, 8)).astype(np.float32))
+    out = tmp_path / "pkg"
+    code = main([str(source), "--out", str(out), "--calib", str(tmp_path / "calib.npz"), "-q"])
+    assert code == 0, capsys.readouterr().err
+    spec = load_package(out).manifest.inputs[0]
+    assert spec.mean is None and spec.color is None and spec.layout == "any"
+    with open_model(out) as model:
+        result = model.infer({"input": rng.normal(0, 1, (1, 5, 8, 8)).astype(np.float32)})
+    assert result["type"] == "classification"
+
+
+def test_normalization_that_does_not_fit_the_channels_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = str(tiny_classifier(tmp_path / "gray.onnx", channels=1))
+    np.savez(tmp_path / "calib.npz", input=np.zeros((8, 1, 32, 32), np.float32))
+    out = tmp_path / "pkg"
+    line = _run_error(
+        [source, "--out", str(out), "--calib", str(tmp_path / "calib.npz"), "--mean", "1,2,3"], capsys
+    )
+    assert "--mean 1.0,2.0,3.0" in line and "1 channel" in line
+    assert not out.exists()
+
+
+def test_a_package_the_runtime_would_refuse_is_not_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # NCHW makes the runtime treat the 5-channel input as an image, which its pre-processing refuses:
+    # the converter's last step opens the staged package the way edge-infer does, and finds out.
+    source = str(tiny_classifier(tmp_path / "five.onnx", channels=5, size=8))
+    np.savez(tmp_path / "calib.npz", input=np.zeros((8, 5, 8, 8), np.float32))
+    out = tmp_path / "pkg"
+    line = _run_error(
+        [source, "--out", str(out), "--calib", str(tmp_path / "calib.npz"), "--layout", "NCHW"], capsys
+    )
+    assert f"--out {out}: not written: the runtime would refuse this package" in line
+    assert "1 or 3 channels" in line
+    assert not out.exists() and not _leftovers(tmp_path, ".pkg.staging")
