@@ -18,7 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="edge-convert",
-        description="Prune, distill, export and int8-quantize a model behind an accuracy gate; write a package.",
+        description=(
+            "Prune, distill, export and compress a model to its device profile's precision (int8, fp16) "
+            "behind an accuracy gate; write a package."
+        ),
     )
     parser.add_argument(
         "source", metavar="SOURCE", help="model.onnx, model.tflite, file.py:fn or pkg.module:fn"
@@ -129,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     metrics = result.manifest.metrics
     gate = metrics.get("gate", {})
     summary = f"wrote {result.out} ({result.manifest.task}, {len(result.manifest.artifacts)} artifacts)"
-    if "latency_ratio_int8_fp32" in metrics:
+    precision = gate.get("precision")
+    if f"latency_ratio_{precision}_fp32" in metrics:  # the shipped model differs from fp32: compare them
         summary += (
-            f"; int8/fp32 latency {metrics['latency_ratio_int8_fp32']:.2f}x, size "
-            f"{metrics['size_ratio_int8_fp32']:.2f}x; {gate.get('metric')} drop {gate.get('drop_points')} points"
+            f"; {precision}/fp32 latency {metrics[f'latency_ratio_{precision}_fp32']:.2f}x, size "
+            f"{metrics[f'size_ratio_{precision}_fp32']:.2f}x"
         )
+    if "drop_points" in gate:
+        summary += f"; {gate.get('metric')} drop {gate.get('drop_points')} points"
     if result.excluded_nodes:
         summary += f"; {len(result.excluded_nodes)} node(s) kept in float"
     if result.report is not None:
