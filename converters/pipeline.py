@@ -253,7 +253,7 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
         return _package_tflite(run)
     floats = _float_models(run)
     baseline = _check_fp32(run, floats)
-    shipped = _compress_and_gate(run, baseline, floats.fp32_path)
+    shipped = _compress_and_gate(run, baseline, floats)
     tflite = _export_tflite(run, baseline, floats.torch_model) if "tflite" in run.formats else None
     measured = _measure(run, floats, shipped, tflite)
     metrics = _metrics(run, floats, baseline, shipped, tflite, measured)
@@ -449,11 +449,11 @@ def _prune(run: RunContext, teacher: torch.nn.Module) -> tuple[torch.nn.Module, 
         }
         if result.mode == "structured":
             info["channel_multiple"] = channel_multiple  # from the device profile
-        # Unstructured sparsity shrinks the compressed file but runs no faster: record what it really did.
-        for extra in ("sparsity", "gzip_ratio", "notes"):
-            if hasattr(result, extra):
-                value = getattr(result, extra)
-                info[extra] = round(value, 4) if isinstance(value, float) else value
+        else:
+            # Unstructured zeros shrink the compressed file but run no faster: record what they really did.
+            info["sparsity"] = round(result.sparsity, 4)
+            info["gzip_ratio"] = round(result.gzip_ratio, 4)
+        info["notes"] = list(result.notes)
         return result.model.eval(), info
 
 
@@ -545,21 +545,56 @@ def _check_fp32(run: RunContext, floats: FloatModels) -> Baseline:
 # Compressed models: the profile's precision behind the gate, [TFLite] -------------------------------------
 
 
-def _compress_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> Shipped:
+def _compress_and_gate(run: RunContext, baseline: Baseline, floats: FloatModels) -> Shipped:
     """The float model at the profile's precision, scored against the reference."""
-    options, precision = run.options, run.profile.quantization.precision
+    fp32_path = floats.fp32_path
+    precision = run.profile.quantization.precision
     fp32_eval = baseline.fp32_eval
     if not run.passes(fp32_eval):
-        raise accuracy.GateError(
-            f"accuracy gate: the float model before quantization already drops {fp32_eval.drop_points:.2f} "
-            f"points of {fp32_eval.metric} (--max-drop {options.max_drop}); prune less or distill longer"
-        )
+        raise accuracy.GateError(_float_model_failure(run, floats, baseline))
     if precision == "fp32":
         # The float model is shipped as it is; its gate is the float model against the reference.
         return Shipped("fp32", None, fp32_eval)
     if precision == "fp16":
         return _fp16_and_gate(run, baseline, fp32_path)
     return _quantize_and_gate(run, baseline, fp32_path)
+
+
+def _float_model_failure(run: RunContext, floats: FloatModels, baseline: Baseline) -> str:
+    """Why the float model, before any compression, is already over `--max-drop`: the message names
+    what changed it (pruning, distillation) or, when nothing did, why the measure cannot score the
+    reference against itself."""
+    options, evaluation = run.options, baseline.fp32_eval
+    pruning = floats.pruning or {}
+    after, before = pruning.get("params_after"), pruning.get("params_before")
+    shrunk = isinstance(after, int) and isinstance(before, int) and after < before
+    removed = pruning.get("mode") == "unstructured" or shrunk
+    head = f"accuracy gate: the {'pruned ' if removed else ''}float model drops {evaluation.drop_points:.2f} "
+    head += f"points of {evaluation.metric} before quantization (--max-drop {options.max_drop}); "
+    if removed:
+        cost = f"{pruning['mode']} pruning at {pruning['ratio']} costs it: prune less"
+        if options.distill_steps > 0:
+            return head + f"{cost} or distill longer than {options.distill_steps} steps"
+        return head + f"{cost} or distill the pruned model (--distill-steps)"
+    if floats.changed:  # distilled, with nothing pruned
+        nothing = "pruning removed nothing" if pruning else "nothing was pruned"
+        return head + (
+            f"{nothing}: distillation ({options.distill_steps} steps, --distill-lr {options.distill_lr}) "
+            "moved the float model away from the reference; distill fewer steps or at a lower --distill-lr"
+        )
+    head += "nothing was pruned or distilled: the float model is the reference itself, "
+    if options.metric:
+        score = evaluation.details.get("user_metric")
+        return head + f"and --metric {options.metric} scores identical outputs {score:g}, not 1.0"
+    if baseline.task == "detection":
+        empty, total = accuracy.boxes_without_area(baseline.outputs, baseline.decoder)
+        if empty:
+            return head + (
+                f"but {empty} of its decoded boxes have no area ({total} in all), so not even the "
+                "reference matches itself: the model's outputs are not what the detection decoder reads "
+                "(YOLO rows of cx, cy, w, h and class scores, in input pixels)"
+            )
+    return head + f"yet {evaluation.metric} cannot match the reference with itself on these outputs"
 
 
 def _fp16_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> Shipped:

@@ -126,7 +126,7 @@ def write_report(
             f"{pruning['macs_after']:,} (x{pruning['macs_after'] / max(pruning['macs_before'], 1):.2f}), "
             f"parameters {pruning['params_before']:,} -> {pruning['params_after']:,}.",
         ]
-        if "gzip_ratio" in pruning:
+        if pruning["mode"] == "unstructured" and "gzip_ratio" in pruning:
             lines.append(
                 f"Zeroed weights: {100 * pruning.get('sparsity', 0):.1f} %; gzip-compressed weights "
                 f"x{pruning['gzip_ratio']:.2f}. Unstructured zeros shrink the compressed file but dense "
