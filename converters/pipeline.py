@@ -570,7 +570,7 @@ def _float_model_failure(run: RunContext, floats: FloatModels, baseline: Baselin
     shrunk = isinstance(after, int) and isinstance(before, int) and after < before
     removed = pruning.get("mode") == "unstructured" or shrunk
     head = f"accuracy gate: the {'pruned ' if removed else ''}float model drops {evaluation.drop_points:.2f} "
-    head += f"points of {evaluation.metric} before quantization (--max-drop {options.max_drop}); "
+    head += f"points of {evaluation.metric} (--max-drop {options.max_drop}) before any compression; "
     if removed:
         cost = f"{pruning['mode']} pruning at {pruning['ratio']} costs it: prune less"
         if options.distill_steps > 0:
