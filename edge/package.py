@@ -321,6 +321,9 @@ def staged_package(out_dir: Path) -> Iterator[Path]:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    # mkdtemp's 0700 would travel with the rename: give the package the mode a plain mkdir gives, so
+    # that the daemon's own user can read a package an operator wrote.
+    os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
         _fsync_tree(staging)
@@ -341,6 +344,17 @@ def staged_package(out_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would change it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def _fsync_tree(root: Path) -> None:
