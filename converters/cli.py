@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summary)
     if not result.gate_passed:
         print(
-            f"edge-convert: error: accuracy gate failed: {gate.get('metric')} drops {gate.get('drop_points')} "
-            f"points > --max-drop {gate.get('max_drop')}",
+            f"edge-convert: error: accuracy gate failed: the {precision or 'shipped'} model drops "
+            f"{gate.get('drop_points')} points of {gate.get('metric')} > --max-drop {gate.get('max_drop')}",
             file=sys.stderr,
         )
         return EXIT_GATE_FAILED
