@@ -154,6 +154,15 @@ def detections(result: Result) -> Detections:
     )
 
 
+def boxes_without_area(outputs: Outputs, decoder: Decoder) -> tuple[int, int]:
+    """(decoded boxes with zero or negative area, all decoded boxes) over the samples: such a box overlaps
+    nothing, not even itself, so box mAP cannot match it."""
+    boxes = [detections(decoder(sample, None))[0] for sample in outputs]
+    flat = np.concatenate(boxes) if boxes else np.zeros((0, 4))
+    area = (flat[:, 2] - flat[:, 0]) * (flat[:, 3] - flat[:, 1])
+    return int((area <= 0).sum()), len(flat)
+
+
 def average_precision(truth: list[Detections], predicted: list[Detections], iou: float = 0.5) -> float:
     """VOC-style all-point AP over all classes pooled per class, averaged over classes present in `truth`."""
     classes = sorted({int(c) for _, _, cls in truth for c in cls})

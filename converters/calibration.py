@@ -108,23 +108,48 @@ def resolve_input_specs(
             raise ConfigError(
                 f"input '{spec.name}' has dynamic dims {_fmt(shape)}; give them with --input-shape"
             )
-        is_image = len(fixed) == 4 and spec.dtype in ("float32", "uint8", "int8")
-        spec_layout = layout or (_guess_layout(fixed) if is_image else None)
+        # An image is a 4-D tensor with 1 (gray) or 3 (colour) channels where its layout puts them: the
+        # runtime builds its image pre-processing for it. Any other 4-D tensor is fed as it is ("any").
+        four_d = len(fixed) == 4 and spec.dtype in ("float32", "uint8", "int8")
+        spec_layout = layout or (_guess_layout(fixed) if four_d else None)
+        channels = _channels(fixed, spec_layout) if four_d else None
+        is_image = channels in (1, 3)
+        if four_d and not is_image and layout is None:
+            spec_layout = "any"
+        if is_image:
+            assert channels is not None
+            _check_per_channel(mean, "--mean", spec.name, channels)
+            _check_per_channel(std, "--std", spec.name, channels)
         specs.append(
             TensorSpec(
                 name=spec.name,
                 shape=fixed,
                 dtype=spec.dtype,
                 layout=spec_layout,
-                color=(color or "RGB") if is_image else None,
+                color=("GRAY" if channels == 1 else color or "RGB") if is_image else None,
                 resize=resize if is_image else None,
-                mean=(mean if mean is not None else [127.0, 127.0, 127.0]) if is_image else mean,
-                std=(std if std is not None else [128.0, 128.0, 128.0]) if is_image else std,
+                mean=(mean if mean is not None else [127.0] * (channels or 0)) if is_image else mean,
+                std=(std if std is not None else [128.0] * (channels or 0)) if is_image else std,
                 scale=spec.scale,
                 zero_point=spec.zero_point,
             )
         )
     return specs
+
+
+def _channels(shape: list[int | str], layout: str | None) -> int | None:
+    axis = {"NCHW": 1, "NHWC": 3}.get(layout or "")
+    return None if axis is None else int(shape[axis])
+
+
+def _check_per_channel(values: list[float] | None, option: str, name: str, channels: int) -> None:
+    """--mean/--std hold one value for all channels or one per channel (the runtime refuses others)."""
+    if values is not None and len(values) not in (1, channels):
+        given = ",".join(str(v) for v in values)
+        raise ConfigError(
+            f"{option} {given}: {len(values)} values, but input '{name}' has {channels} channel(s); "
+            f"give 1 or {channels}"
+        )
 
 
 def _guess_layout(shape: list[int | str]) -> str:

@@ -18,7 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="edge-convert",
-        description="Prune, distill, export and int8-quantize a model behind an accuracy gate; write a package.",
+        description=(
+            "Prune, distill, export and compress a model to its device profile's precision (int8, fp16) "
+            "behind an accuracy gate; write a package."
+        ),
     )
     parser.add_argument(
         "source", metavar="SOURCE", help="model.onnx, model.tflite, file.py:fn or pkg.module:fn"
@@ -67,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--weights", type=Path, metavar="FILE", help="state dict (.pt weights_only / .safetensors)"
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-package directory at --out (otherwise refused)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     return parser
 
@@ -108,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         weights=args.weights,
         calibration_method=args.calib_method,
         quiet=args.quiet,
+        force=args.force,
     )
     try:
         result = convert(options)
@@ -123,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     metrics = result.manifest.metrics
     gate = metrics.get("gate", {})
     summary = f"wrote {result.out} ({result.manifest.task}, {len(result.manifest.artifacts)} artifacts)"
-    if "latency_ratio_int8_fp32" in metrics:
+    precision = gate.get("precision")
+    if f"latency_ratio_{precision}_fp32" in metrics:  # the shipped model differs from fp32: compare them
         summary += (
-            f"; int8/fp32 latency {metrics['latency_ratio_int8_fp32']:.2f}x, size "
-            f"{metrics['size_ratio_int8_fp32']:.2f}x; {gate.get('metric')} drop {gate.get('drop_points')} points"
+            f"; {precision}/fp32 latency {metrics[f'latency_ratio_{precision}_fp32']:.2f}x, size "
+            f"{metrics[f'size_ratio_{precision}_fp32']:.2f}x"
         )
+    if "drop_points" in gate:
+        summary += f"; {gate.get('metric')} drop {gate.get('drop_points')} points"
     if result.excluded_nodes:
         summary += f"; {len(result.excluded_nodes)} node(s) kept in float"
     if result.report is not None:
@@ -135,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summary)
     if not result.gate_passed:
         print(
-            f"edge-convert: error: accuracy gate failed: {gate.get('metric')} drops {gate.get('drop_points')} "
-            f"points > --max-drop {gate.get('max_drop')}",
+            f"edge-convert: error: accuracy gate failed: the {precision or 'shipped'} model drops "
+            f"{gate.get('drop_points')} points of {gate.get('metric')} > --max-drop {gate.get('max_drop')}",
             file=sys.stderr,
         )
         return EXIT_GATE_FAILED

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,13 @@ from typing import Literal
 
 import numpy as np
 
+from edge.errors import ConfigError, EdgeError, PackageError
 from edge.package import (
+    MANIFEST,
     Artifact,
     Golden,
     Manifest,
+    Package,
     Quantization,
     TensorSpec,
     describe_file,
@@ -29,6 +33,7 @@ from edge.package import (
     utc_now,
     write_manifest,
 )
+from edge.profiles import DeviceProfile
 from edge.tasks.base import TaskConfig
 
 GOLDEN_SAMPLES = 4
@@ -140,12 +145,65 @@ def git_short_hash() -> str:
         return "local"
 
 
+def check_out_dir(out_dir: Path, force: bool = False) -> None:
+    """Refuse an `--out` that holds something other than a model package, so that writing the package
+    (which replaces what is there) can never destroy a user's files: a file, or a non-empty directory
+    without `manifest.json` unless `force`. A missing or empty directory, or a package, is fine."""
+    try:
+        if not out_dir.exists() and not out_dir.is_symlink():
+            return
+        if not out_dir.is_dir():
+            raise ConfigError(f"--out {out_dir}: exists and is not a directory; give a package directory")
+        if force or (out_dir / MANIFEST).is_file() or next(out_dir.iterdir(), None) is None:
+            return
+    except OSError as exc:
+        raise ConfigError(f"--out {out_dir}: cannot inspect: {exc.strerror or exc}") from exc
+    raise ConfigError(
+        f"--out {out_dir}: directory is not empty and holds no {MANIFEST} (not a model package); "
+        "refusing to replace it (--force replaces it)"
+    )
+
+
+def check_it_serves(package: Package, profile: DeviceProfile, out_dir: Path) -> None:
+    """Open `package` exactly as `edge-infer` and `open_model` do (`edge.session.open_session`: backend
+    choice, golden check, pre-processing built from the manifest's input spec, decoder, warm-up) on
+    `profile`, falling back to whatever this machine has where the device's accelerator is missing.
+    PackageError naming `out_dir` when the runtime would refuse it."""
+    import onnxruntime as ort
+
+    from edge.session import open_session
+
+    here = profile.model_copy(update={"fallback": "allow"})  # the build host lacks the device's accelerator
+    # The runtime's warnings about caching its optimized graph (in a temp dir here) are not the user's news.
+    ort.set_default_logger_severity(3)
+    with tempfile.TemporaryDirectory(prefix="edge-convert-engines-") as engines:
+        try:
+            session = open_session(package, here, threads=2, cache_dir=Path(engines))
+        except (EdgeError, ValueError) as exc:
+            reason = str(exc).replace(str(package.root), str(out_dir))
+            raise PackageError(
+                f"--out {out_dir}: not written: the runtime would refuse this package: {reason}"
+            ) from exc
+        session.close()
+
+
 def write_package(
-    out_dir: Path, spec: PackageSpec, *, sign_key: Path | None = None, sequence: int | None = None
+    out_dir: Path,
+    spec: PackageSpec,
+    *,
+    sign_key: Path | None = None,
+    sequence: int | None = None,
+    force: bool = False,
+    profile: DeviceProfile | None = None,
 ) -> Manifest:
     """Write `spec` as the package `out_dir`, signed with the ed25519 PEM `sign_key` when given, and check
     that the runtime loads it. `sequence` is the signed anti-rollback counter devices compare (default:
-    build time in Unix seconds, so a later build always outranks an earlier one)."""
+    build time in Unix seconds, so a later build always outranks an earlier one).
+
+    The package is staged beside `out_dir` and renamed onto it (`edge.package.staged_package`); what was
+    at `out_dir` must be a package or empty (`check_out_dir`), unless `force`. With `profile`, the staged
+    package must also be served by the runtime on it (`check_it_serves`) before it is renamed in."""
+    check_out_dir(out_dir, force)
     private_key = None
     if sign_key is not None:
         from edge.signing import load_private_key
@@ -205,5 +263,8 @@ def write_package(
             sequence=int(time.time()) if sequence is None else sequence,
         )
         write_manifest(root, manifest, sign_key=private_key)
-        load_package(root)  # refuse to publish anything the runtime would refuse
+        package = load_package(root)  # refuse to publish anything the runtime would refuse
+        if profile is not None:
+            check_it_serves(package, profile, out_dir)
+        check_out_dir(out_dir, force)  # again: files may have appeared there while the package was staged
     return manifest

@@ -1,7 +1,10 @@
 """The `edge-convert` stages, in order, each shown with a rich progress line and timed for the report:
 
-load -> [prune -> distill] -> export ONNX -> check fp32 -> quantize int8 -> accuracy gate (+ exclusion
-search) -> [TFLite] -> measure -> [report] -> package.
+load -> [prune -> distill] -> export ONNX -> check fp32 -> compress to the profile's precision (int8:
+quantize + exclusion search; fp16: half-precision weights with float32 I/O; fp32: as it is) -> accuracy
+gate -> [TFLite at the same precision] -> measure -> [report] -> package (checked the way edge-infer opens it).
+
+Metrics and report lines are labelled with the precision that was measured, never a fixed "int8".
 
 Every stage reads the `RunContext` the load stage fixed and returns its own small typed result; `_convert`
 is the sequence of them.
@@ -30,6 +33,8 @@ from converters.packaging import (
     GoldenSet,
     Json,
     PackageSpec,
+    Precision,
+    check_out_dir,
     golden_tolerance,
     measure_latency_ms,
     write_package,
@@ -80,6 +85,7 @@ class ConvertOptions:
     calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
     max_calibration_samples: int = 128
     quiet: bool = False
+    force: bool = False  # replace a non-package directory at `out`
 
 
 @dataclass
@@ -207,9 +213,11 @@ class Baseline:
 
 
 @dataclass(frozen=True)
-class Quantized:
-    """The model that passed the gate: int8, or for fp16/fp32 profiles the float model as it is (no path)."""
+class Shipped:
+    """The model that passed the gate at the profile's precision: an int8 or fp16 file (`path`), or for
+    fp32 profiles the float model as it is (no path)."""
 
+    precision: Precision
     path: Path | None
     evaluation: accuracy.Evaluation
     quantization: Quantization | None = None
@@ -245,7 +253,7 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
         return _package_tflite(run)
     floats = _float_models(run)
     baseline = _check_fp32(run, floats)
-    shipped = _quantize_and_gate(run, baseline, floats.fp32_path)
+    shipped = _compress_and_gate(run, baseline, floats)
     tflite = _export_tflite(run, baseline, floats.torch_model) if "tflite" in run.formats else None
     measured = _measure(run, floats, shipped, tflite)
     metrics = _metrics(run, floats, baseline, shipped, tflite, measured)
@@ -282,6 +290,7 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
 def _load(options: ConvertOptions, work: Path, stages: Stages) -> RunContext:
     if not 0 <= options.prune < 1:
         raise ConfigError(f"--prune {options.prune}: must be in [0, 1)")
+    check_out_dir(options.out, options.force)  # before minutes of work, not after
     with stages.stage("load"):
         profile = resolve_profile(options.profile).profile
         formats = options.formats or list(profile.quantization.formats)
@@ -440,11 +449,11 @@ def _prune(run: RunContext, teacher: torch.nn.Module) -> tuple[torch.nn.Module, 
         }
         if result.mode == "structured":
             info["channel_multiple"] = channel_multiple  # from the device profile
-        # Unstructured sparsity shrinks the compressed file but runs no faster: record what it really did.
-        for extra in ("sparsity", "gzip_ratio", "notes"):
-            if hasattr(result, extra):
-                value = getattr(result, extra)
-                info[extra] = round(value, 4) if isinstance(value, float) else value
+        else:
+            # Unstructured zeros shrink the compressed file but run no faster: record what they really did.
+            info["sparsity"] = round(result.sparsity, 4)
+            info["gzip_ratio"] = round(result.gzip_ratio, 4)
+        info["notes"] = list(result.notes)
         return result.model.eval(), info
 
 
@@ -533,22 +542,84 @@ def _check_fp32(run: RunContext, floats: FloatModels) -> Baseline:
     return Baseline(reference_outputs, outputs, task, postprocess, decoder, fp32_eval)
 
 
-# Compressed models: quantize int8 behind the gate, [TFLite] ------------------------------------------------
+# Compressed models: the profile's precision behind the gate, [TFLite] -------------------------------------
 
 
-def _quantize_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> Quantized:
+def _compress_and_gate(run: RunContext, baseline: Baseline, floats: FloatModels) -> Shipped:
+    """The float model at the profile's precision, scored against the reference."""
+    fp32_path = floats.fp32_path
+    precision = run.profile.quantization.precision
+    fp32_eval = baseline.fp32_eval
+    if not run.passes(fp32_eval):
+        raise accuracy.GateError(_float_model_failure(run, floats, baseline))
+    if precision == "fp32":
+        # The float model is shipped as it is; its gate is the float model against the reference.
+        return Shipped("fp32", None, fp32_eval)
+    if precision == "fp16":
+        return _fp16_and_gate(run, baseline, fp32_path)
+    return _quantize_and_gate(run, baseline, fp32_path)
+
+
+def _float_model_failure(run: RunContext, floats: FloatModels, baseline: Baseline) -> str:
+    """Why the float model, before any compression, is already over `--max-drop`: the message names
+    what changed it (pruning, distillation) or, when nothing did, why the measure cannot score the
+    reference against itself."""
+    options, evaluation = run.options, baseline.fp32_eval
+    pruning = floats.pruning or {}
+    after, before = pruning.get("params_after"), pruning.get("params_before")
+    shrunk = isinstance(after, int) and isinstance(before, int) and after < before
+    removed = pruning.get("mode") == "unstructured" or shrunk
+    head = f"accuracy gate: the {'pruned ' if removed else ''}float model drops {evaluation.drop_points:.2f} "
+    head += f"points of {evaluation.metric} (--max-drop {options.max_drop}) before any compression; "
+    if removed:
+        cost = f"{pruning['mode']} pruning at {pruning['ratio']} costs it: prune less"
+        if options.distill_steps > 0:
+            return head + f"{cost} or distill longer than {options.distill_steps} steps"
+        return head + f"{cost} or distill the pruned model (--distill-steps)"
+    if floats.changed:  # distilled, with nothing pruned
+        nothing = "pruning removed nothing" if pruning else "nothing was pruned"
+        return head + (
+            f"{nothing}: distillation ({options.distill_steps} steps, --distill-lr {options.distill_lr}) "
+            "moved the float model away from the reference; distill fewer steps or at a lower --distill-lr"
+        )
+    head += "nothing was pruned or distilled: the float model is the reference itself, "
+    if options.metric:
+        score = evaluation.details.get("user_metric")
+        return head + f"and --metric {options.metric} scores identical outputs {score:g}, not 1.0"
+    if baseline.task == "detection":
+        empty, total = accuracy.boxes_without_area(baseline.outputs, baseline.decoder)
+        if empty:
+            return head + (
+                f"but {empty} of its decoded boxes have no area ({total} in all), so not even the "
+                "reference matches itself: the model's outputs are not what the detection decoder reads "
+                "(YOLO rows of cx, cy, w, h and class scores, in input pixels)"
+            )
+    return head + f"yet {evaluation.metric} cannot match the reference with itself on these outputs"
+
+
+def _fp16_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> Shipped:
+    """Half-precision weights and compute for GPU profiles, float32 I/O (what the runtime feeds), held to
+    the same gate as int8: measured here with ONNX Runtime on the evaluation samples."""
+    from converters.quantize import convert_fp16
+
+    path = run.work / "model.fp16.onnx"
+    with run.stages.stage("convert fp16") as note:
+        convert_fp16(fp32_path, path)
+        evaluation = run.score(baseline, accuracy.run_onnx(path, run.evaluation_set.feeds))
+        note(f"{evaluation.metric} drop {evaluation.drop_points:.2f} points")
+    if not run.passes(evaluation):
+        raise accuracy.GateError(
+            f"accuracy gate: fp16 drops {evaluation.drop_points:.2f} points of {evaluation.metric} "
+            f"(--max-drop {run.options.max_drop}); the profile asks for fp16: allow a larger --max-drop, "
+            "or use a profile whose precision is fp32"
+        )
+    return Shipped("fp16", path, evaluation)
+
+
+def _quantize_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> Shipped:
     from converters.quantize import prepare_for_quantization, quantize_model
 
     options, scheme, work = run.options, run.profile.quantization, run.work
-    fp32_eval = baseline.fp32_eval
-    if not run.passes(fp32_eval):
-        raise accuracy.GateError(
-            f"accuracy gate: the float model before quantization already drops {fp32_eval.drop_points:.2f} "
-            f"points of {fp32_eval.metric} (--max-drop {options.max_drop}); prune less or distill longer"
-        )
-    if scheme.precision != "int8":
-        # fp16/fp32 profiles (GPUs) ship the float model; its gate is the float model against the reference.
-        return Quantized(None, fp32_eval)
     cache = work / "calibration.json"
     feeds = run.calib_feeds
 
@@ -592,17 +663,19 @@ def _quantize_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> 
             "folded_constants": prepared.folded_constants,
         }
     )
-    return Quantized(chosen.path, chosen.evaluation, quantization, sensitivity, excluded)
+    return Shipped("int8", chosen.path, chosen.evaluation, quantization, sensitivity, excluded)
 
 
 def _export_tflite(run: RunContext, baseline: Baseline, model: torch.nn.Module | None) -> TfliteResult | None:
-    """The int8 .tflite beside the ONNX artifacts, held to the same accuracy gate against fp32."""
+    """The .tflite at the profile's precision (int8, fp16 or fp32) beside the ONNX artifacts, held to the
+    same accuracy gate against the reference."""
     if run.source.kind != "torch" or model is None:
         log.warning("--formats tflite: only torch factory sources can be exported to TFLite; skipped")
         return None
     import torch
 
-    with run.stages.stage("export tflite int8") as note:
+    precision = run.profile.quantization.precision
+    with run.stages.stage(f"export tflite {precision}") as note:
         try:
             from converters.tflite import TfliteRunner, export_tflite, to_channel_last
         except ImportError as exc:
@@ -610,12 +683,12 @@ def _export_tflite(run: RunContext, baseline: Baseline, model: torch.nn.Module |
                 f"--formats tflite: TFLite export is not available in this install ({exc})"
             ) from exc
         if len(run.inputs) != 1:
-            raise ConfigError("--formats tflite: int8 TFLite export supports single-input models")
+            raise ConfigError(f"--formats tflite: {precision} TFLite export supports single-input models")
         name = run.inputs[0].name
         feeds = run.calib_feeds
         example = (torch.from_numpy(feeds[0][name]),)
         exported = export_tflite(
-            model, example, run.work / "model.int8.tflite", "int8", [f[name] for f in feeds]
+            model, example, run.work / f"model.{precision}.tflite", precision, [f[name] for f in feeds]
         )
         runner = TfliteRunner(exported.path, threads=2)
         outputs = []
@@ -628,7 +701,7 @@ def _export_tflite(run: RunContext, baseline: Baseline, model: torch.nn.Module |
         note(f"{evaluation.metric} drop {evaluation.drop_points:.2f} points")
         if not run.passes(evaluation):
             raise accuracy.GateError(
-                f"accuracy gate: the int8 TFLite drops {evaluation.drop_points:.2f} points of {evaluation.metric} "
+                f"accuracy gate: the {precision} TFLite drops {evaluation.drop_points:.2f} points of {evaluation.metric} "
                 f"(--max-drop {run.options.max_drop}); ship ONNX only with --formats onnx"
             )
         metrics: Json = {
@@ -637,7 +710,7 @@ def _export_tflite(run: RunContext, baseline: Baseline, model: torch.nn.Module |
             "latency_ms_p50": round(float(np.median(times)), 3),
             "size_bytes": Path(exported.path).stat().st_size,
         }
-        # The .tflite takes NHWC int8 where the package input is NCHW float: its own specs say so, and keep
+        # The .tflite takes NHWC (int8) where the package input is NCHW float: its own specs say so, and keep
         # the colour order, resize mode and normalization the pre-processing needs.
         keep = ("color", "resize", "mean", "std")
         tflite_inputs = [
@@ -645,7 +718,13 @@ def _export_tflite(run: RunContext, baseline: Baseline, model: torch.nn.Module |
             for spec, package_input in zip(exported.inputs, run.inputs, strict=False)
         ]
         artifact = ArtifactFile(
-            Path(exported.path), "model.int8.tflite", "tflite", "int8", None, tflite_inputs, exported.outputs
+            Path(exported.path),
+            f"model.{precision}.tflite",
+            "tflite",
+            precision,
+            None,
+            tflite_inputs,
+            exported.outputs,
         )
         return TfliteResult(artifact, metrics, outputs)
 
@@ -654,16 +733,20 @@ def _export_tflite(run: RunContext, baseline: Baseline, model: torch.nn.Module |
 
 
 def _measure(
-    run: RunContext, floats: FloatModels, shipped: Quantized, tflite: TfliteResult | None
+    run: RunContext, floats: FloatModels, shipped: Shipped, tflite: TfliteResult | None
 ) -> Measurements:
     with run.stages.stage("measure") as note:
         shipped_path = shipped.path or floats.fp32_path
-        paths = {"fp32": floats.reference_path, "int8": shipped_path}
+        paths = {"fp32": floats.reference_path}
+        if shipped.path is not None:
+            paths[shipped.precision] = shipped.path
         if floats.changed:
             paths["pruned_fp32"] = floats.fp32_path
         latency = measure_latency_ms(paths, run.evaluation_set.feeds[0])
         sizes = {key: path.stat().st_size for key, path in paths.items()}
-        note(f"int8/fp32 latency {latency['int8']['p50'] / latency['fp32']['p50']:.2f}x")
+        if shipped.path is not None:
+            ratio = latency[shipped.precision]["p50"] / latency["fp32"]["p50"]
+            note(f"{shipped.precision}/fp32 latency {ratio:.2f}x")
         golden_feeds = run.evaluation_set.feeds[:GOLDEN_SAMPLES]
         golden_outputs = accuracy.run_onnx(shipped_path, golden_feeds)
         others = [accuracy.run_onnx(floats.fp32_path, golden_feeds)] if shipped.path is not None else []
@@ -691,30 +774,32 @@ def _metrics(
     run: RunContext,
     floats: FloatModels,
     baseline: Baseline,
-    shipped: Quantized,
+    shipped: Shipped,
     tflite: TfliteResult | None,
     measured: Measurements,
 ) -> Json:
-    """The manifest's `metrics`: accuracy of both models, latency, size, the gate and the stage times."""
-    latency, sizes = measured.latency, measured.sizes
+    """The manifest's `metrics`: accuracy of the float and the shipped model, latency, size, the gate and
+    the stage times; keyed by the precision measured (`int8`, `fp16`; an fp32 profile has only `fp32`)."""
+    latency, sizes, precision = measured.latency, measured.sizes, shipped.precision
     rounded = _finite(shipped.evaluation.details)
-    metrics: Json = {
-        "fp32": _finite(baseline.fp32_eval.details),
-        "int8": rounded,
-        "eval_samples": len(run.evaluation_set),
-        "latency_ms": latency,
-        "size_bytes": sizes,
-        "latency_ratio_int8_fp32": round(latency["int8"]["p50"] / latency["fp32"]["p50"], 3),
-        "size_ratio_int8_fp32": round(sizes["int8"] / sizes["fp32"], 3),
-    }
+    metrics: Json = {"fp32": _finite(baseline.fp32_eval.details)}
+    if shipped.path is not None:
+        metrics[precision] = rounded
+    metrics.update(eval_samples=len(run.evaluation_set), latency_ms=latency, size_bytes=sizes)
+    if shipped.path is not None:
+        metrics[f"latency_ratio_{precision}_fp32"] = round(
+            latency[precision]["p50"] / latency["fp32"]["p50"], 3
+        )
+        metrics[f"size_ratio_{precision}_fp32"] = round(sizes[precision] / sizes["fp32"], 3)
     if baseline.task == "classification":
         metrics["agreement_top1"] = rounded.get("agreement_top1", 0.0)
     if floats.export is not None:
         metrics["export"] = floats.export
     if tflite is not None:
-        metrics["tflite_int8"] = tflite.metrics
+        metrics[f"tflite_{tflite.artifact.precision}"] = tflite.metrics
     metrics["stage_seconds"] = {record.name: round(record.seconds, 2) for record in run.stages.records}
     metrics["gate"] = {
+        "precision": precision,
         "metric": shipped.evaluation.metric,
         "drop_points": round(shipped.evaluation.drop_points, 3),
         "max_drop": run.options.max_drop,
@@ -727,7 +812,7 @@ def _report(
     run: RunContext,
     floats: FloatModels,
     baseline: Baseline,
-    shipped: Quantized,
+    shipped: Shipped,
     measured: Measurements,
     metrics: Json,
 ) -> Path:
@@ -742,6 +827,7 @@ def _report(
             run.stages.records,
             measured.latency,
             measured.sizes,
+            shipped.precision,
             shipped.evaluation,
             baseline.fp32_eval,
             shipped.sensitivity,
@@ -752,13 +838,12 @@ def _report(
         return report_dir
 
 
-def _artifacts(floats: FloatModels, shipped: Quantized, tflite: TfliteResult | None) -> list[ArtifactFile]:
+def _artifacts(floats: FloatModels, shipped: Shipped, tflite: TfliteResult | None) -> list[ArtifactFile]:
     """The shipped model first: a runtime whose profile precision has no artifact takes the first one."""
     artifacts = [ArtifactFile(floats.fp32_path, "model.fp32.onnx", "onnx", "fp32")]
     if shipped.path is not None:
-        artifacts.insert(
-            0, ArtifactFile(shipped.path, "model.int8.onnx", "onnx", "int8", shipped.quantization)
-        )
+        name = f"model.{shipped.precision}.onnx"
+        artifacts.insert(0, ArtifactFile(shipped.path, name, "onnx", shipped.precision, shipped.quantization))
     if tflite is not None:
         artifacts.append(tflite.artifact)
     return artifacts
@@ -767,7 +852,12 @@ def _artifacts(floats: FloatModels, shipped: Quantized, tflite: TfliteResult | N
 def _package(run: RunContext, spec: PackageSpec) -> Manifest:
     with run.stages.stage("package"):
         return write_package(
-            run.options.out, spec, sign_key=run.options.sign_key, sequence=run.options.sequence
+            run.options.out,
+            spec,
+            sign_key=run.options.sign_key,
+            sequence=run.options.sequence,
+            force=run.options.force,
+            profile=run.profile,
         )
 
 

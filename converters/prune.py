@@ -92,6 +92,7 @@ def prune_model(
     gzip_before = weights_gzip_bytes(pruned)
     kept = _output_layers(pruned, inputs, reference_outputs)
     notes: list[str] = []
+    numel_before = sum(p.numel() for p in pruned.parameters())
 
     if ratio > 0 and mode == "structured":
         plan = plan_structured(tp, pruned, inputs, float(ratio), round_to, [module for _, module in kept])
@@ -118,17 +119,25 @@ def prune_model(
                 group.prune()
             for parameter in pruned.parameters():
                 parameter.grad = None
-        notes.append(
-            f"structured: whole channels removed from {len(plan.ratios)} channel groups, each left with a "
-            f"multiple of {round_to} channels (rounded up: never more removed than asked); the exported graph "
-            "is smaller and runs faster"
-        )
-        if batches:
+        removed_any = sum(p.numel() for p in pruned.parameters()) < numel_before
+        if removed_any:
+            notes.append(
+                f"structured: whole channels removed from {len(plan.ratios)} channel groups, each left with "
+                f"a multiple of {round_to} channels (rounded up: never more removed than asked); the "
+                "exported graph is smaller and runs faster"
+            )
+        else:
+            notes.append(
+                f"structured: nothing removed: at ratio {ratio} every channel group keeps all its channels "
+                f"once rounded up to a multiple of {round_to} (the device profile's channel_multiple); "
+                "ask for a larger --prune"
+            )
+        if batches and removed_any:
             notes.append(
                 "structured: channels ranked by first-order Taylor saliency |w * dL/dw| on the calibration "
                 "samples (L: cross-entropy to the model's own top-1, or output energy for other heads)"
             )
-        if means:
+        if means and removed_any:
             notes.append(
                 "structured: each removed channel's mean activation on the calibration samples is folded "
                 "into the next layer's bias (the BatchNorm offset it carried is not simply lost)"

@@ -20,8 +20,10 @@ int16 sums saturate with full-range int8 weights; 7-bit weights cannot saturate 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
@@ -115,6 +117,24 @@ def name_nodes(model: onnx.ModelProto) -> None:
             used.add(candidate)
 
 
+@contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """Run the block with `path` as the process's current directory (restored after, even on error).
+
+    ONNX Runtime's symbolic shape inference (`SymbolicShapeInference.infer_shapes`, called by
+    `quant_pre_process`) saves the model it could not finish as `sym_shape_infer_temp.onnx`, with every
+    weight in a uuid-named `.data` file beside it, relative to the current directory, before it raises;
+    ORT has no option to send them elsewhere. Inside the work directory they are removed with it, instead
+    of landing in whatever directory `edge-convert` was started from. (The process-wide cwd: the converter
+    runs its stages in one thread, and every path it passes here is absolute.)"""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def prepare_for_quantization(source: Path, work_dir: Path) -> PreparedModel:
     import onnx
     from onnx import version_converter
@@ -131,10 +151,11 @@ def prepare_for_quantization(source: Path, work_dir: Path) -> PreparedModel:
                 f"{source.name}: opset {opset_before} < {MIN_PER_CHANNEL_OPSET} and upgrading failed: {exc}"
             ) from exc
         folded += fold_constant_nodes(model)
+    work_dir = work_dir.resolve()
     upgraded = work_dir / "model.upgraded.onnx"
     onnx.save(model, str(upgraded))
     prepared = work_dir / "model.prep.onnx"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), working_directory(work_dir):
         warnings.simplefilter("ignore")
         try:
             quant_pre_process(str(upgraded), str(prepared), skip_symbolic_shape=False)
@@ -150,6 +171,20 @@ def prepare_for_quantization(source: Path, work_dir: Path) -> PreparedModel:
     onnx.save(model, str(prepared))
     weighted = [n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS]
     return PreparedModel(prepared, opset_before, _opset(model), folded, weighted)
+
+
+def convert_fp16(source: Path, out_path: Path) -> None:
+    """`source` with float16 weights and compute, its inputs and outputs kept float32 (Cast nodes at the
+    edges), for profiles whose accelerator runs fp16 best (GPUs): ONNX Runtime's float16 converter, with
+    its default list of ops that stay float32 where half precision is unsafe or unsupported."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+        onnx.save(model, str(out_path))
+    except Exception as exc:
+        raise QuantizeError(f"{source.name}: fp16 conversion failed: {type(exc).__name__}: {exc}") from exc
 
 
 def quantize_model(

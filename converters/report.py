@@ -1,7 +1,8 @@
 """`--report`: a markdown page with PNG plots (matplotlib, Agg backend) next to it.
 
 Plots: latency and size per model stage, time per conversion stage, per-layer quantization sensitivity
-(with the nodes kept in float marked), and for classifiers the fp32/int8 agreement against fp32 confidence.
+(with the nodes kept in float marked), and for classifiers the shipped model's agreement with fp32 against
+fp32 confidence. Columns and axes name the precision that was measured (int8, fp16 or fp32).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def write_report(
     stages: list[StageRecord],
     latency: dict[str, dict[str, float]],
     sizes: dict[str, int],
-    int8_eval: Evaluation,
+    precision: str,
+    shipped_eval: Evaluation,
     fp32_eval: Evaluation,
     sensitivity: dict[str, float],
     excluded: list[str],
@@ -73,9 +75,9 @@ def write_report(
         ax.set_title("Per-layer quantization sensitivity")
         _save(fig, out_dir / "sensitivity.png", "Per-layer sensitivity", images)
 
-    if int8_eval.reference_confidence:
-        confidence = np.array(int8_eval.reference_confidence)
-        agree = np.array(int8_eval.reference_top1) == np.array(int8_eval.candidate_top1)
+    if shipped_eval.reference_confidence:
+        confidence = np.array(shipped_eval.reference_confidence)
+        agree = np.array(shipped_eval.reference_top1) == np.array(shipped_eval.candidate_top1)
         edges = np.linspace(0, 1, 6)
         which = np.clip(np.digitize(confidence, edges) - 1, 0, len(edges) - 2)
         rates = [
@@ -87,7 +89,7 @@ def write_report(
         ax.bar(labels, rates, color="#009988")
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("fp32 confidence (max softmax)")
-        ax.set_ylabel("int8 top-1 agrees with fp32")
+        ax.set_ylabel(f"{precision} top-1 agrees with fp32")
         ax.set_title("Agreement by fp32 confidence")
         _save(fig, out_dir / "agreement.png", "Agreement with fp32", images)
 
@@ -108,9 +110,11 @@ def write_report(
             if size
             else f"| {model} | {latency[model]['p50']:.2f} | {latency[model]['p90']:.2f} | - |"
         )
-    lines += ["", "| measure | float model | int8 |", "|---|---|---|"]
-    for key in sorted(set(int8_eval.details) | set(fp32_eval.details)):
-        lines.append(f"| {key} | {_fmt(fp32_eval.details.get(key))} | {_fmt(int8_eval.details.get(key))} |")
+    lines += ["", f"| measure | float model | {precision} |", "|---|---|---|"]
+    for key in sorted(set(shipped_eval.details) | set(fp32_eval.details)):
+        lines.append(
+            f"| {key} | {_fmt(fp32_eval.details.get(key))} | {_fmt(shipped_eval.details.get(key))} |"
+        )
     lines += ["", "| conversion stage | seconds |", "|---|---|"]
     lines += [f"| {stage.name} | {stage.seconds:.1f} |" for stage in stages]
     if pruning:
@@ -122,7 +126,7 @@ def write_report(
             f"{pruning['macs_after']:,} (x{pruning['macs_after'] / max(pruning['macs_before'], 1):.2f}), "
             f"parameters {pruning['params_before']:,} -> {pruning['params_after']:,}.",
         ]
-        if "gzip_ratio" in pruning:
+        if pruning["mode"] == "unstructured" and "gzip_ratio" in pruning:
             lines.append(
                 f"Zeroed weights: {100 * pruning.get('sparsity', 0):.1f} %; gzip-compressed weights "
                 f"x{pruning['gzip_ratio']:.2f}. Unstructured zeros shrink the compressed file but dense "

@@ -351,19 +351,22 @@ def self_check(path: str, profile: Any) -> dict[str, Any]:
 
 
 def _self_check(package_dir: Path, profile: Any) -> dict[str, Any]:
-    from edge.backends import load_model
+    """Open the package as `edge-infer run` does (`open_session`: backend, golden check, pre-processing,
+    decoder, warm-up), so that doctor passes exactly the packages the daemon serves."""
     from edge.package import load_package
+    from edge.session import open_session
 
     events: list[dict[str, Any]] = []
     try:
         package = load_package(package_dir)
         if profile is None:
             raise ConfigError("no device profile to load the package with")
-        model = load_model(
+        session = open_session(
             package, profile, on_event=lambda name, data: events.append({"event": name, **data})
         )
-    except EdgeError as exc:
+    except (EdgeError, ValueError) as exc:
         return {"ok": False, "error": str(exc)}
+    model = session.loaded
     result = {
         "name": package.manifest.name,
         "version": package.manifest.version,
@@ -376,7 +379,7 @@ def _self_check(package_dir: Path, profile: Any) -> dict[str, Any]:
         "golden": model.golden.to_dict() if model.golden else None,
         "golden_summary": model.golden.summary() if model.golden else "package has no golden data",
     }
-    model.close()
+    session.close()
     return result
 
 

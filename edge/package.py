@@ -322,19 +322,40 @@ def staged_package(out_dir: Path) -> Iterator[Path]:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    # mkdtemp's 0700 would travel with the rename: give the package the mode a plain mkdir gives, so
+    # that the daemon's own user can read a package an operator wrote.
+    os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
         _fsync_tree(staging)
         old: Path | None = None
         if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            # A fresh empty directory as the name to move onto: rename(2) replaces an empty directory,
+            # so a stale `.old-` left by a killed run can never make this fail or be mistaken for ours.
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.rename(out_dir, old)
-        os.rename(staging, out_dir)
+        try:
+            os.rename(staging, out_dir)
+        except BaseException:
+            if old is not None:
+                os.rename(old, out_dir)  # put the previous package back: nothing is lost
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would change it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def _fsync_tree(root: Path) -> None:

@@ -191,9 +191,13 @@ def open_session(
     backend: str | None = None,
     threads: int | None = None,
     on_event: EventCallback | None = None,
+    cache_dir: Path | None = None,
 ) -> ModelSession:
-    """Load a verified package, golden-check and warm it up. Raises EdgeError subclasses."""
-    loaded = load_model(package, profile, backend=backend, threads=threads, on_event=on_event)
+    """Load a verified package, golden-check and warm it up. Raises EdgeError subclasses.
+    `cache_dir`: where backends keep optimized graphs and engines (default: `EDGE_CACHE`/engines)."""
+    loaded = load_model(
+        package, profile, backend=backend, threads=threads, on_event=on_event, cache_dir=cache_dir
+    )
     try:
         # load_model only returns a backend whose golden run passed; None means the package has none.
         report = loaded.golden

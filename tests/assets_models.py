@@ -34,8 +34,9 @@ def tiny_classifier(
     size: int = 32,
     classes: int = 10,
     seed: int = 0,
+    channels: int = 3,
 ) -> Path:
-    """input[1,3,S,S] -> Conv 3x3 -> Relu -> Conv 3x3 (stride 2) -> Relu -> GAP -> Flatten -> Gemm -> logits.
+    """input[1,C,S,S] (C = `channels`, default 3) -> Conv 3x3 -> Relu -> Conv 3x3 (stride 2) -> Relu -> GAP -> Flatten -> Gemm -> logits.
 
     With `constant_weights`, weights are Constant nodes instead of initializers (as some exporters write)."""
     import onnx
@@ -43,7 +44,7 @@ def tiny_classifier(
 
     rng = np.random.default_rng(seed)
     tensors = {
-        "w1": _conv_weights(rng, 16, 3, 3),
+        "w1": _conv_weights(rng, 16, channels, 3),
         "b1": (rng.standard_normal(16) * 0.1).astype(np.float32),
         "w2": _conv_weights(rng, 32, 16, 3),
         "b2": (rng.standard_normal(32) * 0.1).astype(np.float32),
@@ -69,7 +70,7 @@ def tiny_classifier(
     graph = helper.make_graph(
         nodes,
         "tiny_classifier",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
         initializer=initializers,
     )
@@ -119,6 +120,32 @@ def outlier_model(path: Path, size: int = 16, seed: int = 0) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
     model.ir_version = 8
     onnx.save(model, str(path))
+    return path
+
+
+def unmerged_dims_model(path: Path, width: int = 32, seed: int = 0) -> Path:
+    """Two inputs with different symbolic batch dims ('n', 'm') added together, then a MatMul whose 4 KB
+    weight is an initializer. ONNX Runtime's symbolic shape inference cannot merge 'n' with 'm' (no
+    auto_merge), gives up, and on the way saves the model as `sym_shape_infer_temp.onnx` with its weights
+    in a uuid-named `.data` file, in whatever directory the process runs in."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["a", "b"], ["s"], name="join"),
+            helper.make_node("MatMul", ["s", "w"], ["y"], name="mix"),
+        ],
+        "unmerged_dims",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", width]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["m", width]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
+        [numpy_helper.from_array(rng.normal(0, 0.2, (width, width)).astype(np.float32), "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
 

@@ -12,8 +12,15 @@ import pytest
 
 from converters.cli import main
 from edge.package import load_package
+from edge.session import open_model
 from edge.signing import generate_keypair, load_public_key
-from tests.assets_models import outlier_model, photo_crops, tiny_classifier, write_photo_folder
+from tests.assets_models import (
+    outlier_model,
+    photo_crops,
+    tiny_classifier,
+    unmerged_dims_model,
+    write_photo_folder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +249,138 @@ def manifest_profile_reduces_range(profile_name: str | None) -> bool:
     from edge.profiles import resolve_profile
 
     return resolve_profile(profile_name).profile.quantization.reduce_range
+
+
+def _tiny_npz(tmp_path: Path) -> Path:
+    """16 ready input tensors for `tiny_classifier`: the quickest conversion there is."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "calib.npz"
+    np.savez(path, input=rng.normal(0, 1, (16, 3, 32, 32)).astype(np.float32))
+    return path
+
+
+def test_out_refuses_a_directory_that_is_not_a_package(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, calib = str(tiny_classifier(tmp_path / "tiny.onnx")), str(_tiny_npz(tmp_path))
+    out = tmp_path / "work"
+    out.mkdir()
+    (out / "notes.txt").write_text("a user's notes\n")
+    line = _run_error([source, "--out", str(out), "--calib", calib], capsys)
+    assert f"--out {out}:" in line and "manifest.json" in line and "--force" in line
+    assert (out / "notes.txt").read_text() == "a user's notes\n"  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "tiny.onnx", "work"]
+
+    (tmp_path / "file").write_text("x")
+    line = _run_error([source, "--out", str(tmp_path / "file"), "--calib", calib], capsys)
+    assert f"--out {tmp_path / 'file'}:" in line and "not a directory" in line
+    assert (tmp_path / "file").read_text() == "x"
+
+    assert main([source, "--out", str(out), "--calib", calib, "--force", "-q"]) == 0
+    assert not (out / "notes.txt").exists() and load_package(out).manifest.task == "classification"
+
+
+def test_out_replaces_a_package_or_an_empty_directory_by_rename(tmp_path: Path) -> None:
+    source, calib = str(tiny_classifier(tmp_path / "tiny.onnx")), str(_tiny_npz(tmp_path))
+    out = tmp_path / "pkg"
+    out.mkdir()  # an empty directory holds nothing to lose
+    assert main([source, "--out", str(out), "--calib", calib, "--sequence", "1", "-q"]) == 0
+    first_inode = out.stat().st_ino
+    assert main([source, "--out", str(out), "--calib", calib, "--sequence", "2", "-q"]) == 0
+    assert load_package(out).manifest.sequence == 2
+    assert out.stat().st_ino != first_inode  # a new directory renamed in, not the old one emptied
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "pkg", "tiny.onnx"]
+
+
+def test_conversion_leaves_nothing_in_the_directory_it_runs_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onnxruntime.quantization import quant_pre_process
+
+    source = unmerged_dims_model(tmp_path / "two.onnx")
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.npz"
+    np.savez(
+        calib,
+        a=rng.normal(0, 1, (16, 32)).astype(np.float32),
+        b=rng.normal(0, 1, (16, 32)).astype(np.float32),
+    )
+
+    # The asset still provokes the cause: ORT's pre-processing, called plainly, writes into the cwd.
+    provoked = tmp_path / "provoked"
+    provoked.mkdir()
+    monkeypatch.chdir(provoked)
+    with pytest.raises(Exception, match="Incomplete symbolic shape inference"):
+        quant_pre_process(str(source), str(tmp_path / "prep.onnx"))
+    assert "sym_shape_infer_temp.onnx" in {p.name for p in provoked.iterdir()}
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    code = main([str(source), "--out", str(tmp_path / "pkg"), "--calib", str(calib), "--task", "raw", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert list(cwd.iterdir()) == []
+    assert load_package(tmp_path / "pkg").manifest.task == "raw"
+
+
+def test_a_one_channel_model_from_npz_is_served_by_the_runtime(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tiny_classifier(tmp_path / "gray.onnx", channels=1)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", input=rng.normal(0, 1, (16, 1, 32, 32)).astype(np.float32))
+    out = tmp_path / "pkg"
+    code = main([str(source), "--out", str(out), "--calib", str(tmp_path / "calib.npz"), "-q"])
+    assert code == 0, capsys.readouterr().err
+    spec = load_package(out).manifest.inputs[0]
+    assert (spec.mean, spec.std, spec.color, spec.layout) == ([127.0], [128.0], "GRAY", "NCHW")
+    with open_model(out, profile="x86-64-avx2") as model:  # what `edge-infer run` opens
+        assert model.session.golden is not None and model.session.golden.passed
+        gray = model.infer(rng.integers(0, 255, (48, 40), dtype=np.uint8))
+        color = model.infer(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    assert gray["type"] == color["type"] == "classification"
+
+
+def test_a_four_dim_tensor_that_is_no_image_is_served_as_tensors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tiny_classifier(tmp_path / "five.onnx", channels=5, size=8)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", input=rng.normal(0, 1, (16, 5, 8, 8)).astype(np.float32))
+    out = tmp_path / "pkg"
+    code = main([str(source), "--out", str(out), "--calib", str(tmp_path / "calib.npz"), "-q"])
+    assert code == 0, capsys.readouterr().err
+    spec = load_package(out).manifest.inputs[0]
+    assert spec.mean is None and spec.color is None and spec.layout == "any"
+    with open_model(out) as model:
+        result = model.infer({"input": rng.normal(0, 1, (1, 5, 8, 8)).astype(np.float32)})
+    assert result["type"] == "classification"
+
+
+def test_normalization_that_does_not_fit_the_channels_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = str(tiny_classifier(tmp_path / "gray.onnx", channels=1))
+    np.savez(tmp_path / "calib.npz", input=np.zeros((8, 1, 32, 32), np.float32))
+    out = tmp_path / "pkg"
+    line = _run_error(
+        [source, "--out", str(out), "--calib", str(tmp_path / "calib.npz"), "--mean", "1,2,3"], capsys
+    )
+    assert "--mean 1.0,2.0,3.0" in line and "1 channel" in line
+    assert not out.exists()
+
+
+def test_a_package_the_runtime_would_refuse_is_not_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # NCHW makes the runtime treat the 5-channel input as an image, which its pre-processing refuses:
+    # the converter's last step opens the staged package the way edge-infer does, and finds out.
+    source = str(tiny_classifier(tmp_path / "five.onnx", channels=5, size=8))
+    np.savez(tmp_path / "calib.npz", input=np.zeros((8, 5, 8, 8), np.float32))
+    out = tmp_path / "pkg"
+    line = _run_error(
+        [source, "--out", str(out), "--calib", str(tmp_path / "calib.npz"), "--layout", "NCHW"], capsys
+    )
+    assert f"--out {out}: not written: the runtime would refuse this package" in line
+    assert "1 or 3 channels" in line
+    assert not out.exists() and not _leftovers(tmp_path, ".pkg.staging")

@@ -127,3 +127,24 @@ def test_doctor_runs_as_a_command() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "profile" in done.stdout and "CPUExecutionProvider" in done.stdout and "works" in done.stdout
+
+
+def test_self_check_refuses_what_the_daemon_cannot_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from converters.cli import main as convert_main
+    from tests.assets_models import tiny_classifier
+
+    source = tiny_classifier(tmp_path / "gray.onnx", channels=1)
+    np.savez(tmp_path / "calib.npz", input=np.zeros((8, 1, 32, 32), np.float32))
+    out = tmp_path / "pkg"
+    assert convert_main([str(source), "--out", str(out), "--calib", str(tmp_path / "calib.npz"), "-q"]) == 0
+    capsys.readouterr()
+    # What the converter used to write for a 1-channel input: colour normalization. The golden data still
+    # matches; the daemon's image pre-processing refuses the spec, so doctor must too.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["inputs"][0].update(mean=[127.0] * 3, std=[128.0] * 3, color="RGB")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code = cli_main(["doctor", "--package", str(out), "--profile", "x86-64-avx2"])
+    text = capsys.readouterr().out
+    assert code == 1 and "FAILED" in text and "mean/std need 1 or 1 values" in text

@@ -153,6 +153,37 @@ def test_staged_package_is_all_or_nothing(tmp_path: Path):
     assert load_package(out).manifest.name == "tiny"
 
 
+def test_staged_package_replaces_by_rename_even_beside_a_stale_old_directory(tmp_path: Path):
+    import os
+
+    out = tmp_path / "out"
+    with staged_package(out) as stage:
+        make_package(stage)
+    stale = tmp_path / f".out.old-{os.getpid()}"  # what a killed earlier run of this pid would leave
+    stale.mkdir()
+    (stale / "keep").write_text("x")
+    with staged_package(out) as stage:
+        make_package(stage)
+        (stage / "second").write_text("2")
+    assert (out / "second").is_file() and load_package(out).manifest.name == "tiny"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "out"]
+
+
+def test_staged_package_gets_the_mode_a_plain_mkdir_would(tmp_path: Path):
+    import os
+
+    # mkdtemp makes the staging directory 0700; renamed into place as it is, a package written by an
+    # operator could not be read by the daemon's own user (systemd User=edge-infer).
+    mask = os.umask(0o022)
+    try:
+        with staged_package(tmp_path / "out") as stage:
+            make_package(stage)
+        os.mkdir(tmp_path / "plain")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o755
+
+
 def test_archive_roundtrip_and_refusals(tmp_path: Path):
     make_package(tmp_path / "pkg")
     good = tmp_path / "good.tar"

@@ -1,0 +1,144 @@
+"""Each pruning note and each float-model gate failure names its real cause: structured pruning is not
+described with the unstructured caveat, pruning that removed nothing says so, and a float model that
+fails its gate is told to prune less only when something was pruned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from converters.cli import main
+from edge.package import load_package
+from tests.assets_models import write_photo_folder
+from tests.test_convert_accuracy import HEAD, _photo_feeds, tiny_detector
+from tests.test_convert_torch import FACTORY
+
+EXACT = (
+    "import numpy as np\n"
+    "def exact(reference, candidate):\n"
+    "    return float(np.mean([np.array_equal(r[0], c[0]) for r, c in zip(reference, candidate)]))\n"
+    "def half(reference, candidate):\n"
+    "    return 0.5\n"
+)
+
+
+@pytest.fixture
+def factory(tmp_path: Path) -> Path:
+    path = tmp_path / "factory.py"
+    path.write_text(FACTORY)
+    return path
+
+
+@pytest.fixture
+def metrics(tmp_path: Path) -> Path:
+    path = tmp_path / "metrics.py"
+    path.write_text(EXACT)
+    return path
+
+
+def _convert(tmp_path: Path, source: str, *options: str) -> int:
+    photos = write_photo_folder(tmp_path / "photos", 12, size=48)
+    return main(
+        [source, "--out", str(tmp_path / "pkg"), "--calib", str(photos), "--input-shape", "1,3,32,32",
+         "--formats", "onnx", *options, "-q"]
+    )  # fmt: skip
+
+
+def _gate_error(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("edge-convert: error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_structured_pruning_report_has_no_unstructured_caveat(tmp_path: Path, factory: Path) -> None:
+    assert _convert(tmp_path, f"{factory}:wide", "--prune", "0.5", "--max-drop", "100", "--report") == 0
+    pruning = load_package(tmp_path / "pkg").manifest.pruning
+    assert pruning is not None and "gzip_ratio" not in pruning and "sparsity" not in pruning
+    report = (tmp_path / "pkg" / "report" / "report.md").read_text()
+    assert "structured pruning, ratio 0.5" in report and "whole channels removed" in report
+    assert "Unstructured zeros" not in report and "no speed-up" not in report
+
+
+def test_unstructured_pruning_report_keeps_its_caveat(tmp_path: Path, factory: Path) -> None:
+    code = _convert(
+        tmp_path, f"{factory}:wide", "--prune", "0.5", "--prune-mode", "unstructured", "--max-drop", "100",
+        "--report",
+    )  # fmt: skip
+    assert code == 0
+    report = (tmp_path / "pkg" / "report" / "report.md").read_text()
+    assert "Unstructured zeros shrink the compressed file but dense kernels still multiply them" in report
+
+
+def test_structured_pruning_that_removes_nothing_says_so(tmp_path: Path, factory: Path) -> None:
+    # 64 channels asked to lose 5 % keep 64 once rounded up to x86-64-avx2's multiple of 16.
+    code = _convert(
+        tmp_path, f"{factory}:wide", "--prune", "0.05", "--profile", "x86-64-avx2", "--max-drop", "100",
+        "--report",
+    )  # fmt: skip
+    assert code == 0
+    pruning = load_package(tmp_path / "pkg").manifest.pruning
+    assert pruning is not None and pruning["macs_after"] == pruning["macs_before"]
+    notes = " ".join(pruning["notes"])
+    assert "structured: nothing removed" in notes and "multiple of 16" in notes
+    assert "whole channels removed" not in notes
+    report = (tmp_path / "pkg" / "report" / "report.md").read_text()
+    assert "structured: nothing removed" in report and "runs faster" not in report
+
+
+def test_float_gate_after_pruning_says_prune_less(
+    tmp_path: Path, factory: Path, metrics: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _convert(tmp_path, f"{factory}:wide", "--prune", "0.5", "--metric", f"{metrics}:exact") == 1
+    line = _gate_error(capsys)
+    assert "the pruned float model drops" in line
+    assert (
+        "structured pruning at 0.5 costs it: prune less or distill the pruned model (--distill-steps)" in line
+    )
+
+
+def test_float_gate_after_distillation_only_blames_distillation(
+    tmp_path: Path, factory: Path, metrics: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = _convert(tmp_path, f"{factory}:build", "--distill-steps", "3", "--metric", f"{metrics}:exact")
+    assert code == 1
+    line = _gate_error(capsys)
+    assert "nothing was pruned: distillation (3 steps, --distill-lr 0.0001) moved the float model" in line
+    assert "prune less" not in line
+
+
+def test_float_gate_with_a_metric_that_fails_identical_outputs_blames_the_metric(
+    tmp_path: Path, factory: Path, metrics: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _convert(tmp_path, f"{factory}:build", "--metric", f"{metrics}:half") == 1
+    line = _gate_error(capsys)
+    assert "nothing was pruned or distilled: the float model is the reference itself" in line
+    assert f"--metric {metrics}:half scores identical outputs 0.5, not 1.0" in line
+    assert "prune less" not in line
+
+
+def test_detection_gate_with_boxes_of_no_area_blames_the_outputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    head = HEAD.copy()
+    head[0, 2] = 0.0  # the confident class-0 box has no width
+    source = tiny_detector(tmp_path / "det.onnx", head)
+    model = onnx.load(str(source))
+    weights = {t.name: t for t in model.graph.initializer}
+    w = numpy_helper.to_array(weights["w"]).copy()
+    w[2] = 0.0  # ... on every image: no input moves that width away from zero
+    weights["w"].CopyFrom(numpy_helper.from_array(w, "w"))
+    onnx.save(model, str(source))
+    np.savez(tmp_path / "calib.npz", input=np.concatenate([f["input"] for f in _photo_feeds(16)]))
+    out = tmp_path / "pkg"
+    code = main(
+        [str(source), "--out", str(out), "--calib", str(tmp_path / "calib.npz"), "--task", "detection", "-q"]
+    )
+    assert code == 1
+    line = _gate_error(capsys)
+    assert "nothing was pruned or distilled: the float model is the reference itself" in line
+    assert "of its decoded boxes have no area" in line and "prune less" not in line
+    assert not out.exists()
