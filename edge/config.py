@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from edge.backends import registry
 from edge.errors import BackendError, ConfigError, EdgeError, Finding
 from edge.publish.mqtt import PASSWORD_FILE_ENV, MqttConfig, check_device_id, read_password
+from edge.publish.requests import RequestsConfig
 from edge.sources import SourceConfig
 from edge.trust import check_secret_file
 
@@ -80,6 +81,9 @@ class DaemonConfig(_Strict):
     backend: str | None = Field(default=None, description="force this backend (default: the profile's order)")
     threads: int | None = Field(default=None, ge=1, le=256)
     frame_queue: int = Field(default=4, ge=1, le=1024, description="frames waiting for inference")
+    requests: RequestsConfig = Field(
+        default_factory=RequestsConfig, description="inference on request over MQTT ({prefix}/{device}/infer)"
+    )
     batching: BatchingConfig | None = Field(
         default=None, description="null: one frame per backend call (the default for one camera)"
     )
@@ -114,13 +118,19 @@ class DaemonConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source_key(self) -> DaemonConfig:
-        if (self.source is None) == (self.sources is None):
+        if self.source is not None and self.sources is not None:
             raise ValueError("give exactly one of `source` or `sources`")
+        if self.source is None and self.sources is None and not self.requests.enabled:
+            raise ValueError(
+                "give `source` or `sources` (or serve requests only: `requests: {enabled: true}`)"
+            )
         return self
 
     @property
     def all_sources(self) -> list[Any]:
-        return list(self.sources) if self.sources is not None else [self.source]
+        if self.sources is not None:
+            return list(self.sources)
+        return [self.source] if self.source is not None else []
 
     @property
     def models_dir(self) -> Path:

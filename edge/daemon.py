@@ -19,17 +19,23 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
+import json
 import logging
 import os
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
+import numpy as np
+
+from edge.arrays import Array
 from edge.backends import fallback_counts
 from edge.config import DaemonConfig, HealthConfig, MetricsConfig, load_config
 from edge.errors import BackendError, ConfigError, EdgeError, PackageError
@@ -37,13 +43,15 @@ from edge.health import HealthProbes, HttpEndpoint, Metrics, Notifier, Probe, St
 from edge.jsontypes import JSONObject, JSONValue
 from edge.package import Package, is_archive, unpack_into
 from edge.profiles import DeviceProfile
-from edge.publish.commands import CommandHandler
+from edge.publish.commands import CommandHandler, ReplyRoute
+from edge.publish.requests import InferRequest, RateLimiter, RequestRejected, infer_topic, tensors_for
 from edge.session import ModelSession, StageTimings, open_session
 from edge.sources import Frame, Source
 from edge.trust import TrustPolicy, check_model_path
 
 log = logging.getLogger(__name__)
 
+REQUEST_URI = "mqtt:infer"  # the payload's source.uri for predictions made on request
 WORKER_POLL_S = 0.1  # the worker wakes this often even without frames, to ping the watchdog
 # /healthz/live fails when the worker has not come round its loop for this long (a hung backend).
 WORKER_STALL_S = 30.0
@@ -53,39 +61,59 @@ WORKER_STALL_S = 30.0
 # The bounded frame queue
 
 
+@dataclass(frozen=True)
+class Job:
+    """One item for the inference worker: a source's frame, or a request with where its answer goes
+    (`feeds`: a tensor request's ready inputs, served without pre-processing)."""
+
+    frame: Frame
+    request: InferRequest | None = None
+    feeds: Mapping[str, Array] | None = None
+
+    @property
+    def droppable(self) -> bool:
+        return self.request is None  # a request is answered, never silently replaced by a newer frame
+
+
 class FrameQueue:
-    """Frames from every source waiting for the one inference worker; when full the oldest is dropped
-    (a fresh frame is worth more than a stale one) and the drop is counted against its source, except
-    for lossless sources (files read at their reader's pace), whose put waits for room instead."""
+    """Jobs from every source and request waiting for the one inference worker. When full, a live
+    source's new frame replaces the oldest frame (a fresh frame is worth more than a stale one; the drop
+    is counted against its source); lossless sources (files read at their reader's pace) and requests
+    wait for room instead, and are never the ones dropped."""
 
     def __init__(self, maxsize: int):
-        self._items: collections.deque[Frame] = collections.deque()
+        self._items: collections.deque[Job] = collections.deque()
         self._maxsize = maxsize
         self._cond = threading.Condition()
         self.dropped: dict[str, int] = collections.defaultdict(int)
 
-    def put(self, frame: Frame, wait_for_room: bool = False, stop: threading.Event | None = None) -> None:
+    def put(self, job: Job | Frame, wait_for_room: bool = False, stop: threading.Event | None = None) -> None:
+        job = job if isinstance(job, Job) else Job(job)
         with self._cond:
             while wait_for_room and len(self._items) >= self._maxsize and not (stop and stop.is_set()):
                 self._cond.wait(0.2)
-            if len(self._items) >= self._maxsize:
-                oldest = self._items.popleft()
-                self.dropped[oldest.uri] += 1
-            self._items.append(frame)
+            if len(self._items) >= self._maxsize and not wait_for_room:
+                oldest = next((item for item in self._items if item.droppable), None)
+                if oldest is None:  # everything queued is a request: this frame is the one to go
+                    self.dropped[job.frame.uri] += 1
+                    return
+                self._items.remove(oldest)
+                self.dropped[oldest.frame.uri] += 1
+            self._items.append(job)
             self._cond.notify_all()
 
-    def get(self, timeout: float) -> Frame | None:
+    def get(self, timeout: float) -> Job | None:
         with self._cond:
             if not self._items:
                 self._cond.wait(timeout)
             if not self._items:
                 return None
-            frame = self._items.popleft()
+            job = self._items.popleft()
             self._cond.notify_all()  # a lossless source may be waiting for this room
-            return frame
+            return job
 
-    def get_batch(self, max_size: int, timeout: float, max_delay_s: float) -> list[Frame]:
-        """Up to `max_size` frames: waits `timeout` for the first, then at most `max_delay_s` more for
+    def get_batch(self, max_size: int, timeout: float, max_delay_s: float) -> list[Job]:
+        """Up to `max_size` jobs: waits `timeout` for the first, then at most `max_delay_s` more for
         the rest (Triton's max_queue_delay, DeepStream's batched-push-timeout); [] when none came."""
         first = self.get(timeout)
         if first is None:
@@ -106,8 +134,8 @@ class FrameQueue:
 
     def discard_all(self) -> int:
         with self._cond:
-            for frame in self._items:
-                self.dropped[frame.uri] += 1
+            for job in self._items:
+                self.dropped[job.frame.uri] += 1
             count = len(self._items)
             self._items.clear()
             return count
@@ -162,6 +190,10 @@ class PredictionPublisher(Protocol):
 
     def publish_event(self, name: str, data: JSONObject | None = None) -> None: ...
 
+    def reply(self, route: ReplyRoute, body: bytes) -> None: ...  # a request's answer
+
+    def reject(self, rejected: RequestRejected) -> None: ...  # a request's error answer
+
 
 def _count(stats: Mapping[str, object], key: str) -> int:
     value = stats.get(key, 0)
@@ -215,6 +247,10 @@ class Daemon:
         self.started_at = time.monotonic()  # uptime, not a timestamp: immune to wall-clock jumps
         self.boot_id = str(uuid.uuid4())
         self._last_reconnects: dict[str, int] = {}
+        self._infer_topic = infer_topic(config.mqtt.topic_prefix, config.device_id)
+        self._rate_limiter = RateLimiter(config.requests.rate_per_s, config.requests.burst)
+        self._request_lock = threading.Lock()
+        self._requests_served = 0
 
     @classmethod
     def from_config(cls, config: DaemonConfig, *, notifier: Notifier | None = None) -> Daemon:
@@ -236,7 +272,15 @@ class Daemon:
         else:
             outbox = MemoryOutbox(config.outbox.max_bytes)  # logs that predictions can be lost
         handlers: dict[str, CommandHandler] = {}  # filled below: the handlers are the daemon's methods
-        publisher = Publisher(config.mqtt, config.device_id, outbox, handlers)
+        requests: list[Callable[[InferRequest], None]] = []  # the daemon's handler, bound below
+        publisher = Publisher(
+            config.mqtt,
+            config.device_id,
+            outbox,
+            handlers,
+            on_request=(lambda request: requests[0](request)) if config.requests.enabled else None,
+            request_max_bytes=config.requests.max_bytes,
+        )
         if isinstance(outbox, MemoryOutbox):
             outbox.is_connected = lambda: publisher.connected
         daemon = cls(
@@ -251,6 +295,7 @@ class Daemon:
             notifier=notifier,
         )
         handlers.update(daemon.command_handlers())
+        requests.append(daemon.on_request)
         return daemon
 
     def command_handlers(self) -> dict[str, CommandHandler]:
@@ -416,14 +461,12 @@ class Daemon:
                 self.notifier.watchdog()
                 batching = self.config.batching
                 if batching is None:
-                    frame = self.queue.get(WORKER_POLL_S)
-                    frames = [frame] if frame is not None else []
+                    job = self.queue.get(WORKER_POLL_S)
+                    jobs = [job] if job is not None else []
                 else:
-                    frames = self.queue.get_batch(
-                        batching.max_size, WORKER_POLL_S, batching.max_delay_ms / 1e3
-                    )
-                if frames:
-                    self._infer(frames)
+                    jobs = self.queue.get_batch(batching.max_size, WORKER_POLL_S, batching.max_delay_ms / 1e3)
+                if jobs:
+                    self._infer(jobs)
                 elif self._all_pumped.is_set() and len(self.queue) == 0:
                     self.sources_done.set()
         except BaseException as exc:  # a worker crash must stop the daemon, not hang it
@@ -431,28 +474,51 @@ class Daemon:
             self._worker_error = exc
             self.stop_event.set()
 
-    def _infer(self, frames: list[Frame]) -> None:
+    def _infer(self, jobs: list[Job]) -> None:
         session = self.active  # read once: the whole batch is served by one model
         assert session is not None
+        tensors = [job for job in jobs if job.feeds is not None]
+        batched = [job for job in jobs if job.feeds is None]
+        for job in tensors:
+            assert job.feeds is not None
+            try:
+                result, timings = session.infer_feeds(job.feeds)
+            except Exception as exc:
+                self._failed(job, exc)
+                continue
+            self._publish(session, job, result, timings, 1)
+        if not batched:
+            return
         try:
-            served = session.infer_batch([frame.data for frame in frames])
+            served = session.infer_batch([job.frame.data for job in batched])
         except Exception as exc:
-            if len(frames) == 1:  # a bad frame must not stop the stream; count and go on
-                self.inference_errors += 1
-                log.warning("frame %d from %s: %s", frames[0].index, frames[0].uri, exc)
+            if len(batched) == 1:  # a bad frame must not stop the stream; count and go on
+                self._failed(batched[0], exc)
                 return
             # one bad frame must not cost the others their predictions: serve them one by one
-            for frame in frames:
-                self._infer([frame])
+            for job in batched:
+                self._infer([job])
             return
-        for frame, (result, timings) in zip(frames, served, strict=True):
-            self._publish(session, frame, result, timings, len(frames))
+        for job, (result, timings) in zip(batched, served, strict=True):
+            self._publish(session, job, result, timings, len(batched))
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        self.inference_errors += 1
+        log.warning("frame %d from %s: %s", job.frame.index, job.frame.uri, exc)
+        if job.request is not None:
+            field = "inputs" if job.feeds is not None else "payload"
+            self.publisher.reject(
+                RequestRejected(
+                    f"{self._infer_topic}: {exc}", field, job.request.reply, job.request.correlation_id
+                )
+            )
 
     def _publish(
-        self, session: ModelSession, frame: Frame, result: JSONObject, timings: StageTimings, batch: int
+        self, session: ModelSession, job: Job, result: JSONObject, timings: StageTimings, batch: int
     ) -> None:
         from edge.publish.payload import build_prediction
 
+        frame = job.frame
         if self.metrics is not None:
             self.metrics.inference_seconds.observe(timings.inference / 1e3)
         latency_ms = timings.to_dict()
@@ -470,11 +536,58 @@ class Daemon:
             latency_ms=latency_ms,
             result=result,
         )
-        self.outbox.add(payload)
+        request = job.request
+        if request is not None and request.correlation_id is not None:
+            payload["request"] = {"correlation_id": request.correlation_id}
+        self.outbox.add(payload)  # assigns seq: the reply and the stored prediction are the same message
         self.publisher.notify()
+        if request is not None:
+            self.publisher.reply(request.reply, json.dumps(payload, separators=(",", ":")).encode())
         self.predictions += 1
         if self.metrics is not None:
             self.metrics.capture_to_publish_seconds.observe(time.monotonic() - frame.captured_mono)
+
+    # -- requests (the publisher's request thread) ------------------------------------------------------------
+
+    def on_request(self, request: InferRequest) -> None:
+        """A parsed `infer` request: rate-limited per reply topic, turned into a job and queued beside the
+        sources' frames (and batched with them); it waits for room rather than being dropped."""
+        topic = self._infer_topic
+        if not self._rate_limiter.allow(request.client):
+            limits = self.config.requests
+            raise RequestRejected(
+                f"{topic}: rate limit: at most {limits.rate_per_s:g} requests/s per reply topic "
+                f"(burst {limits.burst})",
+                "payload",
+                request.reply,
+                request.correlation_id,
+            )
+        session = self.active
+        assert session is not None
+        with self._request_lock:
+            self._requests_served += 1
+            number = self._requests_served
+        frame_of = functools.partial(
+            Frame,
+            index=number,
+            captured_at=request.received_at,
+            captured_mono=request.received_mono,
+            uri=REQUEST_URI,
+        )
+        if request.image is not None:
+            job = Job(frame_of(request.image), request)
+        elif request.tensors is not None:
+            specs = {spec.name: (spec.shape, spec.dtype) for spec in session.input_specs}
+            feeds = tensors_for(request.tensors, specs, topic, request)
+            job = Job(frame_of(np.zeros(0, np.float32)), request, feeds)
+        else:
+            raise RequestRejected(
+                f"{topic}: model '{session.info['name']}' takes images or tensors, not text",
+                "texts" if request.texts and len(request.texts) > 1 else "text",
+                request.reply,
+                request.correlation_id,
+            )
+        self.queue.put(job, wait_for_room=True, stop=self._worker_stop)
 
     def _watch_sources(self) -> None:
         for source in self.sources:

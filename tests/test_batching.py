@@ -3,6 +3,8 @@ equal to what it would be served alone."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -33,13 +35,13 @@ def test_a_batch_takes_what_is_queued_and_waits_at_most_the_delay_for_more() -> 
     queue = FrameQueue(8)
     for index in range(3):
         queue.put(_frame(index))
-    assert [f.index for f in queue.get_batch(2, timeout=1, max_delay_s=1)] == [0, 1]
+    assert [job.frame.index for job in queue.get_batch(2, timeout=1, max_delay_s=1)] == [0, 1]
     started = time.monotonic()
-    assert [f.index for f in queue.get_batch(4, timeout=1, max_delay_s=0.2)] == [2]
+    assert [job.frame.index for job in queue.get_batch(4, timeout=1, max_delay_s=0.2)] == [2]
     assert 0.15 < time.monotonic() - started < 1.0  # waited the delay, not the first item's timeout
     threading.Timer(0.05, lambda: queue.put(_frame(3))).start()
     threading.Timer(0.1, lambda: queue.put(_frame(4))).start()
-    assert [f.index for f in queue.get_batch(2, timeout=1, max_delay_s=1)] == [3, 4]  # joined late
+    assert [job.frame.index for job in queue.get_batch(2, timeout=1, max_delay_s=1)] == [3, 4]  # joined late
     assert queue.get_batch(4, timeout=0.05, max_delay_s=1) == []
 
 
@@ -70,9 +72,10 @@ def test_the_daemon_batches_frames_from_every_source_and_publishes_each(
     clip = labelled_clip()
     models = tmp_path / "models"
     make_tiny_package(models / "v1", batch="N")
-    sources = [
-        {"type": "video", "uri": str(clip.path), "realtime": False, "loop": False, "fps": 200} for _ in range(3)
-    ]
+    copies = [tmp_path / f"cam-{index}.mp4" for index in range(3)]
+    for copy in copies:
+        shutil.copy(clip.path, copy)
+    sources = [{"type": "video", "uri": str(c), "realtime": False, "loop": False, "fps": 200} for c in copies]
     config = DaemonConfig.model_validate(
         {
             "device_id": DEVICE,
@@ -97,7 +100,11 @@ def test_the_daemon_batches_frames_from_every_source_and_publishes_each(
             daemon.request_stop()
             runner.join(30)
         expected = 3 * clip.frame_count  # lossless file sources: nothing dropped
-        assert sub.wait_for(lambda ms: len({m["seq"] for m in ms}) >= expected, 20), len(sub.payloads())
+        assert sub.wait_for(lambda ms: len({m["seq"] for m in ms}) >= expected, 20), (
+            len(sub.payloads()),
+            daemon.predictions,
+            json.dumps(daemon.stats()),
+        )
     messages = sub.payloads()
     validator = jsonschema.Draft202012Validator(prediction_schema())
     for message in messages:

@@ -503,3 +503,24 @@ def test_labelled_clip_shows_the_cat_where_it_says() -> None:
             assert (distance < 12) == clip.is_cat(index), (index, clip.photo_at(index), distance)
     finally:
         capture.release()
+
+
+def test_a_file_capped_by_fps_but_read_slowly_still_skips_no_frame(clip_20fps: Path) -> None:
+    """`fps` caps how fast a non-realtime file is read; a reader slower than the cap gets every frame
+    (the file is lossless), not the newest one."""
+    source = VideoSource(VideoSourceConfig(uri=str(clip_20fps), realtime=False, loop=False, fps=200))
+    assert source.lossless
+    source.start()
+    frames: list[Frame] = []
+    try:
+        while True:
+            frame = source.read(0.5)
+            if frame is not None:
+                frames.append(frame)
+                time.sleep(0.02)  # slower than the 5 ms the cap allows
+            elif source.finished:  # checked only after an empty read: the last frame may be waiting
+                break
+    finally:
+        source.stop()
+    assert source.stats["frames_dropped"] == 0
+    assert [f.index for f in frames] == list(range(len(frames))) and len(frames) == source.stats["frames_in"]

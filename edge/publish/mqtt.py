@@ -48,6 +48,7 @@ from edge.publish.commands import (
 )
 from edge.publish.outbox import MemoryOutbox, Outbox
 from edge.publish.payload import CONTENT_TYPE, SCHEMA_ID, rfc3339
+from edge.publish.requests import InferRequest, RequestRejected, infer_topic, parse_infer_request
 from edge.trust import check_secret_file
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,8 @@ class Publisher:
         outbox: Outbox | MemoryOutbox,
         on_command: Mapping[str, CommandHandler] | None = None,
         status: dict[str, Any] | None = None,
+        on_request: Callable[[InferRequest], None] | None = None,
+        request_max_bytes: int = 4 << 20,
     ) -> None:
         try:
             check_device_id(device_id)
@@ -261,6 +264,9 @@ class Publisher:
         self.topic_status = f"{base}/status"
         self.topic_events = f"{base}/events"
         self.topic_commands = command_topic_filter(config.topic_prefix, device_id)
+        self.topic_infer = infer_topic(config.topic_prefix, device_id)
+        self.on_request = on_request
+        self.request_max_bytes = request_max_bytes
         self.client_id = config.client_id or f"edge-infer-{device_id}"
         self.mqtt5 = config.protocol == 5
 
@@ -273,6 +279,8 @@ class Publisher:
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq; only the drain thread touches it
         self._last_sent = 0
         self._commands: queue.Queue[Command | None] = queue.Queue(maxsize=100)
+        # raw infer messages: parsed (and images decoded) on the request thread, never the network one
+        self._requests: queue.Queue[paho.MQTTMessage | None] = queue.Queue(maxsize=256)
         self._threads: list[threading.Thread] = []
         self._counters = {
             "connects": 0,
@@ -284,6 +292,10 @@ class Publisher:
             "commands": 0,
             "commands_rejected": 0,
             "commands_dropped": 0,
+            "requests": 0,
+            "requests_rejected": 0,
+            "requests_unanswerable": 0,
+            "requests_dropped": 0,
             "events": 0,
             "session_takeovers": 0,
         }
@@ -404,7 +416,10 @@ class Publisher:
         else:
             self._client.connect_async(cfg.host, cfg.port, cfg.keepalive)
         self._client.loop_start()
-        for target, name in ((self._drain_loop, "edge-publisher"), (self._command_loop, "edge-commands")):
+        loops = [(self._drain_loop, "edge-publisher"), (self._command_loop, "edge-commands")]
+        if self.on_request is not None:
+            loops.append((self._request_loop, "edge-requests"))
+        for target, name in loops:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -421,6 +436,8 @@ class Publisher:
         self._wake.set()
         with contextlib.suppress(queue.Full):
             self._commands.put_nowait(None)
+        with contextlib.suppress(queue.Full):
+            self._requests.put_nowait(None)
         for thread in self._threads:
             thread.join(timeout=5.0)
         self._process_acks()  # the drain thread is gone; settle what was acknowledged meanwhile
@@ -499,6 +516,8 @@ class Publisher:
             flags.session_present,
         )
         client.subscribe(self.topic_commands, qos=1)
+        if self.on_request is not None:
+            client.subscribe(self.topic_infer, qos=1)
         client.publish(self.topic_status, self._status_payload("online"), 1, True, self._json_props)
         self._connected.set()
         self._wake.set()
@@ -540,6 +559,19 @@ class Publisher:
             self._wake.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        if message.topic == self.topic_infer:
+            try:
+                self._requests.put_nowait(message)
+            except queue.Full:
+                self._counters["requests_dropped"] += 1
+                response = getattr(message.properties, "ResponseTopic", None) if message.properties else None
+                if response:
+                    correlation = getattr(message.properties, "CorrelationData", None)
+                    busy = RequestRejected(
+                        f"{message.topic}: busy: too many queued requests", "payload", None
+                    )
+                    self._reply(ReplyRoute(response, correlation), busy.body())
+            return
         try:
             props = message.properties
             response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
@@ -597,6 +629,44 @@ class Publisher:
                 self._reply(command.reply, body)
             except Exception:
                 log.exception("mqtt: cannot send the reply to %s", command.reply.topic)
+
+    def _request_loop(self) -> None:
+        while True:
+            message = self._requests.get()
+            if message is None or self._stopping.is_set():
+                return
+            self._counters["requests"] += 1
+            props = message.properties
+            try:
+                request = parse_infer_request(
+                    message.topic,
+                    bytes(message.payload),
+                    content_type=getattr(props, "ContentType", None) if props is not None else None,
+                    response_topic=getattr(props, "ResponseTopic", None) if props is not None else None,
+                    correlation_data=getattr(props, "CorrelationData", None) if props is not None else None,
+                    max_bytes=self.request_max_bytes,
+                )
+                handler = self.on_request
+                assert handler is not None
+                handler(request)
+            except RequestRejected as exc:
+                self.reject(exc)
+            except Exception:
+                log.exception("mqtt: cannot serve the request on %s", message.topic)
+
+    def reject(self, rejected: RequestRejected) -> None:
+        """Answer a bad request with `{"error", "field"}`; one without a reply route is only counted."""
+        if rejected.reply is None:
+            self._counters["requests_unanswerable"] += 1
+            log.warning("mqtt request dropped (nowhere to reply): %s", rejected)
+            return
+        self._counters["requests_rejected"] += 1
+        log.info("mqtt request rejected: %s", rejected)
+        self._reply(rejected.reply, rejected.body())
+
+    def reply(self, route: ReplyRoute, body: bytes) -> None:
+        """Send an answer (a prediction payload) to a request's response topic."""
+        self._reply(route, body)
 
     def _process_acks(self) -> None:
         mids: list[int] = []

@@ -211,7 +211,7 @@ class _Session:
             if not ok or image is None:
                 source._count("read_errors")
                 continue
-            if reader_paced:
+            if reader_paced or pace_to_cap:  # a capped file is still lossless: at most the cap, never skipped
                 while not source._slot.wait_empty(SUPERVISOR_POLL_S * 2):
                     if stop.is_set() or self.abandoned:
                         self.outcome = "stopped"

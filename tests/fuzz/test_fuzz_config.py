@@ -208,7 +208,8 @@ def test_a_wrong_value_is_named_by_its_field(field: str, value: Any) -> None:
 @fuzz_settings(30, costly=True)
 @given(st.data())
 def test_check_config_command_prints_one_line(data: st.DataObject) -> None:
-    """`edge-infer check-config --no-package FILE`: exit 0 with an `ok:` line or exit 2 with one error line."""
+    """`edge-infer check-config --no-package FILE`: exit 0 with an `ok:` line, or exit 2 with one error
+    line (after one `error:`/`warning:` line per finding of what it checks without starting)."""
     document = data.draw(st.one_of(st.just(VALID), mutated(VALID, max_mutations=2).map(lambda pair: pair[0])))
     raw = data.draw(damaged_bytes(dump(document, False, True)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,5 +222,6 @@ def test_check_config_command_prints_one_line(data: st.DataObject) -> None:
         assert out.getvalue().startswith(f"ok: {path}:") and out.getvalue().count("\n") == 1
     else:
         assert code == 2, (code, err.getvalue())
-        lines = err.getvalue().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"edge-infer check-config: error: {path}:"), lines
+        *findings, last = err.getvalue().splitlines()
+        assert last.startswith(f"edge-infer check-config: error: {path}:"), (findings, last)
+        assert all(line.startswith((f"error: {path}: ", f"warning: {path}: ")) for line in findings), findings
