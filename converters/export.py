@@ -1,6 +1,10 @@
 """torch -> ONNX: the dynamo exporter at opset 18 with weights inline, the legacy exporter at opset 17 as a
 fallback, then a check that ONNX Runtime reproduces torch's outputs on real samples.
 
+The batch axis (dimension 0 of every input and output) is exported symbolic, `N`, so the daemon can run
+several frames in one call (`batching:`); a model whose graph fixes its batch is exported with batch 1,
+and says so (`ExportResult.dynamic_batch`). The check runs a batch of several samples too.
+
 Tolerance: |ort - torch| <= ATOL + RTOL * max|torch| per output. Float re-association in fused kernels
 gives ~1e-5 relative differences; anything near 1e-3 of the output range means a wrong graph.
 """
@@ -35,6 +39,7 @@ class ExportResult:
     max_abs_diff: float
     tolerance: dict[str, float]
     output_names: list[str]
+    dynamic_batch: bool = False
 
 
 def export_onnx(
@@ -56,12 +61,17 @@ def export_onnx(
     errors: list[str] = []
     exporter = ""
     opset = 0
-    for exporter, opset in (("dynamo", DYNAMO_OPSET), ("legacy", LEGACY_OPSET)):
+    dynamic = False
+    attempts = [(e, o, True) for e, o in EXPORTERS] + [(e, o, False) for e, o in EXPORTERS]
+    for exporter, opset, dynamic in attempts:
         try:
-            _export(module, example, input_names, output_names, out_path, exporter, opset)
+            _export(module, example, input_names, output_names, out_path, exporter, opset, dynamic)
+            if dynamic:
+                _check_batched(module, out_path, example_feeds, input_names)
             break
         except Exception as exc:
-            errors.append(f"{exporter}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            kind = "dynamic batch" if dynamic else "batch 1"
+            errors.append(f"{exporter} ({kind}): {type(exc).__name__}: {_first_line(exc)}")
             out_path.unlink(missing_ok=True)
     else:
         raise ExportError("torch.onnx.export failed with both exporters: " + "; ".join(errors))
@@ -73,7 +83,39 @@ def export_onnx(
         max_abs_diff=diff,
         tolerance={"atol": ATOL, "rtol": RTOL},
         output_names=output_names,
+        dynamic_batch=dynamic,
     )
+
+
+EXPORTERS = (("dynamo", DYNAMO_OPSET), ("legacy", LEGACY_OPSET))
+BATCH = "N"
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
+
+
+def _check_batched(module: Any, path: Path, feeds: list[dict[str, np.ndarray]], input_names: list[str]) -> None:
+    """The exported batch axis is real: inputs and outputs say `N`, and a batch of samples gives what each
+    sample gives alone."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for value in [*graph.input, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or dims[0].dim_param == "" or dims[0].HasField("dim_value"):
+            raise ExportError(f"{path.name}: '{value.name}' kept a fixed batch dimension")
+    samples = (feeds * 3)[:3]
+    batched = {name: np.concatenate([f[name] for f in samples]) for name in input_names}
+    alone = torch_outputs(module, samples, input_names)
+    from converters.accuracy import run_onnx
+
+    [together] = run_onnx(path, [batched])
+    for index, out in enumerate(together):
+        ref = np.concatenate([sample[index] for sample in alone])
+        limit = ATOL + RTOL * float(np.max(np.abs(ref))) if ref.size else ATOL
+        if out.shape != ref.shape or float(np.max(np.abs(out - ref), initial=0.0)) > limit:
+            raise ExportError(f"{path.name}: a batch of {len(samples)} does not give each sample's output")
 
 
 def _export(
@@ -84,8 +126,14 @@ def _export(
     out_path: Path,
     exporter: str,
     opset: int,
+    dynamic_batch: bool,
 ) -> None:
     import torch
+
+    if dynamic_batch:
+        # torch.export specialises a dimension of size 1: trace with two samples so the batch stays free.
+        example = tuple(torch.cat([t, t]) for t in example)
+        batch = torch.export.Dim("N", min=1, max=1024)
 
     # The exporters log and warn at length on success; a user sees the stage result instead.
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch._dynamo", "torch.export")]
@@ -105,6 +153,7 @@ def _export(
                     external_data=False,
                     input_names=input_names,
                     output_names=output_names,
+                    dynamic_shapes=[{0: batch} for _ in example] if dynamic_batch else None,
                     verbose=False,
                 )
             else:
@@ -116,6 +165,9 @@ def _export(
                     opset_version=opset,
                     input_names=input_names,
                     output_names=output_names,
+                    dynamic_axes={name: {0: BATCH} for name in [*input_names, *output_names]}
+                    if dynamic_batch
+                    else None,
                     do_constant_folding=True,
                 )
     finally:

@@ -27,6 +27,7 @@ import numpy as np
 
 from converters import accuracy
 from converters.calibration import SampleSet, load_samples, resolve_input_specs
+from converters.export import BATCH
 from converters.packaging import (
     GOLDEN_SAMPLES,
     ArtifactFile,
@@ -263,8 +264,8 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
         PackageSpec(
             name=run.source.name,
             task=baseline.task,
-            inputs=run.inputs,
-            outputs=baseline.output_specs,
+            inputs=_batch_axis(run.inputs, floats),
+            outputs=_batch_axis(baseline.output_specs, floats),
             artifacts=_artifacts(floats, shipped, tflite),
             golden=measured.golden,
             postprocess=baseline.postprocess,
@@ -285,6 +286,14 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
         shipped.excluded,
         options.out / "report" / "report.md" if report_dir is not None else None,
     )
+
+
+def _batch_axis(specs: list[TensorSpec], floats: FloatModels) -> list[TensorSpec]:
+    """The package's tensors with the symbolic batch axis its ONNX artifacts were exported with (a TFLite
+    artifact keeps its own fixed-batch I/O in its artifact entry)."""
+    if not (floats.export or {}).get("dynamic_batch"):
+        return specs
+    return [spec.model_copy(update={"shape": [BATCH, *spec.shape[1:]]}) for spec in specs]
 
 
 def _load(options: ConvertOptions, work: Path, stages: Stages) -> RunContext:
@@ -518,10 +527,13 @@ def _export_onnx(run: RunContext, teacher: torch.nn.Module, student: torch.nn.Mo
             "opset": exported.opset,
             "max_abs_diff_vs_torch": float(f"{exported.max_abs_diff:.3g}"),
             "tolerance": exported.tolerance,
+            "dynamic_batch": exported.dynamic_batch,
         }
-        note(f"{exported.exporter} opset {exported.opset}, max |ort-torch| {exported.max_abs_diff:.2g}")
+        batch = "batch N" if exported.dynamic_batch else "batch 1 (the graph fixes it)"
+        note(f"{exported.exporter} opset {exported.opset}, {batch}, max |ort-torch| {exported.max_abs_diff:.2g}")
         if student is not teacher:
-            export_onnx(student, run.calib_feeds, names, fp32_path, exported.output_names)
+            student_export = export_onnx(student, run.calib_feeds, names, fp32_path, exported.output_names)
+            info["dynamic_batch"] = exported.dynamic_batch and student_export.dynamic_batch
         else:
             fp32_path = reference_path
     return FloatModels(reference_path, fp32_path, torch_model=student, export=info)

@@ -40,6 +40,20 @@ def wide():
     ).eval()
 
 
+class _FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).reshape(1, -1)  # a graph that only knows batch 1
+
+
+def fixed_batch():
+    torch.manual_seed(0)
+    return _FixedBatch().eval()
+
+
 def broken():
     raise RuntimeError("weights server unreachable")
 
@@ -72,6 +86,24 @@ def test_export_matches_torch(tmp_path: Path, factory: Path) -> None:
     model = onnx.load(str(result.path))
     assert [i.name for i in model.graph.input] == ["input"]
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def test_the_batch_axis_is_exported_symbolic_unless_the_graph_fixes_it(tmp_path: Path, factory: Path) -> None:
+    import onnxruntime as ort
+
+    result = export_onnx(load_source(f"{factory}:build").module, _feeds(3), ["input"], tmp_path / "free.onnx")
+    assert result.dynamic_batch
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    batch = np.concatenate([f["input"] for f in _feeds(4)])
+    together = session.run(None, {"input": batch})[0]
+    alone = np.concatenate([session.run(None, f)[0] for f in _feeds(4)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+    fixed = export_onnx(
+        load_source(f"{factory}:fixed_batch").module, _feeds(2), ["input"], tmp_path / "fixed.onnx"
+    )
+    assert not fixed.dynamic_batch  # exported with batch 1 rather than failing
+    assert ort.InferenceSession(str(fixed.path)).get_inputs()[0].shape[0] == 1
 
 
 def test_export_check_catches_a_wrong_graph(tmp_path: Path, factory: Path) -> None:
@@ -129,7 +161,7 @@ def test_factory_to_package(tmp_path: Path, factory: Path, capsys: pytest.Captur
     assert code == 0, capsys.readouterr().err
     manifest = load_package(out).manifest
     assert manifest.name == "tiny-net"
-    assert manifest.outputs[0].shape == [1, 5]
+    assert manifest.outputs[0].shape == ["N", 5] and manifest.inputs[0].shape == ["N", 3, 32, 32]
     assert manifest.inputs[0].layout == "NCHW" and manifest.inputs[0].resize == "center-crop"
     assert manifest.pruning is None
     export = manifest.metrics["export"]
