@@ -95,7 +95,9 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else ""
 
 
-def _check_batched(module: Any, path: Path, feeds: list[dict[str, np.ndarray]], input_names: list[str]) -> None:
+def _check_batched(
+    module: Any, path: Path, feeds: list[dict[str, np.ndarray]], input_names: list[str]
+) -> None:
     """The exported batch axis is real: inputs and outputs say `N`, and a batch of samples gives what each
     sample gives alone."""
     import onnx

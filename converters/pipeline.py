@@ -530,7 +530,9 @@ def _export_onnx(run: RunContext, teacher: torch.nn.Module, student: torch.nn.Mo
             "dynamic_batch": exported.dynamic_batch,
         }
         batch = "batch N" if exported.dynamic_batch else "batch 1 (the graph fixes it)"
-        note(f"{exported.exporter} opset {exported.opset}, {batch}, max |ort-torch| {exported.max_abs_diff:.2g}")
+        note(
+            f"{exported.exporter} opset {exported.opset}, {batch}, max |ort-torch| {exported.max_abs_diff:.2g}"
+        )
         if student is not teacher:
             student_export = export_onnx(student, run.calib_feeds, names, fp32_path, exported.output_names)
             info["dynamic_batch"] = exported.dynamic_batch and student_export.dynamic_batch
