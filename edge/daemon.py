@@ -61,18 +61,28 @@ WORKER_STALL_S = 30.0
 # The bounded frame queue
 
 
+class Answer(Protocol):
+    """Where a request's prediction goes (an MQTT response topic, an HTTP response)."""
+
+    def deliver(self, payload: JSONObject, outputs: list[Array]) -> None: ...  # outputs: tensor requests
+
+    def fail(self, message: str, field: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class Job:
     """One item for the inference worker: a source's frame, or a request with where its answer goes
-    (`feeds`: a tensor request's ready inputs, served without pre-processing)."""
+    (`feeds`: a tensor request's ready inputs, served without pre-processing; `tag`: the payload's
+    `request` object)."""
 
     frame: Frame
-    request: InferRequest | None = None
+    answer: Answer | None = None
     feeds: Mapping[str, Array] | None = None
+    tag: JSONObject | None = None
 
     @property
     def droppable(self) -> bool:
-        return self.request is None  # a request is answered, never silently replaced by a newer frame
+        return self.answer is None  # a request is answered, never silently replaced by a newer frame
 
 
 class FrameQueue:
@@ -143,6 +153,24 @@ class FrameQueue:
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
+
+
+class MqttAnswer:
+    """A request's answer over MQTT: the prediction payload to its reply route, or `{"error", "field"}`."""
+
+    def __init__(self, publisher: PredictionPublisher, request: InferRequest, topic: str) -> None:
+        self.publisher = publisher
+        self.request = request
+        self.topic = topic
+
+    def deliver(self, payload: JSONObject, outputs: list[Array]) -> None:
+        self.publisher.reply(self.request.reply, json.dumps(payload, separators=(",", ":")).encode())
+
+    def fail(self, message: str, field: str) -> None:
+        request = self.request
+        self.publisher.reject(
+            RequestRejected(f"{self.topic}: {message}", field, request.reply, request.correlation_id)
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -482,11 +510,11 @@ class Daemon:
         for job in tensors:
             assert job.feeds is not None
             try:
-                result, timings = session.infer_feeds(job.feeds)
+                outputs, result, timings = session.run_feeds(job.feeds)
             except Exception as exc:
                 self._failed(job, exc)
                 continue
-            self._publish(session, job, result, timings, 1)
+            self._publish(session, job, result, timings, 1, outputs)
         if not batched:
             return
         try:
@@ -505,16 +533,17 @@ class Daemon:
     def _failed(self, job: Job, exc: Exception) -> None:
         self.inference_errors += 1
         log.warning("frame %d from %s: %s", job.frame.index, job.frame.uri, exc)
-        if job.request is not None:
-            field = "inputs" if job.feeds is not None else "payload"
-            self.publisher.reject(
-                RequestRejected(
-                    f"{self._infer_topic}: {exc}", field, job.request.reply, job.request.correlation_id
-                )
-            )
+        if job.answer is not None:
+            job.answer.fail(str(exc), "inputs" if job.feeds is not None else "payload")
 
     def _publish(
-        self, session: ModelSession, job: Job, result: JSONObject, timings: StageTimings, batch: int
+        self,
+        session: ModelSession,
+        job: Job,
+        result: JSONObject,
+        timings: StageTimings,
+        batch: int,
+        outputs: list[Array] | None = None,
     ) -> None:
         from edge.publish.payload import build_prediction
 
@@ -536,13 +565,12 @@ class Daemon:
             latency_ms=latency_ms,
             result=result,
         )
-        request = job.request
-        if request is not None and request.correlation_id is not None:
-            payload["request"] = {"correlation_id": request.correlation_id}
-        self.outbox.add(payload)  # assigns seq: the reply and the stored prediction are the same message
+        if job.tag is not None:
+            payload["request"] = job.tag
+        self.outbox.add(payload)  # assigns seq: the answer and the stored prediction are the same message
         self.publisher.notify()
-        if request is not None:
-            self.publisher.reply(request.reply, json.dumps(payload, separators=(",", ":")).encode())
+        if job.answer is not None:
+            job.answer.deliver(payload, outputs or [])
         self.predictions += 1
         if self.metrics is not None:
             self.metrics.capture_to_publish_seconds.observe(time.monotonic() - frame.captured_mono)
@@ -574,12 +602,16 @@ class Daemon:
             captured_mono=request.received_mono,
             uri=REQUEST_URI,
         )
+        answer = MqttAnswer(self.publisher, request, topic)
+        tag: JSONObject | None = (
+            {"correlation_id": request.correlation_id} if request.correlation_id is not None else None
+        )
         if request.image is not None:
-            job = Job(frame_of(request.image), request)
+            job = Job(frame_of(request.image), answer, tag=tag)
         elif request.tensors is not None:
             specs = {spec.name: (spec.shape, spec.dtype) for spec in session.input_specs}
             feeds = tensors_for(request.tensors, specs, topic, request)
-            job = Job(frame_of(np.zeros(0, np.float32)), request, feeds)
+            job = Job(frame_of(np.zeros(0, np.float32)), answer, feeds, tag)
         else:
             raise RequestRejected(
                 f"{topic}: model '{session.info['name']}' takes images or tensors, not text",

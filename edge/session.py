@@ -152,11 +152,16 @@ class ModelSession:
 
     def infer_feeds(self, feeds: Mapping[str, Array]) -> tuple[Result, StageTimings]:
         """Ready tensors by input name (multi-input and sensor models): no pre-processing."""
+        _, result, timings = self.run_feeds(feeds)
+        return result, timings
+
+    def run_feeds(self, feeds: Mapping[str, Array]) -> tuple[list[Array], Result, StageTimings]:
+        """`infer_feeds`, keeping the model's raw outputs too (an Open Inference Protocol answer)."""
         t1 = time.perf_counter()
         outputs = self.loaded.run(dict(feeds))
         t2 = time.perf_counter()
         result = self.decoder(outputs, None)
-        return result, StageTimings(0.0, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
+        return outputs, result, StageTimings(0.0, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
 
     def _feeds_for(self, data: Array, color: ColorOrder) -> tuple[dict[str, Array], Letterbox | None]:
         name = self.input_specs[0].name
