@@ -20,6 +20,7 @@ from edge.backends import registry
 from edge.errors import BackendError, ConfigError, EdgeError, Finding
 from edge.publish.mqtt import PASSWORD_FILE_ENV, MqttConfig, check_device_id, read_password
 from edge.publish.requests import RequestsConfig
+from edge.serve_http import HttpConfig
 from edge.sources import SourceConfig
 from edge.trust import check_secret_file
 
@@ -84,6 +85,9 @@ class DaemonConfig(_Strict):
     requests: RequestsConfig = Field(
         default_factory=RequestsConfig, description="inference on request over MQTT ({prefix}/{device}/infer)"
     )
+    http: HttpConfig | None = Field(
+        default=None, description="Open Inference Protocol (KServe v2 REST) and POST /infer; null: off"
+    )
     batching: BatchingConfig | None = Field(
         default=None, description="null: one frame per backend call (the default for one camera)"
     )
@@ -120,9 +124,9 @@ class DaemonConfig(_Strict):
     def _one_source_key(self) -> DaemonConfig:
         if self.source is not None and self.sources is not None:
             raise ValueError("give exactly one of `source` or `sources`")
-        if self.source is None and self.sources is None and not self.requests.enabled:
+        if self.source is None and self.sources is None and not self.requests.enabled and self.http is None:
             raise ValueError(
-                "give `source` or `sources` (or serve requests only: `requests: {enabled: true}`)"
+                "give `source` or `sources` (or serve on request only: `requests: {enabled: true}` or `http:`)"
             )
         return self
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -47,6 +46,9 @@ from edge.publish.commands import CommandHandler, ReplyRoute
 from edge.publish.requests import InferRequest, RateLimiter, RequestRejected, infer_topic, tensors_for
 from edge.session import ModelSession, StageTimings, open_session
 from edge.sources import Frame, Source
+
+if TYPE_CHECKING:
+    from edge.serve_http import HttpServer
 from edge.trust import TrustPolicy, check_model_path
 
 log = logging.getLogger(__name__)
@@ -142,13 +144,13 @@ class FrameQueue:
             self._cond.notify_all()  # lossless sources may be waiting for this room
         return batch
 
-    def discard_all(self) -> int:
+    def discard_all(self) -> list[Job]:
         with self._cond:
             for job in self._items:
                 self.dropped[job.frame.uri] += 1
-            count = len(self._items)
+            left = list(self._items)
             self._items.clear()
-            return count
+            return left
 
     def __len__(self) -> int:
         with self._cond:
@@ -256,6 +258,7 @@ class Daemon:
         self.health_config = health
         self.metrics: Metrics | None = None
         self._health_endpoint: HttpEndpoint | None = None
+        self._http: HttpServer | None = None
         self._worker_beat = 0.0  # monotonic time of the worker's last loop
         self.stop_event = threading.Event()
         self.sources_done = threading.Event()
@@ -352,6 +355,11 @@ class Daemon:
         )
         self.publisher.set_status(self._status("online"))
         self.publisher.start()
+        if self.config.http is not None:
+            from edge.serve_http import HttpServer
+
+            self._http = HttpServer(self.config.http, self)
+            self._http.start()
         self._worker_beat = time.monotonic()
         self._worker = threading.Thread(target=self._work, name="inference", daemon=True)
         self._worker.start()
@@ -432,6 +440,8 @@ class Daemon:
     def shutdown(self) -> None:
         """Stop sources, finish the in-flight inference, flush the outbox while connected, go offline."""
         self.notifier.stopping("stopping: flushing outbox")
+        if self._http is not None:
+            self._http.close()  # no new requests; those queued are answered or told below
         for source in self.sources:
             try:
                 source.stop()
@@ -441,8 +451,11 @@ class Daemon:
         if self._worker is not None:
             self._worker.join(timeout=30)
         left = self.queue.discard_all()
+        for job in left:
+            if job.answer is not None:
+                job.answer.fail("the daemon is stopping", "payload")
         if left:
-            log.info("dropped %d queued frame(s) on stop", left)
+            log.info("dropped %d queued frame(s) and request(s) on stop", len(left))
         for thread in self._threads:
             thread.join(timeout=5)
         deadline = time.monotonic() + self.config.flush_timeout_s
@@ -578,48 +591,80 @@ class Daemon:
     # -- requests (the publisher's request thread) ------------------------------------------------------------
 
     def on_request(self, request: InferRequest) -> None:
-        """A parsed `infer` request: rate-limited per reply topic, turned into a job and queued beside the
-        sources' frames (and batched with them); it waits for room rather than being dropped."""
+        """A parsed `infer` request (the publisher's request thread): queued like any request."""
         topic = self._infer_topic
-        if not self._rate_limiter.allow(request.client):
-            limits = self.config.requests
-            raise RequestRejected(
-                f"{topic}: rate limit: at most {limits.rate_per_s:g} requests/s per reply topic "
-                f"(burst {limits.burst})",
-                "payload",
-                request.reply,
-                request.correlation_id,
-            )
-        session = self.active
-        assert session is not None
-        with self._request_lock:
-            self._requests_served += 1
-            number = self._requests_served
-        frame_of = functools.partial(
-            Frame,
-            index=number,
-            captured_at=request.received_at,
-            captured_mono=request.received_mono,
-            uri=REQUEST_URI,
-        )
         answer = MqttAnswer(self.publisher, request, topic)
         tag: JSONObject | None = (
             {"correlation_id": request.correlation_id} if request.correlation_id is not None else None
         )
+        data: Array | Mapping[str, Array]
         if request.image is not None:
-            job = Job(frame_of(request.image), answer, tag=tag)
+            data = request.image
         elif request.tensors is not None:
+            session = self.active
+            assert session is not None
             specs = {spec.name: (spec.shape, spec.dtype) for spec in session.input_specs}
-            feeds = tensors_for(request.tensors, specs, topic, request)
-            job = Job(frame_of(np.zeros(0, np.float32)), answer, feeds, tag)
+            data = tensors_for(request.tensors, specs, topic, request)
         else:
             raise RequestRejected(
-                f"{topic}: model '{session.info['name']}' takes images or tensors, not text",
+                f"{topic}: this model takes images or tensors, not text",
                 "texts" if request.texts and len(request.texts) > 1 else "text",
                 request.reply,
                 request.correlation_id,
             )
+        try:
+            self.submit_request(data, answer, request.client, REQUEST_URI, tag, request.received_mono)
+        except RequestRejected as exc:
+            raise RequestRejected(
+                f"{topic}: {exc}", exc.field, request.reply, request.correlation_id
+            ) from None
+
+    def submit_request(
+        self,
+        data: Array | Mapping[str, Array],
+        answer: Answer,
+        client: str,
+        uri: str,
+        tag: JSONObject | None = None,
+        received_mono: float | None = None,
+    ) -> None:
+        """Queue one request (an image, or tensors by input name) beside the sources' frames, batched
+        with them; it waits for room rather than being dropped. Rate-limited per client (a reply topic,
+        an HTTP peer): over the limit it raises RequestRejected."""
+        if not self._rate_limiter.allow(client):
+            limits = self.config.requests
+            raise RequestRejected(
+                f"rate limit: at most {limits.rate_per_s:g} requests/s per client (burst {limits.burst})",
+                "payload",
+                None,
+            )
+        with self._request_lock:
+            self._requests_served += 1
+            number = self._requests_served
+        received = time.monotonic() if received_mono is None else received_mono
+        wall = time.time() - (time.monotonic() - received)
+        if isinstance(data, np.ndarray):
+            job = Job(Frame(data, number, wall, received, uri), answer, tag=tag)
+        else:
+            job = Job(Frame(np.zeros(0, np.float32), number, wall, received, uri), answer, dict(data), tag)
         self.queue.put(job, wait_for_room=True, stop=self._worker_stop)
+
+    def model_metadata(self) -> JSONObject:
+        """The Open Inference Protocol's model metadata for the model now serving."""
+        from edge.serve_http import tensor_metadata
+
+        session = self.active
+        assert session is not None
+        platform = {"onnxruntime": "onnxruntime_onnx", "litert": "tensorflow_lite"}.get(
+            session.backend_name, session.backend_name
+        )
+        return {
+            "name": session.info["name"],
+            "versions": [session.info["version"]],
+            "platform": platform,
+            "inputs": [tensor_metadata(s.name, s.shape, s.dtype) for s in session.input_specs],
+            "outputs": [tensor_metadata(s.name, s.shape, s.dtype) for s in session.loaded.output_specs],
+        }
 
     def _watch_sources(self) -> None:
         for source in self.sources:

@@ -223,4 +223,4 @@ def test_a_request_with_nowhere_to_answer_is_counted_and_a_flood_is_rate_limited
     limited = [r for r in replies if "rate limit" in r.get("error", "")]
     served = [r for r in replies if "result" in r]
     assert len(replies) == 30 and 20 <= len(served) <= 25 and len(limited) == 30 - len(served)
-    assert limited[0]["field"] == "payload" and "at most 5 requests/s per reply topic" in limited[0]["error"]
+    assert limited[0]["field"] == "payload" and "at most 5 requests/s per client" in limited[0]["error"]
