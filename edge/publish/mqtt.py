@@ -425,10 +425,14 @@ class Publisher:
             self._threads.append(thread)
 
     def stop(self, flush_timeout: float = 5.0) -> None:
-        """Wait up to `flush_timeout` for the in-flight window, publish `offline`, disconnect."""
+        """Wait up to `flush_timeout` (while connected) until the outbox is drained and acknowledged,
+        publish `offline`, disconnect. Rows not yet handed to paho count too: the drain thread may not
+        have reached the newest ones."""
         deadline = time.monotonic() + flush_timeout
         while (
-            self._connected.is_set() and time.monotonic() < deadline and (self._inflight or self._acked_mids)
+            self._connected.is_set()
+            and time.monotonic() < deadline
+            and (self._inflight or self._acked_mids or self.outbox.depth > 0)
         ):
             self._wake.set()
             time.sleep(0.02)
