@@ -3,7 +3,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${EDGE_VENV:-$ROOT/.venv}"
-EXTRAS="${EDGE_EXTRAS:-convert,tflite,tflite-convert,dev}"
+EXTRAS="${EDGE_EXTRAS:-convert,tflite,tflite-convert,sink,dev}"
 STAMP="$VENV/.edge-installed-$(cat "$ROOT/pyproject.toml" "$ROOT/tools/bootstrap.sh" | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -1,0 +1,57 @@
+"""The sink's HTTP side: `/metrics` (Prometheus) and `/healthz`; with `web:`, the fleet page too."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edge.sink.service import Sink
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    sink: Sink
+    page: bool
+
+
+class _Routes(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        sink = self.server.sink
+        if path == "/metrics":
+            self._send(200, sink.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+        elif path == "/healthz":
+            ok = sink._connected.is_set()
+            body = json.dumps({"status": "ok" if ok else "failing", "mqtt_connected": ok}).encode()
+            self._send(200 if ok else 503, body, "application/json")
+        elif self.server.page and path in _PAGE_ROUTES:
+            _PAGE_ROUTES[path](self, sink)
+        else:
+            self._send(404, b'{"error":"not found"}', "application/json")
+
+    def _send(self, code: int, body: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+_PAGE_ROUTES: dict[str, Any] = {}
+
+
+def serve(sink: Sink, addr: str, port: int, page: bool) -> _Server:
+    server = _Server((addr, port), _Routes)
+    server.sink = sink
+    server.page = page
+    threading.Thread(target=server.serve_forever, name=f"sink-http :{port}", daemon=True).start()
+    return server
