@@ -54,8 +54,8 @@ def parse_time(text: str) -> float:
 def _json_object(topic: str, payload: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(payload, Mapping):
         return dict(payload)
-    try:
-        data = json.loads(payload)
+    try:  # json.loads would guess UTF-16/32 from the bytes; the contract is UTF-8
+        data = json.loads(payload.decode("utf-8") if isinstance(payload, bytes | bytearray) else payload)
     except UnicodeDecodeError as exc:
         raise MessageError(topic, "", f"payload is not UTF-8 (byte {exc.start})") from None
     except ValueError as exc:
@@ -474,6 +474,13 @@ def topic_filters(prefix: str, kinds: tuple[str, ...] = KINDS, group: str | None
     return filters
 
 
+def subscribe_options(topic: str, qos: int) -> Any:
+    """MQTT 5 options: retained messages only when the subscription is new (retain handling 1)."""
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+
+    return SubscribeOptions(qos=qos, retainHandling=0 if topic.startswith("$share/") else 1)
+
+
 class Subscription:
     """An iterator over the typed messages of a fleet; reconnects on its own (paho's loop thread).
 
@@ -535,8 +542,9 @@ class Subscription:
             return
         self.connects += 1
         self._connected.set()
-        # subscribe even when the session is present: it is idempotent and covers a broker that lost it
-        client.subscribe([(topic, self.qos) for topic in self.filters])
+        # subscribe even when the session is present: it is idempotent and covers a broker that lost it;
+        # retained messages come only with a new subscription, not again on every reconnect
+        client.subscribe([(topic, subscribe_options(topic, self.qos)) for topic in self.filters])
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._connected.clear()

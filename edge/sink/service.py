@@ -32,6 +32,7 @@ from edge.client import (
     parse_prediction,
     parse_status,
     parse_time,
+    subscribe_options,
     topic_filters,
     topic_kind,
 )
@@ -220,8 +221,6 @@ class Sink:
         if reason.is_failure:
             log.warning("mqtt %s:%s refused the sink: %s", self.connection.host, self.connection.port, reason)
             return
-        from paho.mqtt.subscribeoptions import SubscribeOptions
-
         with self._gen_lock:
             self._generation += 1
         self._connected.set()
@@ -235,12 +234,7 @@ class Sink:
         )
         filters = topic_filters(self.prefix, group=self.config.mqtt.group)
         # retained statuses only when the subscription is new; a present session queued the changes
-        client.subscribe(
-            [
-                (topic, SubscribeOptions(qos=1, retainHandling=1 if "$share" not in topic else 0))
-                for topic in filters
-            ]
-        )
+        client.subscribe([(topic, subscribe_options(topic, 1)) for topic in filters])
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         with self._gen_lock:
@@ -315,7 +309,7 @@ class Sink:
 
     def _row(self, device: str, item: Incoming) -> Row:
         try:
-            data = json.loads(item.payload)
+            data = json.loads(item.payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise MessageError(item.topic, "", f"payload is not JSON: {exc}") from None
         reason = self.validator.reason(data)
