@@ -294,7 +294,9 @@ class SqliteStorage:
         return WriteResult(len(inserted), len(batch.predictions) - len(inserted), stored)
 
     def refresh_gaps(self, grace_s: float) -> list[GapRow]:
-        cutoff = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - grace_s))
+        from edge.publish.payload import rfc3339
+
+        cutoff = rfc3339(time.time() - grace_s)  # the format of received_at: text order is time order
         with self._transaction() as db:
             db.execute("DELETE FROM gaps")
             db.execute(
@@ -594,8 +596,12 @@ class PostgresStorage:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The server's message on one line, with its detail (PostgreSQL's DETAIL) when it has one."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    diag = getattr(exc, "diag", None)
+    detail = getattr(diag, "message_detail", None) if diag is not None else None
+    return f"{line} ({' '.join(detail.split())})" if detail else line
 
 
 def open_storage(url: str, schema: str) -> Storage:
