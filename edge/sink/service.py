@@ -37,6 +37,7 @@ from edge.client import (
     topic_kind,
 )
 from edge.publish.mqtt import MqttConfig, read_password
+from edge.sink.check import plainly_valid
 from edge.sink.config import SinkConfig
 from edge.sink.storage import Batch, DeadLetter, Row, Storage, StorageError, open_storage
 
@@ -70,7 +71,7 @@ class Validator:
         self._best_match = jsonschema.exceptions.best_match
 
     def reason(self, data: Any) -> str | None:
-        if self._validator.is_valid(data):
+        if plainly_valid(data) or self._validator.is_valid(data):
             return None
         error = self._best_match(self._validator.iter_errors(data))
         if error is None:  # pragma: no cover - is_valid said otherwise
