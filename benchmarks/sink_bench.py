@@ -234,15 +234,22 @@ def chaos(seconds: float, kills: int, work: Path) -> dict[str, Any]:
                 FROM "{schema}".predictions'''
         )
         stop(sinks)
+        import sqlite3
+
+        def pending(d: int) -> int:  # rows of the daemon's outbox the broker never acknowledged
+            with sqlite3.connect(work / f"outbox-{d}.db") as db:
+                return int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
+
         per_device = [
             {
                 "device": dev,
                 "rows": rows,
-                "distinct": distinct,
-                "missing": (hi - lo + 1) - distinct,
+                "seqs": f"{lo}..{hi}",
+                "missing": (hi - lo + 1) - distinct + (lo - 1),  # holes, and any seq below the first
                 "duplicate_rows": rows - distinct,
+                "outbox_left": pending(index),
             }
-            for dev, rows, distinct, lo, hi in counts
+            for index, (dev, rows, distinct, lo, hi) in enumerate(counts)
         ]
         return {
             "events": events,
