@@ -46,7 +46,26 @@ class _Routes(BaseHTTPRequestHandler):
         return
 
 
-_PAGE_ROUTES: dict[str, Any] = {}
+def _page(handler: _Routes, sink: Sink) -> None:
+    from importlib import resources
+
+    body = resources.files("edge.sink").joinpath("fleet.html").read_bytes()
+    handler._send(200, body, "text/html; charset=utf-8")
+
+
+def _fleet(handler: _Routes, sink: Sink) -> None:
+    from edge.sink.fleet import snapshot
+    from edge.sink.storage import StorageError
+
+    try:
+        body = json.dumps(snapshot(sink.storage), default=str).encode()
+    except StorageError as exc:
+        handler._send(503, json.dumps({"error": str(exc)}).encode(), "application/json")
+        return
+    handler._send(200, body, "application/json")
+
+
+_PAGE_ROUTES: dict[str, Any] = {"/": _page, "/api/fleet": _fleet}
 
 
 def serve(sink: Sink, addr: str, port: int, page: bool) -> _Server:
