@@ -36,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psycopg
 
 from tests.broker import Mosquitto
-from tests.sink_helpers import PG_URL, REPO, Fleet, sink_config, start_sink
+from tests.sink_helpers import DEFAULT_PG, REPO, Fleet, sink_config, start_sink
+
+PG_URL = DEFAULT_PG
 
 
 def cpu_flags() -> str:

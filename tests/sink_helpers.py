@@ -22,7 +22,92 @@ import yaml
 from edge.publish.payload import build_prediction
 
 REPO = Path(__file__).resolve().parent.parent
-PG_URL = os.environ.get("EDGE_TEST_PG", "postgresql://root@127.0.0.1:5432/test")
+DEFAULT_PG = os.environ.get("EDGE_TEST_PG", "postgresql://root@127.0.0.1:5432/test")
+_pg: dict[str, str] = {}
+
+
+def _reachable(url: str) -> str | None:
+    """None if `url` answers, else why not (one line)."""
+    import psycopg
+
+    try:
+        psycopg.connect(url, connect_timeout=3).close()
+        return None
+    except psycopg.Error as exc:
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _throwaway_postgres() -> str:
+    """initdb + pg_ctl on a free port in a temporary directory (as user postgres when we are root);
+    stopped when the process exits. Returns the URL, or raises RuntimeError naming what is missing."""
+    import atexit
+    import pwd
+    import tempfile
+
+    from tests.broker import free_port
+
+    tools = {
+        name: shutil.which(name) or f"/usr/lib/postgresql/15/bin/{name}" for name in ("initdb", "pg_ctl")
+    }
+    if not all(Path(path).exists() for path in tools.values()):
+        raise RuntimeError("no initdb/pg_ctl (apt-get install postgresql)")
+    prefix: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="edge-pg-"))
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            raise RuntimeError("running as root and there is no 'postgres' user for initdb") from None
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    data = root / "data"
+    subprocess.run(
+        [*prefix, tools["initdb"], "-D", str(data), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [*prefix, tools["pg_ctl"], "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    atexit.register(
+        lambda: subprocess.run(
+            [*prefix, tools["pg_ctl"], "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    )
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+
+def pg_url() -> str:
+    """The test PostgreSQL: EDGE_TEST_PG (default the machine's 127.0.0.1:5432 database `test`) if it
+    answers, else a throwaway server for this process; skips the test naming what is missing."""
+    if "url" in _pg:
+        return _pg["url"]
+    if "skip" in _pg:
+        pytest.skip(_pg["skip"])
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _pg["skip"] = "psycopg is not installed (pip install 'edge-runtime[sink]')"
+        pytest.skip(_pg["skip"])
+    why = _reachable(DEFAULT_PG)
+    if why is None:
+        _pg["url"] = DEFAULT_PG
+        return DEFAULT_PG
+    try:
+        _pg["url"] = _throwaway_postgres()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        _pg["skip"] = f"no PostgreSQL at {DEFAULT_PG} ({why}) and no throwaway server: {exc}"
+        pytest.skip(_pg["skip"])
+    return _pg["url"]
 
 
 def prediction(device: str, boot: str, seq: int, label: str = "red") -> dict[str, Any]:
@@ -91,14 +176,9 @@ def new_boot() -> str:
 @contextmanager
 def pg_schema() -> Iterator[str]:
     """A uniquely named schema in the test database, dropped afterwards; skips naming what is missing."""
-    try:
-        import psycopg
-    except ImportError:
-        pytest.skip("psycopg is not installed (pip install 'edge-runtime[sink]')")
-    try:
-        conn = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-    except psycopg.Error as exc:
-        pytest.skip(f"no PostgreSQL at {PG_URL} ({str(exc).strip().splitlines()[0]}); set EDGE_TEST_PG")
+    import psycopg
+
+    conn = psycopg.connect(pg_url(), autocommit=True, connect_timeout=3)
     name = f"t_{uuid.uuid4().hex[:12]}"
     try:
         yield name
@@ -110,7 +190,7 @@ def pg_schema() -> Iterator[str]:
 def pg_query(sql: str, *params: Any) -> list[tuple[Any, ...]]:
     import psycopg
 
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
+    with psycopg.connect(pg_url(), autocommit=True) as conn:
         cur = conn.execute(sql, params)
         return list(cur.fetchall()) if cur.description is not None else []
 

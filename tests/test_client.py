@@ -176,11 +176,17 @@ def test_subscribe_yields_typed_messages_across_a_broker_restart(mosquitto: Mosq
             time.sleep(0.1)
         assert sub.connects >= 2
         fleet.publish("cam-01", boot, [51, 52, 55, 52])
-        got = [sub.get(timeout=10) for _ in range(4)]
-        assert [m.seq for m in got if isinstance(m, Prediction)] == [51, 52, 55, 52]
-        assert sub.invalid == 1  # the garbage was skipped, counted
+        # QoS 1 is at least once: what was in flight when the broker stopped may come again (duplicates)
+        after: list[int] = []
+        deadline = time.monotonic() + 10
+        while len(after) < 4 and time.monotonic() < deadline:
+            message = sub.get(timeout=1)
+            if isinstance(message, Prediction) and message.seq > 50:
+                after.append(message.seq)
+        assert after == [51, 52, 55, 52]
+        assert sub.invalid >= 1  # the garbage was skipped, counted (again if it came again)
         assert [(g.from_seq, g.to_seq) for g in sub.tracker.gaps()] == [(53, 54)]
-        assert sub.tracker.duplicates == 1
+        assert sub.tracker.duplicates >= 1
     fleet.close()
 
 

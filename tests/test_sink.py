@@ -20,12 +20,12 @@ from edge.sink.storage import PostgresStorage, SqliteStorage, open_storage
 from tests.broker import Mosquitto
 from tests.daemon_helpers import wait_until
 from tests.sink_helpers import (
-    PG_URL,
     Fleet,
     gaps_json,
     new_boot,
     pg_query,
     pg_schema,
+    pg_url,
     prediction,
     sink_config,
     start_sink,
@@ -39,7 +39,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
         yield f"sqlite://{tmp_path}/predictions.db", "edge"
     else:
         with pg_schema() as schema:
-            yield PG_URL, schema
+            yield pg_url(), schema
 
 
 def rows(url: str, schema: str, sql: str) -> list[tuple[Any, ...]]:
@@ -187,7 +187,7 @@ def test_a_value_the_database_refuses_becomes_a_dead_letter_not_a_stuck_batch(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     with pg_schema() as schema:
-        sink = in_process(sink_config(tmp_path / "sink.yaml", mosquitto.port, PG_URL, schema))
+        sink = in_process(sink_config(tmp_path / "sink.yaml", mosquitto.port, pg_url(), schema))
         fleet = Fleet(mosquitto.port)
         try:
             boot = new_boot()
@@ -199,7 +199,7 @@ def test_a_value_the_database_refuses_becomes_a_dead_letter_not_a_stuck_batch(
         finally:
             sink.stop()
             fleet.close()
-        assert [s for _, s in stored_keys(PG_URL, schema)] == [1, 2, 4, 5]
+        assert [s for _, s in stored_keys(pg_url(), schema)] == [1, 2, 4, 5]
         (reason,) = pg_query(f'SELECT reason FROM "{schema}".dead_letters')[0]
         assert reason.startswith("the database refused it:") and "\\u0000" in reason
 
@@ -245,30 +245,79 @@ def test_a_sigkilled_sink_restarted_loses_nothing_and_stores_nothing_twice(
     assert gaps_json(config)["gaps"] == []
 
 
-def test_two_sinks_in_one_group_split_the_load(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    with pg_schema() as schema:
-        first = in_process(
-            sink_config(tmp_path / "a.yaml", mosquitto.port, PG_URL, schema, mqtt={"client_id": "a"})
+def test_two_sinks_in_one_group_split_the_load(
+    tmp_path: Path, mosquitto: Mosquitto, database: tuple[str, str]
+) -> None:
+    url, schema = database
+    first = in_process(sink_config(tmp_path / "a.yaml", mosquitto.port, url, schema, mqtt={"client_id": "a"}))
+    second = in_process(
+        sink_config(tmp_path / "b.yaml", mosquitto.port, url, schema, mqtt={"client_id": "b"})
+    )
+    fleet = Fleet(mosquitto.port)
+    try:
+        boots = {device: new_boot() for device in ("cam-01", "cam-02")}
+        for device, boot in boots.items():
+            fleet.publish(device, boot, range(1, 1001))
+        assert wait_until(lambda: first.stored + second.stored == 2000, 20), (first.stored, second.stored)
+    finally:
+        first.stop()
+        second.stop()
+        fleet.close()
+    assert first.stored > 200 and second.stored > 200  # mosquitto alternates between the members
+    assert first.duplicates == second.duplicates == 0
+    counts = rows(
+        url,
+        schema,
+        "SELECT device_id, count(*), count(DISTINCT seq), max(seq) FROM {t}predictions GROUP BY 1 ORDER BY 1",
+    )
+    assert counts == [("cam-01", 1000, 1000, 1000), ("cam-02", 1000, 1000, 1000)]
+    # both sinks counted into the same device rows
+    assert rows(url, schema, "SELECT device_id, predictions FROM {t}devices ORDER BY 1") == [
+        ("cam-01", 1000),
+        ("cam-02", 1000),
+    ]
+
+
+def test_a_broker_restart_mid_stream_loses_nothing_and_metrics_say_what_happened(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    # group: null, unshared subscriptions: mosquitto 2.0 restores a persistent session's plain
+    # subscriptions after a restart but not its shared ones (docs/contracts.md says so)
+    url = f"sqlite://{tmp_path}/p.db"
+    config = sink_config(
+        tmp_path / "sink.yaml", mosquitto.port, url, metrics={"port": 0}, mqtt={"group": None}
+    )
+    sink = in_process(config)
+    boot = new_boot()
+    try:
+        fleet = Fleet(mosquitto.port, client_id="fleet")
+        fleet.publish("cam-01", boot, range(1, 501))
+        fleet.close()
+        mosquitto.restart()  # persistence: the session and what it had not acknowledged are kept
+        fleet = Fleet(mosquitto.port, client_id="fleet")
+        fleet.publish("cam-01", boot, range(501, 1001))  # most likely before the sink is back: queued for it
+        fleet.close()
+        assert wait_until(lambda: len(stored_keys(url, "")) == 1000, 20), len(stored_keys(url, ""))
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{sink.metrics_port}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{sink.metrics_port}/healthz", timeout=5) as response:
+            assert json.loads(response.read())["status"] == "ok"
+    finally:
+        sink.stop()
+    assert [s for _, s in stored_keys(url, "")] == list(range(1, 1001))
+    stored = float(
+        next(
+            line.split()[-1]
+            for line in metrics.splitlines()
+            if line.startswith("edge_sink_predictions_stored_total")
         )
-        second = in_process(
-            sink_config(tmp_path / "b.yaml", mosquitto.port, PG_URL, schema, mqtt={"client_id": "b"})
-        )
-        fleet = Fleet(mosquitto.port)
-        try:
-            boots = {device: new_boot() for device in ("cam-01", "cam-02")}
-            for device, boot in boots.items():
-                fleet.publish(device, boot, range(1, 1001))
-            assert wait_until(lambda: first.stored + second.stored == 2000, 20), (first.stored, second.stored)
-        finally:
-            first.stop()
-            second.stop()
-            fleet.close()
-        assert first.stored > 200 and second.stored > 200  # mosquitto alternates between the members
-        assert first.duplicates == second.duplicates == 0
-        counts = pg_query(
-            f'SELECT device_id, count(*), count(DISTINCT seq), max(seq) FROM "{schema}".predictions GROUP BY 1 ORDER BY 1'
-        )
-        assert counts == [("cam-01", 1000, 1000, 1000), ("cam-02", 1000, 1000, 1000)]
+    )
+    assert stored == 1000 == sink.stored  # new rows only: a redelivery after the restart is a duplicate
+    assert "edge_sink_mqtt_connected 1.0" in metrics
+    assert 'edge_sink_messages_total{kind="predictions"}' in metrics
+    assert "edge_sink_capture_to_commit_seconds_count" in metrics
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
@@ -302,7 +351,7 @@ def test_migrations_are_applied_once_when_sinks_start_together(tmp_path: Path, k
         assert rows(f"sqlite://{path}", "", "SELECT version FROM schema_migrations") == [(1,)]
     else:
         with pg_schema() as schema:
-            assert race(lambda: PostgresStorage(PG_URL, schema)) == [0, 0, 0, 1]
+            assert race(lambda: PostgresStorage(pg_url(), schema)) == [0, 0, 0, 1]
             assert pg_query(f'SELECT version FROM "{schema}".schema_migrations') == [(1,)]
 
 

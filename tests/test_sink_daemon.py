@@ -14,7 +14,7 @@ from edge.sink.service import Sink
 from tests.assets_media import labelled_clip
 from tests.broker import Mosquitto
 from tests.daemon_helpers import make_tiny_package, wait_until
-from tests.sink_helpers import PG_URL, pg_query, pg_schema, sink_config
+from tests.sink_helpers import pg_query, pg_schema, pg_url, sink_config
 
 
 def test_a_daemons_predictions_all_land_in_postgresql(tmp_path: Path, mosquitto: Mosquitto) -> None:
@@ -37,7 +37,7 @@ def test_a_daemons_predictions_all_land_in_postgresql(tmp_path: Path, mosquitto:
         }
     )
     with pg_schema() as schema:
-        sink = Sink(load_sink_config(sink_config(tmp_path / "sink.yaml", mosquitto.port, PG_URL, schema)))
+        sink = Sink(load_sink_config(sink_config(tmp_path / "sink.yaml", mosquitto.port, pg_url(), schema)))
         sink.start()
         assert sink.wait_subscribed(10)
         with subscribe("127.0.0.1", mosquitto.port, kinds=("predictions",), grace_s=0.0) as sub:

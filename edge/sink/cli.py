@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         "edge-sink: %s -> %s (group %s, client id %s)",
         f"{config.mqtt.host}:{config.mqtt.port}/{config.mqtt.topic_prefix}",
         "sqlite" if config.database.is_sqlite else f"postgresql schema {config.schema_}",
-        config.mqtt.group,
+        config.mqtt.group or "none: unshared",
         sink.client_id,
     )
     sink.run()

@@ -24,8 +24,10 @@ class SinkMqttConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     topic_prefix: str = "edge"
-    group: str = Field(
-        "sinks", description="the shared-subscription group: sinks in one group split the load"
+    group: str | None = Field(
+        "sinks",
+        description="the shared-subscription group: sinks in one group split the load; null: unshared "
+        "subscriptions (one sink; they survive a restart of a broker that does not persist shared ones)",
     )
     client_id: str | None = Field(
         default=None,
