@@ -385,3 +385,29 @@ def test_gaps_command_prints_text_and_a_missing_database_is_one_line(tmp_path: P
     assert out.returncode == 2
     assert out.stderr.startswith("edge-sink: database postgresql://127.0.0.1:1/test: cannot connect:")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_clean_stop_under_load_is_prompt_and_the_next_sink_gets_the_rest(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    url = f"sqlite://{tmp_path}/p.db"
+    config = sink_config(tmp_path / "sink.yaml", mosquitto.port, url)
+    sink = in_process(config)
+    fleet = Fleet(mosquitto.port)
+    boot = new_boot()
+    sender = threading.Thread(target=fleet.publish, args=("cam-01", boot, range(1, 4001), 2000))
+    sender.start()
+    try:
+        assert wait_until(lambda: sink.stored >= 500, 10)
+        started = time.monotonic()
+        sink.stop()  # messages keep arriving: they are left to the session, not waited for
+        assert time.monotonic() - started < 5
+        stored_at_stop = sink.stored
+        sink = in_process(config)
+        sender.join(30)
+        assert wait_until(lambda: len(stored_keys(url, "")) == 4000, 20), len(stored_keys(url, ""))
+    finally:
+        sink.stop()
+        fleet.close()
+    assert stored_at_stop < 4000
+    assert [s for _, s in stored_keys(url, "")] == list(range(1, 4001))

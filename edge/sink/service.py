@@ -135,6 +135,7 @@ class Sink:
         self._generation = 0
         self._gen_lock = threading.Lock()
         self._stop = threading.Event()
+        self._stopped = False
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -206,6 +207,10 @@ class Sink:
         self.stop()
 
     def stop(self) -> None:
+        """Stop taking messages, commit and acknowledge what was queued, disconnect (the session stays)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         for thread in self._threads:
             thread.join(30)
@@ -253,6 +258,8 @@ class Sink:
         self._subscribed.set()
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        if self._stop.is_set():
+            return  # stopping: left unacknowledged, the broker keeps it for our session
         self._queue.put(
             Incoming(self._generation, message.mid, message.qos, message.topic, bytes(message.payload))
         )
