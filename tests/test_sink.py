@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,6 @@ from tests.sink_helpers import (
     sink_config,
     start_sink,
 )
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """(url, schema) of an empty database: a SQLite file, or a PostgreSQL schema of this test's own."""
-    if request.param == "sqlite":
-        yield f"sqlite://{tmp_path}/predictions.db", "edge"
-    else:
-        with pg_schema() as schema:
-            yield pg_url(), schema
 
 
 def rows(url: str, schema: str, sql: str) -> list[tuple[Any, ...]]:

@@ -15,7 +15,12 @@ from edge.sink.config import load_sink_config
 from edge.sink.service import Sink
 from tests.broker import Mosquitto
 from tests.daemon_helpers import wait_until
-from tests.sink_helpers import Fleet, new_boot, prediction, sink_config
+from tests.sink_helpers import (
+    Fleet,
+    new_boot,
+    prediction,
+    sink_config,
+)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -28,14 +33,11 @@ def _browser():  # type: ignore[no-untyped-def]
 
 
 def test_the_fleet_page_shows_devices_rates_latency_recent_predictions_and_gaps(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto, database: tuple[str, str]
 ) -> None:
+    url, schema = database
     config = sink_config(
-        tmp_path / "sink.yaml",
-        mosquitto.port,
-        f"sqlite://{tmp_path}/p.db",
-        web={"port": 0},
-        gaps={"grace_s": 0.0},
+        tmp_path / "sink.yaml", mosquitto.port, url, schema, web={"port": 0}, gaps={"grace_s": 0.0}
     )
     sink = Sink(load_sink_config(config))
     sink.start()
