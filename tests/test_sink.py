@@ -15,7 +15,7 @@ import pytest
 from edge.errors import ConfigError
 from edge.sink.config import load_sink_config
 from edge.sink.service import Sink
-from edge.sink.storage import PostgresStorage, SqliteStorage, open_storage
+from edge.sink.storage import Batch, PostgresStorage, Row, SqliteStorage, open_storage
 from tests.broker import Mosquitto
 from tests.daemon_helpers import wait_until
 from tests.sink_helpers import (
@@ -400,3 +400,53 @@ def test_a_clean_stop_under_load_is_prompt_and_the_next_sink_gets_the_rest(
         fleet.close()
     assert stored_at_stop < 4000
     assert [s for _, s in stored_keys(url, "")] == list(range(1, 4001))
+
+
+def test_gaps_are_kept_up_to_date_incrementally(database: tuple[str, str]) -> None:
+    """Late rows split and close known gaps; a hole younger than the grace period waits; each stream
+    is read only from where the last round stopped (streams.checked_seq)."""
+    url, schema = database
+    storage = open_storage(url, schema)
+    storage.migrate()
+    boot, other = new_boot(), new_boot()
+
+    def put(seqs: Any, boot_id: str = boot) -> None:
+        batch = Batch()
+        for seq in seqs:
+            body = prediction("cam-01", boot_id, seq)
+            batch.predictions.append(
+                Row(
+                    "cam-01",
+                    boot_id,
+                    seq,
+                    body["ts"],
+                    "m",
+                    "1",
+                    json.dumps(body["result"]),
+                    json.dumps(body),
+                    body["source"]["captured_at"],
+                )
+            )
+        storage.write(batch)
+
+    def spans(grace: float = 0.0) -> list[tuple[str, int, int]]:
+        return [(g.boot_id, g.from_seq, g.to_seq) for g in storage.refresh_gaps(grace)]
+
+    try:
+        put([*range(1, 11), *range(15, 21)])
+        assert spans() == [(boot, 11, 14)]
+        put([12])
+        assert spans() == [(boot, 11, 11), (boot, 13, 14)]
+        put([30])
+        assert spans(grace=3600) == [(boot, 11, 11), (boot, 13, 14)]  # 21..29 is still young
+        put([11, 13, 14])
+        assert spans(grace=3600) == []
+        assert spans() == [(boot, 21, 29)]
+        put([100], other)
+        assert [g for g in spans() if g[0] == other] == []  # a new boot's first row is no gap
+        put([102], other)
+        assert sorted(spans()) == sorted([(boot, 21, 29), (other, 101, 101)])
+        checked = dict(rows(url, schema, "SELECT boot_id, checked_seq FROM {t}streams"))
+        assert {str(k): v for k, v in checked.items()} == {boot: 30, other: 102}
+    finally:
+        storage.close()

@@ -11,15 +11,17 @@ migration once. With the TimescaleDB extension available, `predictions` becomes 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -135,6 +137,101 @@ def _device_updates(
     return [(device, *values) for device, values in sorted(per.items())]
 
 
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+def _epoch(value: Any) -> float:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    from edge.client import parse_time
+
+    return parse_time(str(value))
+
+
+Run = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
+
+
+def _refresh_gaps(
+    run: Run, p: str, t: str, grace_s: float, now: float, stamp: Callable[[float], Any]
+) -> None:
+    """Bring the gaps table up to date without reading again what was already checked.
+
+    `streams.checked_seq` of a device and boot is a stored seq below which every hole is in `gaps`. A
+    round (1) splits or removes the known gaps that late rows have since filled, reading only the rows
+    inside them; (2) finds the streams that stored rows since the last round (the `received_at` index;
+    `sink_meta.gaps_checked_at`, less a minute for transactions still open then) and those left with a
+    young hole; (3) reads each from its checked_seq up, reporting each hole whose next row arrived
+    `grace_s` ago or more; a younger hole stops the stream there, `pending`, for the next round. The
+    writers never touch these tables: no row lock is shared between sinks for them.
+    """
+    filled: dict[tuple[Any, Any, int], list[int]] = {}
+    spans: dict[tuple[Any, Any, int], tuple[int, Any]] = {}
+    for device, boot, lo, hi, first_seen, seq in run(
+        f"""SELECT g.device_id, g.boot_id, g.from_seq, g.to_seq, g.first_seen, p.seq FROM {t}gaps g
+            JOIN {t}predictions p ON p.device_id = g.device_id AND p.boot_id = g.boot_id
+             AND p.seq BETWEEN g.from_seq AND g.to_seq""",
+        (),
+    ):
+        filled.setdefault((device, boot, lo), []).append(int(seq))
+        spans[(device, boot, lo)] = (int(hi), first_seen)
+    for (device, boot, lo), seqs in filled.items():
+        hi, first_seen = spans[(device, boot, lo)]
+        run(
+            f"DELETE FROM {t}gaps WHERE device_id = {p} AND boot_id = {p} AND from_seq = {p}",
+            (device, boot, lo),
+        )
+        edges = [lo - 1, *sorted(seqs), hi + 1]
+        for a, b in itertools.pairwise(edges):
+            if b > a + 1:
+                run(
+                    f"INSERT INTO {t}gaps (device_id, boot_id, from_seq, to_seq, first_seen) "
+                    f"VALUES ({p}, {p}, {p}, {p}, {p})",
+                    (device, boot, a + 1, b - 1, first_seen),
+                )
+    last = run(f"SELECT value FROM {t}sink_meta WHERE key = 'gaps_checked_at'", ())
+    recent = f"WHERE received_at > {p}" if last else ""
+    for device, boot in run(
+        f"SELECT DISTINCT device_id, boot_id FROM {t}predictions {recent}",
+        (stamp(float(last[0][0]) - 60.0),) if last else (),
+    ):
+        run(
+            f"INSERT INTO {t}streams (device_id, boot_id, pending) VALUES ({p}, {p}, {p}) "
+            f"ON CONFLICT (device_id, boot_id) DO UPDATE SET pending = {p}",
+            (device, boot, True, True),
+        )
+    for device, boot, checked in run(
+        f"SELECT device_id, boot_id, checked_seq FROM {t}streams WHERE pending", ()
+    ):
+        rows = run(
+            f"SELECT seq, received_at FROM {t}predictions WHERE device_id = {p} AND boot_id = {p} "
+            f"AND seq >= {p} ORDER BY seq",
+            (device, boot, checked),
+        )
+        mark = int(rows[0][0]) if rows else int(checked)  # a new stream starts at its first row
+        young = False
+        for (a, _), (b, received) in itertools.pairwise(rows):
+            if b > a + 1:
+                if now - _epoch(received) < grace_s:
+                    young = True  # looked at again next round
+                    break
+                run(
+                    f"INSERT INTO {t}gaps (device_id, boot_id, from_seq, to_seq, first_seen) "
+                    f"VALUES ({p}, {p}, {p}, {p}, {p}) ON CONFLICT DO NOTHING",
+                    (device, boot, a + 1, b - 1, received),
+                )
+            mark = int(b)
+        run(
+            f"UPDATE {t}streams SET checked_seq = {p}, pending = {p} WHERE device_id = {p} AND boot_id = {p}",
+            (mark, young, device, boot),
+        )
+    run(
+        f"INSERT INTO {t}sink_meta (key, value) VALUES ('gaps_checked_at', {p}) "
+        f"ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (repr(now),),
+    )
+
+
 def _model_of(status: Status) -> tuple[str | None, str | None]:
     model = status.model
     name, version = model.get("name"), model.get("version")
@@ -166,6 +263,10 @@ _SQLITE_MIGRATIONS: list[list[str]] = [
         """CREATE TABLE events (
             id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, topic TEXT NOT NULL,
             event TEXT NOT NULL, ts TEXT, data TEXT NOT NULL, received_at TEXT NOT NULL)""",
+        """CREATE TABLE streams (
+            device_id TEXT NOT NULL, boot_id TEXT NOT NULL, checked_seq INTEGER NOT NULL DEFAULT 0,
+            pending INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (device_id, boot_id))""",
+        "CREATE TABLE sink_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ],
 ]
 
@@ -294,20 +395,15 @@ class SqliteStorage:
         return WriteResult(len(inserted), len(batch.predictions) - len(inserted), stored)
 
     def refresh_gaps(self, grace_s: float) -> list[GapRow]:
-        from edge.publish.payload import rfc3339
-
-        cutoff = rfc3339(time.time() - grace_s)  # the format of received_at: text order is time order
         with self._transaction() as db:
-            db.execute("DELETE FROM gaps")
-            db.execute(
-                """INSERT INTO gaps (device_id, boot_id, from_seq, to_seq, first_seen)
-                   SELECT device_id, boot_id, seq + 1, next_seq - 1, next_received FROM (
-                     SELECT device_id, boot_id, seq,
-                            lead(seq) OVER w AS next_seq, lead(received_at) OVER w AS next_received
-                     FROM predictions WINDOW w AS (PARTITION BY device_id, boot_id ORDER BY seq))
-                   WHERE next_seq > seq + 1 AND next_received < ?""",
-                (cutoff,),
-            )
+
+            def run(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+                return list(db.execute(sql, tuple(params)).fetchall())
+
+            from edge.publish.payload import rfc3339
+
+            # received_at is this host's clock, as RFC 3339 text (text order is time order)
+            _refresh_gaps(run, "?", "", grace_s, time.time(), rfc3339)
         return self.gaps()[0]
 
     def gaps(self) -> tuple[list[GapRow], int]:
@@ -352,6 +448,10 @@ def _pg_migrations(s: str) -> list[list[str]]:
             f"""CREATE TABLE {s}.events (
                 id bigserial PRIMARY KEY, device_id text NOT NULL, topic text NOT NULL, event text NOT NULL,
                 ts timestamptz, data jsonb NOT NULL, received_at timestamptz NOT NULL DEFAULT clock_timestamp())""",
+            f"""CREATE TABLE {s}.streams (
+                device_id text NOT NULL, boot_id uuid NOT NULL, checked_seq bigint NOT NULL DEFAULT 0,
+                pending boolean NOT NULL DEFAULT false, PRIMARY KEY (device_id, boot_id))""",
+            f"CREATE TABLE {s}.sink_meta (key text PRIMARY KEY, value text NOT NULL)",
         ],
     ]
 
@@ -556,8 +656,8 @@ class PostgresStorage:
             self._writer = None
 
     def refresh_gaps(self, grace_s: float) -> list[GapRow]:
-        """Recompute the gaps table: holes between stored seqs whose next row arrived over `grace_s`
-        ago. One sink at a time (a second advisory lock); the others skip that round."""
+        """Bring the gaps table up to date (`_refresh_gaps`); one sink at a time (a second advisory
+        lock), the others skip that round."""
         s = self._s
         with self._read_lock:
             conn = self._reader_conn()
@@ -566,18 +666,14 @@ class PostgresStorage:
                     cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (_lock_key(self.schema) + 1,))
                     row = cur.fetchone()
                     if row is not None and row[0]:
-                        cur.execute(f"DELETE FROM {s}.gaps")
-                        cur.execute(
-                            f"""INSERT INTO {s}.gaps (device_id, boot_id, from_seq, to_seq, first_seen)
-                                SELECT device_id, boot_id, seq + 1, next_seq - 1, next_received FROM (
-                                  SELECT device_id, boot_id, seq, lead(seq) OVER w AS next_seq,
-                                         lead(received_at) OVER w AS next_received
-                                  FROM {s}.predictions
-                                  WINDOW w AS (PARTITION BY device_id, boot_id ORDER BY seq)) AS t
-                                WHERE next_seq > seq + 1
-                                  AND next_received < clock_timestamp() - make_interval(secs => %s)""",
-                            (grace_s,),
-                        )
+
+                        def run(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+                            cur.execute(sql, tuple(params))
+                            return list(cur.fetchall()) if cur.description is not None else []
+
+                        # the database's clock wrote received_at: ages are measured on it
+                        ((now,),) = run("SELECT extract(epoch FROM clock_timestamp())::float8", ())
+                        _refresh_gaps(run, "%s", f"{s}.", grace_s, float(now), _utc)
             except self._psycopg.OperationalError as exc:
                 self._reader = None
                 raise StorageError(f"database {self._redacted()}: {_first_line(exc)}") from exc
