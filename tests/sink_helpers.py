@@ -37,53 +37,82 @@ def _reachable(url: str) -> str | None:
         return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _throwaway_postgres() -> str:
-    """initdb + pg_ctl on a free port in a temporary directory (as user postgres when we are root);
-    stopped when the process exits. Returns the URL, or raises RuntimeError naming what is missing."""
-    import atexit
-    import pwd
-    import tempfile
+class ThrowawayPostgres:
+    """initdb + pg_ctl on a free port in a temporary directory (as user postgres when we are root), so a
+    test may stop and start it. `start()` raises RuntimeError naming what is missing."""
 
-    from tests.broker import free_port
+    def __init__(self) -> None:
+        import pwd
+        import tempfile
 
-    tools = {
-        name: shutil.which(name) or f"/usr/lib/postgresql/15/bin/{name}" for name in ("initdb", "pg_ctl")
-    }
-    if not all(Path(path).exists() for path in tools.values()):
-        raise RuntimeError("no initdb/pg_ctl (apt-get install postgresql)")
-    prefix: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="edge-pg-"))
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            raise RuntimeError("running as root and there is no 'postgres' user for initdb") from None
-        os.chown(root, owner.pw_uid, owner.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    data = root / "data"
-    subprocess.run(
-        [*prefix, tools["initdb"], "-D", str(data), "-A", "trust", "-U", "postgres"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(
-        [*prefix, tools["pg_ctl"], "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    atexit.register(
-        lambda: subprocess.run(
-            [*prefix, tools["pg_ctl"], "-D", str(data), "-m", "immediate", "stop"],
+        from tests.broker import free_port
+
+        self.tools = {
+            name: shutil.which(name) or f"/usr/lib/postgresql/15/bin/{name}" for name in ("initdb", "pg_ctl")
+        }
+        if not all(Path(path).exists() for path in self.tools.values()):
+            raise RuntimeError("no initdb/pg_ctl (apt-get install postgresql)")
+        self.prefix: list[str] = []
+        self.root = Path(tempfile.mkdtemp(prefix="edge-pg-"))
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError("running as root and there is no 'postgres' user for initdb") from None
+            os.chown(self.root, owner.pw_uid, owner.pw_gid)
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        self.data = self.root / "data"
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        subprocess.run(
+            [*self.prefix, self.tools["initdb"], "-D", str(self.data), "-A", "trust", "-U", "postgres"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def start(self) -> ThrowawayPostgres:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = str(self.root / "log")
+        subprocess.run(
+            [
+                *self.prefix,
+                self.tools["pg_ctl"],
+                "-D",
+                str(self.data),
+                "-o",
+                options,
+                "-l",
+                log,
+                "-w",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        return self
+
+    def stop(self, mode: str = "immediate") -> None:
+        subprocess.run(
+            [*self.prefix, self.tools["pg_ctl"], "-D", str(self.data), "-m", mode, "-w", "stop"],
             capture_output=True,
             timeout=60,
             check=False,
         )
-    )
-    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _throwaway_postgres() -> str:
+    """A `ThrowawayPostgres` for the rest of the process (stopped at exit); its URL."""
+    import atexit
+
+    server = ThrowawayPostgres().start()
+    atexit.register(server.remove)
+    return server.url
 
 
 def pg_url() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -450,3 +451,39 @@ def test_gaps_are_kept_up_to_date_incrementally(database: tuple[str, str]) -> No
         assert {str(k): v for k, v in checked.items()} == {boot: 30, other: 102}
     finally:
         storage.close()
+
+
+def test_a_database_outage_holds_the_acknowledgements_and_loses_nothing(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """A PostgreSQL of the test's own, stopped (immediate: no goodbye to its clients) mid-stream and
+    started again: the sink retries the batch it holds, acknowledges nothing meanwhile, and stores all."""
+    from tests.sink_helpers import ThrowawayPostgres
+
+    try:
+        server = ThrowawayPostgres().start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot start a PostgreSQL of the test's own: {exc}")
+    try:
+        sink = in_process(sink_config(tmp_path / "sink.yaml", mosquitto.port, server.url, "edge"))
+        fleet = Fleet(mosquitto.port)
+        boot = new_boot()
+        try:
+            fleet.publish("cam-01", boot, range(1, 301))
+            assert wait_until(lambda: sink.stored == 300, 10)
+            server.stop()
+            fleet.publish("cam-01", boot, range(301, 601))  # the broker acknowledges; the sink cannot store
+            assert wait_until(lambda: sink.metrics.db_errors._value.get() > 0, 10)
+            assert sink.stored == 300
+            server.start()
+            assert wait_until(lambda: sink.stored == 600, 30), sink.stored
+        finally:
+            sink.stop()
+            fleet.close()
+        import psycopg
+
+        with psycopg.connect(server.url) as conn:
+            seqs = [s for (s,) in conn.execute("SELECT seq FROM edge.predictions ORDER BY seq")]
+        assert seqs == list(range(1, 601))
+    finally:
+        server.remove()
