@@ -210,3 +210,34 @@ def test_strict_subscription_raises_on_a_bad_message(mosquitto: Mosquitto) -> No
         with pytest.raises(MessageError, match=r"^edge/cam-01/events: event: expected str, got int$"):
             sub.get(timeout=5)
     fleet.close()
+
+
+def test_subscribers_in_one_group_share_the_predictions_and_each_sees_every_status(
+    mosquitto: Mosquitto,
+) -> None:
+    fleet = Fleet(mosquitto.port)
+    boot = new_boot()
+    subs = [subscribe("127.0.0.1", mosquitto.port, client_id=f"member-{i}", group="apps") for i in range(2)]
+    try:
+        fleet.status("cam-01", "online")
+        fleet.publish("cam-01", boot, range(1, 201))
+        seen: list[list[int]] = [[], []]
+        statuses = [0, 0]
+        deadline = time.monotonic() + 10
+        while len(seen[0]) + len(seen[1]) < 200 and time.monotonic() < deadline:
+            for i, sub in enumerate(subs):
+                message = sub.get(timeout=0.05)
+                if isinstance(message, Prediction):
+                    seen[i].append(message.seq)
+                elif isinstance(message, Status):
+                    statuses[i] += 1
+        for i, sub in enumerate(subs):  # a status may still be queued behind the predictions
+            while statuses[i] == 0 and (message := sub.get(timeout=1)) is not None:
+                statuses[i] += isinstance(message, Status)
+        assert sorted(seen[0] + seen[1]) == list(range(1, 201))  # split, none twice
+        assert seen[0] and seen[1]
+        assert statuses == [1, 1]  # status is not shared: each member keeps every device's state
+    finally:
+        for sub in subs:
+            sub.close()
+        fleet.close()
