@@ -541,11 +541,16 @@ class PostgresStorage:
         cur.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'")
         if cur.fetchone() is None:
             return
-        cur.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        cur.execute(
-            "SELECT create_hypertable(%s, 'seq', chunk_time_interval => 1000000, if_not_exists => true)",
-            (f"{self.schema}.predictions",),
-        )
+        try:  # a savepoint: installed but not preloaded (or no right to create it) is a plain table
+            with cur.connection.transaction():
+                cur.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+                cur.execute(
+                    "SELECT create_hypertable(%s, 'seq', chunk_time_interval => 1000000, if_not_exists => true)",
+                    (f"{self.schema}.predictions",),
+                )
+        except self._psycopg.Error as exc:
+            log.warning("TimescaleDB is available but predictions stays a plain table: %s", _first_line(exc))
+            return
         log.info("predictions is a TimescaleDB hypertable")
 
     def write(self, batch: Batch) -> WriteResult:
