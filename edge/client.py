@@ -422,7 +422,29 @@ def make_client(connection: Connection, *, manual_ack: bool = False) -> Any:
     """A paho MQTT 5 client set up for `connection` (not connected yet)."""
     import paho.mqtt.client as paho
 
-    client = paho.Client(
+    class _Client(paho.Client):
+        """paho's network loop swallows a failed connection attempt: say it once per new reason."""
+
+        failure: str | None = None
+
+        def reconnect(self) -> Any:
+            try:
+                result = super().reconnect()
+            except OSError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                if reason != self.failure:
+                    self.failure = reason
+                    log.warning(
+                        "mqtt cannot connect to %s:%s: %s (retrying)",
+                        connection.host,
+                        connection.port,
+                        reason,
+                    )
+                raise
+            self.failure = None
+            return result
+
+    client = _Client(
         paho.CallbackAPIVersion.VERSION2,
         client_id=connection.client_id,
         protocol=paho.MQTTv5,

@@ -487,3 +487,27 @@ def test_a_database_outage_holds_the_acknowledgements_and_loses_nothing(
         assert seqs == list(range(1, 601))
     finally:
         server.remove()
+
+
+def test_a_sink_started_before_its_broker_says_why_once_and_connects_when_it_comes(tmp_path: Path) -> None:
+    from tests.broker import free_port
+
+    port = free_port()
+    config = sink_config(tmp_path / "sink.yaml", port, f"sqlite://{tmp_path}/p.db")
+    log = tmp_path / "sink.log"
+    proc = start_sink(config, log)
+    broker = Mosquitto(tmp_path / "late-broker", port=port)
+    try:
+        assert wait_until(lambda: "cannot connect" in log.read_text(), 15), log.read_text()
+        time.sleep(2.5)  # a few more attempts: still one line
+        assert log.read_text().count("cannot connect") == 1, log.read_text()
+        assert f"mqtt cannot connect to 127.0.0.1:{port}: ConnectionRefusedError" in log.read_text()
+        broker.start()
+        assert wait_until(lambda: "mqtt connected" in log.read_text(), 20), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        broker.stop()
