@@ -593,6 +593,8 @@ class Subscription:
                 self._queue.put(None)  # keep telling every other reader
                 return None
             topic, payload = item
+            if not payload:
+                continue  # a retained message being cleared
             try:
                 message = parse_message(topic, payload, self.prefix)
             except MessageError as exc:

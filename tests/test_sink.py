@@ -166,8 +166,10 @@ def test_a_status_offline_from_the_will_ends_the_online_it_belongs_to(
         fleet.status("cam-01", "online", since="2026-11-23T11:00:00.000Z")
         assert wait_until(lambda: state() == [("online",)], 5)
         fleet.send("cam-01/status", json.dumps(stale), retain=True)  # a will of an older connection
+        fleet.send("cam-01/status", b"", retain=True)  # a retained status cleared: not a dead letter
         time.sleep(0.5)
         assert state() == [("online",)]
+        assert rows(url, "", "SELECT count(*) FROM dead_letters") == [(0,)]
     finally:
         sink.stop()
         fleet.close()

@@ -298,6 +298,8 @@ class Sink:
                 batch.dead_letters.append(DeadLetter(item.topic, item.payload, str(exc)[:MAX_REASON]))
                 continue
             self.metrics.messages.labels(kind).inc()
+            if not item.payload and kind == "status":
+                continue  # a retained status being cleared: nothing to store
             try:
                 if kind == "predictions":
                     batch.predictions.append(self._row(device, item))
