@@ -51,6 +51,16 @@ def test_the_fleet_page_shows_devices_rates_latency_recent_predictions_and_gaps(
         fleet.publish("cam-01", boot, range(45, 51))
         body = prediction("cam-02", new_boot(), 7, label="tabby<script>")
         fleet.send("cam-02/predictions", json.dumps(body))
+        import cv2
+        import numpy as np
+
+        frame = np.zeros((48, 64, 3), np.uint8)
+        frame[:, :32] = (0, 0, 255)
+        ok, jpeg = cv2.imencode(".jpg", frame)
+        assert ok
+        fleet.send("cam-01/driveway/person/snapshot", jpeg.tobytes(), retain=True)
+        fleet.send("cam-01/driveway/car/snapshot", b"GIF89a not a jpeg", retain=True)
+        assert wait_until(lambda: sink.dead == 1, 10)
         assert wait_until(lambda: sink.stored == 47, 10)
         sink.refresh_gaps()
         base = f"http://127.0.0.1:{sink.web_port}"
@@ -84,6 +94,13 @@ def test_the_fleet_page_shows_devices_rates_latency_recent_predictions_and_gaps(
                 x, y = (float(v) for v in points.split()[-1].split(","))
                 assert 40 < x <= 420 and 0 <= y <= 160  # inside the chart, near its right (now) end
             assert "updated" in summary and "Invalid" not in summary
+            # the detection snapshot, loaded as an image; the non-JPEG one is a dead letter
+            page.wait_for_selector("#snapshots img")
+            assert page.locator("#snapshots figcaption").all_inner_texts() == ["cam-01 · driveway · person"]
+            page.wait_for_function("document.querySelector('#snapshots img').naturalWidth > 0")
+            width = page.eval_on_selector("#snapshots img", "img => img.naturalWidth")
+            assert width == 64
+            assert page.inner_text("#dead") == "1 invalid message(s) in dead_letters."
             assert errors == []
             browser.close()
         # read-only: nothing but GET is served

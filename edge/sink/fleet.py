@@ -184,6 +184,12 @@ def snapshot(storage: Storage, window_s: int = WINDOW_S) -> dict[str, Any]:
             f"SELECT device_id, boot_id, from_seq, to_seq FROM {t}gaps ORDER BY 1, 2, 3"
         )
     ]
+    snapshots = [
+        {"device_id": d, "source": source, "label": label, "received_at": _iso(received)}
+        for d, source, label, received in storage.query(
+            f"SELECT device_id, source, label, received_at FROM {t}snapshots ORDER BY 1, 2, 3"
+        )
+    ]
     (dead,) = storage.query(f"SELECT count(*) FROM {t}dead_letters")[0]
     return {
         "generated_at": _iso(now),
@@ -193,5 +199,18 @@ def snapshot(storage: Storage, window_s: int = WINDOW_S) -> dict[str, Any]:
         "series": series,
         "recent": recent,
         "gaps": gaps,
+        "snapshots": snapshots,
         "dead_letters": int(dead),
     }
+
+
+def snapshot_jpeg(storage: Storage, device_id: str, source: str, label: str) -> bytes | None:
+    """The stored JPEG of one snapshot, or None."""
+    pg = storage.kind == "postgresql"
+    t = f'"{getattr(storage, "schema", "")}".' if pg else ""
+    p = "%s" if pg else "?"
+    found = storage.query(
+        f"SELECT jpeg FROM {t}snapshots WHERE device_id = {p} AND source = {p} AND label = {p}",
+        (device_id, source, label),
+    )
+    return bytes(found[0][0]) if found else None

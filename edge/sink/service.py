@@ -39,11 +39,12 @@ from edge.client import (
 from edge.publish.mqtt import MqttConfig, read_password
 from edge.sink.check import plainly_valid
 from edge.sink.config import SinkConfig
-from edge.sink.storage import Batch, DeadLetter, Row, Storage, StorageError, open_storage
+from edge.sink.storage import Batch, DeadLetter, Row, Snapshot, Storage, StorageError, open_storage
 
 log = logging.getLogger(__name__)
 
 MAX_REASON = 500
+MAX_SNAPSHOT = 4 << 20  # bytes of one JPEG snapshot
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,8 @@ class Sink:
             self.client_id,
             flags.session_present,
         )
-        filters = topic_filters(self.prefix, group=self.config.mqtt.group)
+        # the latest detection snapshot per source and label, retained (each sink keeps them all)
+        filters = [*topic_filters(self.prefix, group=self.config.mqtt.group), f"{self.prefix}/+/+/+/snapshot"]
         # retained statuses only when the subscription is new; a present session queued the changes
         client.subscribe([(topic, subscribe_options(topic, 1)) for topic in filters])
 
@@ -292,6 +294,13 @@ class Sink:
     def build(self, items: list[Incoming]) -> Batch:
         batch = Batch()
         for item in items:
+            snapshot = self._snapshot(item)
+            if snapshot is not None:
+                if isinstance(snapshot, DeadLetter):
+                    batch.dead_letters.append(snapshot)
+                else:
+                    batch.snapshots.append(snapshot)
+                continue
             try:
                 device, kind = topic_kind(item.topic, self.prefix)
             except MessageError as exc:
@@ -316,6 +325,24 @@ class Sink:
             except MessageError as exc:
                 batch.dead_letters.append(DeadLetter(item.topic, item.payload, str(exc)[:MAX_REASON]))
         return batch
+
+    def _snapshot(self, item: Incoming) -> Snapshot | DeadLetter | None:
+        """`{prefix}/{device}/{source}/{label}/snapshot` as a Snapshot (None: another topic)."""
+        parts = item.topic.split("/")
+        prefix = self.prefix.split("/")
+        if len(parts) != len(prefix) + 4 or parts[: len(prefix)] != prefix or parts[-1] != "snapshot":
+            return None
+        device, source, label = parts[len(prefix) : len(prefix) + 3]
+        self.metrics.messages.labels("snapshot").inc()
+        if item.payload and not item.payload.startswith(b"\xff\xd8\xff"):
+            return DeadLetter(
+                item.topic, item.payload[:1024], f"{item.topic}: not a JPEG (no FF D8 FF start)"
+            )
+        if len(item.payload) > MAX_SNAPSHOT:
+            return DeadLetter(
+                item.topic, b"", f"{item.topic}: {len(item.payload)} bytes, over {MAX_SNAPSHOT}"
+            )
+        return Snapshot(device, source, label, item.payload)
 
     def _row(self, device: str, item: Incoming) -> Row:
         try:
@@ -380,6 +407,7 @@ class Sink:
         singles: list[Batch] = [Batch(predictions=[row]) for row in batch.predictions]
         singles += [Batch(statuses=[s]) for s in batch.statuses] + [Batch(events=[e]) for e in batch.events]
         singles += [Batch(dead_letters=[d]) for d in batch.dead_letters]
+        singles += [Batch(snapshots=[snap]) for snap in batch.snapshots]
         for single in singles:
             try:
                 result = self.storage.write(single)
@@ -456,5 +484,8 @@ def _identify(batch: Batch, prefix: str) -> tuple[str, bytes]:
     if batch.events:
         event = batch.events[0]
         return event.topic, json.dumps(event.payload).encode()
+    if batch.snapshots:
+        snap = batch.snapshots[0]
+        return f"{prefix}/{snap.device_id}/{snap.source}/{snap.label}/snapshot", snap.jpeg[:1024]
     letter = batch.dead_letters[0]
     return letter.topic, letter.payload

@@ -71,6 +71,18 @@ class Batch:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     statuses: list[Status] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    snapshots: list[Snapshot] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The latest JPEG of a label on a source (`{prefix}/{device}/{source}/{label}/snapshot`, retained);
+    empty `jpeg`: the retained message was cleared."""
+
+    device_id: str
+    source: str
+    label: str
+    jpeg: bytes
 
 
 @dataclass(frozen=True)
@@ -267,6 +279,9 @@ _SQLITE_MIGRATIONS: list[list[str]] = [
             device_id TEXT NOT NULL, boot_id TEXT NOT NULL, checked_seq INTEGER NOT NULL DEFAULT 0,
             pending INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (device_id, boot_id))""",
         "CREATE TABLE sink_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE snapshots (
+            device_id TEXT NOT NULL, source TEXT NOT NULL, label TEXT NOT NULL, jpeg BLOB NOT NULL,
+            received_at TEXT NOT NULL, PRIMARY KEY (device_id, source, label))""",
     ],
 ]
 
@@ -366,6 +381,19 @@ class SqliteStorage:
                         f"VALUES (?, ?, ?, ?, ?, {_SQLITE_NOW})",
                         (event.device_id, event.topic, event.event, event.ts, json.dumps(event.data)),
                     )
+                for snap in batch.snapshots:
+                    if snap.jpeg:
+                        db.execute(
+                            f"""INSERT INTO snapshots VALUES (?, ?, ?, ?, {_SQLITE_NOW})
+                                ON CONFLICT (device_id, source, label) DO UPDATE
+                                SET jpeg = excluded.jpeg, received_at = excluded.received_at""",
+                            (snap.device_id, snap.source, snap.label, snap.jpeg),
+                        )
+                    else:
+                        db.execute(
+                            "DELETE FROM snapshots WHERE device_id = ? AND source = ? AND label = ?",
+                            (snap.device_id, snap.source, snap.label),
+                        )
                 for status in batch.statuses:
                     name, version = _model_of(status)
                     db.execute(
@@ -452,6 +480,10 @@ def _pg_migrations(s: str) -> list[list[str]]:
                 device_id text NOT NULL, boot_id uuid NOT NULL, checked_seq bigint NOT NULL DEFAULT 0,
                 pending boolean NOT NULL DEFAULT false, PRIMARY KEY (device_id, boot_id))""",
             f"CREATE TABLE {s}.sink_meta (key text PRIMARY KEY, value text NOT NULL)",
+            f"""CREATE TABLE {s}.snapshots (
+                device_id text NOT NULL, source text NOT NULL, label text NOT NULL, jpeg bytea NOT NULL,
+                received_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                PRIMARY KEY (device_id, source, label))""",
         ],
     ]
 
@@ -622,6 +654,19 @@ class PostgresStorage:
                             "VALUES (%s, %s, %s, %s, %s)",
                             (event.device_id, event.topic, event.event, event.ts, json.dumps(event.data)),
                         )
+                    for snap in batch.snapshots:
+                        if snap.jpeg:
+                            cur.execute(
+                                f"""INSERT INTO {s}.snapshots (device_id, source, label, jpeg)
+                                    VALUES (%s, %s, %s, %s) ON CONFLICT (device_id, source, label) DO UPDATE
+                                    SET jpeg = excluded.jpeg, received_at = excluded.received_at""",
+                                (snap.device_id, snap.source, snap.label, snap.jpeg),
+                            )
+                        else:
+                            cur.execute(
+                                f"DELETE FROM {s}.snapshots WHERE device_id = %s AND source = %s AND label = %s",
+                                (snap.device_id, snap.source, snap.label),
+                            )
                     for status in batch.statuses:
                         name, version = _model_of(status)
                         cur.execute(

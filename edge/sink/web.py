@@ -65,7 +65,21 @@ def _fleet(handler: _Routes, sink: Sink) -> None:
     handler._send(200, body, "application/json")
 
 
-_PAGE_ROUTES: dict[str, Any] = {"/": _page, "/api/fleet": _fleet}
+def _snapshot(handler: _Routes, sink: Sink) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from edge.sink.fleet import snapshot_jpeg
+
+    query = parse_qs(urlsplit(handler.path).query)
+    names = [query.get(key, [""])[0] for key in ("device_id", "source", "label")]
+    jpeg = snapshot_jpeg(sink.storage, *names) if all(names) else None
+    if jpeg is None:
+        handler._send(404, b'{"error":"no such snapshot"}', "application/json")
+    else:
+        handler._send(200, jpeg, "image/jpeg")
+
+
+_PAGE_ROUTES: dict[str, Any] = {"/": _page, "/api/fleet": _fleet, "/api/snapshot": _snapshot}
 
 
 def serve(sink: Sink, addr: str, port: int, page: bool) -> _Server:
