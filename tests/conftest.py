@@ -27,3 +27,16 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         if broker.running:
             broker.resume()  # a paused broker cannot act on SIGTERM
         broker.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(url, schema) of an empty sink database: a SQLite file, or a PostgreSQL schema of the test's own
+    (dropped after; tests/sink_helpers.py finds the server or starts a throwaway one, else skips)."""
+    if request.param == "sqlite":
+        yield f"sqlite://{tmp_path}/predictions.db", "edge"
+        return
+    from tests.sink_helpers import pg_schema, pg_url
+
+    with pg_schema() as schema:
+        yield pg_url(), schema

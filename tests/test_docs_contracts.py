@@ -68,6 +68,35 @@ def test_contracts_name_every_command_option_and_config_key() -> None:
     assert missing == []
 
 
+def test_contracts_name_every_edge_sink_option_and_config_key() -> None:
+    from pydantic import BaseModel
+
+    from edge.sink.cli import build_parser
+    from edge.sink.config import SinkConfig
+
+    section = CONTRACTS[CONTRACTS.index("## edge-sink") : CONTRACTS.index("## Python API")]
+    missing = [f"edge-sink {flag}" for flag in _options(build_parser()) if flag not in section]
+    missing += [usage for usage in ("edge-sink --config", "edge-sink gaps --config") if usage not in section]
+    for name, info in SinkConfig.model_fields.items():
+        key = info.alias or name
+        if f"{key}:" not in section:
+            missing.append(f"sink config key {key}")
+        block = info.annotation
+        if isinstance(block, type) and issubclass(block, BaseModel):
+            missing += [
+                f"sink config key {key}.{sub}" for sub in block.model_fields if f"{sub}:" not in section
+            ]
+    assert missing == []
+
+
+def test_the_example_sink_config_loads() -> None:
+    from edge.sink.config import load_sink_config
+
+    _schema("sink-config.schema.json").validate(yaml.safe_load((REPO / "examples" / "sink.yaml").read_text()))
+    config = load_sink_config(REPO / "examples" / "sink.yaml")
+    assert config.database.is_sqlite and config.mqtt.group == "sinks"
+
+
 def test_nothing_in_the_repository_points_outside_it() -> None:
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     offenders = []

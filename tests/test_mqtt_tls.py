@@ -536,3 +536,49 @@ def test_publisher_pinning_the_wrong_ca_logs_why_once(pki, mtls_broker, tmp_path
     probed = probe_broker(config, "doctor-probe", timeout=5)
     assert probed["ok"] is False and probed["reason"] == "tls_certificate", probed
     assert "certificate verify failed" in str(probed["detail"])
+
+
+def test_edge_sink_stores_over_mutual_tls(pki, mtls_broker, clients, tmp_path):
+    import sqlite3
+
+    import yaml
+
+    from edge.sink.config import load_sink_config
+    from edge.sink.service import Sink
+    from tests.sink_helpers import new_boot, prediction
+
+    _, port = mtls_broker
+    ca = pki["ca"]
+    config = tmp_path / "sink.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "mqtt": {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "client_id": "sink-tls",
+                    "tls": {
+                        "ca_file": str(ca.cert_path),
+                        "cert_file": str(pki["controller"].cert),
+                        "key_file": str(pki["controller"].key),
+                    },
+                },
+                "database": {"url": f"sqlite://{tmp_path}/p.db"},
+                "batch": {"max_delay_ms": 5},
+            }
+        )
+    )
+    sink = Sink(load_sink_config(config))
+    sink.start()
+    try:
+        assert sink.wait_subscribed(TIMEOUT), "the sink did not subscribe over mutual TLS"
+        device = clients("cam-01").tls(ca.cert_path, pki["cam-01"])
+        assert device.try_connect(port)
+        device.publish("edge/cam-01/predictions", json.dumps(prediction("cam-01", new_boot(), 1)).encode())
+        deadline = time.monotonic() + TIMEOUT
+        while sink.stored < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sink.stop()
+    with sqlite3.connect(tmp_path / "p.db") as db:
+        assert db.execute("SELECT device_id, seq FROM predictions").fetchall() == [("cam-01", 1)]

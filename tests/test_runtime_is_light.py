@@ -13,6 +13,7 @@ def test_runtime_modules_import_nothing_heavy():
     modules = [
         "edge", "edge.cli", "edge.config", "edge.daemon", "edge.backends", "edge.package", "edge.profiles",
         "edge.publish.mqtt", "edge.publish.outbox", "edge.sources", "edge.health", "edge.trust",
+        "edge.client", "edge.sink.cli", "edge.sink.service",
     ]  # fmt: skip
     code = (
         "import sys\n"

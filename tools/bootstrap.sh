@@ -3,7 +3,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${EDGE_VENV:-$ROOT/.venv}"
-EXTRAS="${EDGE_EXTRAS:-convert,tflite,tflite-convert,http,dev}"
+EXTRAS="${EDGE_EXTRAS:-convert,tflite,tflite-convert,http,sink,dev}"
 STAMP="$VENV/.edge-installed-$(cat "$ROOT/pyproject.toml" "$ROOT/tools/bootstrap.sh" | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -33,6 +33,7 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 command -v strace >/dev/null 2>&1 || missing+=(strace)
 command -v faketime >/dev/null 2>&1 || missing+=(faketime)  # clock-jump fault scenario
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the fleet page test's headless browser
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: apt-get install ${missing[*]}" >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -1,4 +1,4 @@
-"""Write the JSON Schemas of the manifest, device profiles and daemon config from their pydantic models.
+"""Write the JSON Schemas of the manifest, device profiles, daemon and sink configs from their pydantic models.
 
 python tools/gen_schemas.py          # rewrite edge/schemas/*.schema.json
 python tools/gen_schemas.py --check  # exit 1 naming a stale file (the test suite runs this)
@@ -21,11 +21,13 @@ def models() -> dict[str, type[BaseModel]]:
     from edge.config import DaemonConfig
     from edge.package import Manifest
     from edge.profiles import DeviceProfile
+    from edge.sink.config import SinkConfig
 
     return {
         "manifest.schema.json": Manifest,
         "device-profile.schema.json": DeviceProfile,
         "config.schema.json": DaemonConfig,
+        "sink-config.schema.json": SinkConfig,
     }
 
 

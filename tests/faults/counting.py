@@ -3,7 +3,6 @@ duplicated or out of order — the numbers the fault scenarios are judged by."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import defaultdict
@@ -13,6 +12,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.client import MessageError, parse_prediction
 
 
 @dataclass
@@ -75,18 +76,18 @@ class CountingSubscriber:
             client.subscribe(self._topic, qos=1)
 
     def _on_message(self, _client, _userdata, msg: mqtt.MQTTMessage) -> None:
+        # parsed the way a user's subscriber would (edge.client): one line naming topic and field if not
         try:
-            payload = json.loads(msg.payload)
-            device, seq, boot_id = payload["device_id"], int(payload["seq"]), str(payload["boot_id"])
-        except (ValueError, KeyError, TypeError) as exc:
+            prediction = parse_prediction(bytes(msg.payload), msg.topic)
+        except MessageError as exc:
             with self._lock:
-                self.invalid.append(f"{msg.topic}: {exc}")
+                self.invalid.append(str(exc))
             return
         with self._arrived:
-            self.counts[device].add(seq, boot_id)
+            self.counts[prediction.device_id].add(prediction.seq, prediction.boot_id)
             self._arrived.notify_all()
         if self.on_payload is not None:
-            self.on_payload(payload)
+            self.on_payload(prediction.payload)
 
     def start(self, wait_subscribed: float = 10.0) -> CountingSubscriber:
         """Connect and return once the broker acknowledged the subscription: a message published before

@@ -28,17 +28,24 @@ def test_counting_subscriber_against_a_real_broker(mosquitto):
     try:
         import time
 
+        from tests.sink_helpers import prediction
+
         for seq in [1, 2, 3, 5, 5]:
-            payload = {"device_id": "cam-01", "seq": seq, "boot_id": "b1"}
+            payload = prediction("cam-01", "b1", seq)
             pub.publish("edge/cam-01/predictions", json.dumps(payload), qos=1).wait_for_publish(5)
         pub.publish("edge/cam-01/predictions", b"not json", qos=1).wait_for_publish(5)
+        no_seq = {k: v for k, v in prediction("cam-01", "b1", 6).items() if k != "seq"}
+        pub.publish("edge/cam-01/predictions", json.dumps(no_seq), qos=1).wait_for_publish(5)
         assert not counter.wait_for("cam-01", 5, timeout=1.0)  # 4 never came
         snap = counter.snapshot("cam-01")
         assert snap.received == 5 and snap.duplicates == 1 and snap.missing() == [4]
         deadline = time.monotonic() + 5
-        while not counter.invalid and time.monotonic() < deadline:
+        while len(counter.invalid) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert len(counter.invalid) == 1
+        assert counter.invalid == [
+            "edge/cam-01/predictions: payload is not JSON: Expecting value: line 1 column 1 (char 0)",
+            "edge/cam-01/predictions: seq: missing (not in payload)",
+        ]
     finally:
         pub.loop_stop()
         counter.stop()

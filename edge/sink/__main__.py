@@ -1,0 +1,3 @@
+from edge.sink.cli import main
+
+raise SystemExit(main())
