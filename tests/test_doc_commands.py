@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,10 @@ ELSEWHERE: dict[str, str] = {
     + INSTALL_TEST,
     "journalctl -u edge-infer -f": "needs systemd as PID 1 (this machine has none)",
 }
+# Services: run until stopped. Run here for a few seconds against the machine's own broker (127.0.0.1:1883,
+# as the page says), then stopped with SIGTERM: they must still be running and stop cleanly.
+SERVICES = ("edge-sink --config",)
+SERVICE_SECONDS = 4.0
 # Run here, but only in the slow suite (minutes of conversion).
 SLOW = ("python examples/efficientnet_lite0.py", "edge-convert examples/efficientnet_lite0.py:build")
 
@@ -155,12 +160,34 @@ def _run_as_written(commands: list[DocCommand], work: Path, paths: dict[str, str
         text = command.text
         for device_path, here in paths.items():
             text = text.replace(device_path, here)
+        if text.startswith(SERVICES):
+            _run_service(command, text, work, env)
+            continue
         done = subprocess.run(
             text, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=1800
         )
         assert done.returncode == 0, (
             f"{command}\nexit {done.returncode}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
         )
+
+
+def _run_service(command: DocCommand, text: str, work: Path, env: dict[str, str]) -> None:
+    import signal
+    import time
+
+    service = subprocess.Popen(
+        shlex.split(text), cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        time.sleep(SERVICE_SECONDS)
+        assert service.poll() is None, f"{command}\nstopped by itself: {service.communicate()[0][-2000:]}"
+        service.send_signal(signal.SIGTERM)
+        output = service.communicate(timeout=30)[0]
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+    assert service.returncode == 0, f"{command}\nexit {service.returncode} after SIGTERM\n{output[-2000:]}"
 
 
 def _runnable(slow: bool) -> list[DocCommand]:
