@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from edge.backends import registry
 from edge.errors import BackendError, ConfigError, EdgeError, Finding
 from edge.publish.mqtt import PASSWORD_FILE_ENV, MqttConfig, check_device_id, read_password
-from edge.publish.requests import RequestsConfig
+from edge.publish.requests import PoolConfig, RequestsConfig
 from edge.serve_http import HttpConfig
 from edge.sources import SourceConfig
 from edge.trust import check_secret_file
@@ -85,6 +85,9 @@ class DaemonConfig(_Strict):
     requests: RequestsConfig = Field(
         default_factory=RequestsConfig, description="inference on request over MQTT ({prefix}/{device}/infer)"
     )
+    pool: PoolConfig | None = Field(
+        default=None, description="serve {prefix}/pool/{name}/infer with every daemon of the pool (MQTT 5)"
+    )
     http: HttpConfig | None = Field(
         default=None, description="Open Inference Protocol (KServe v2 REST) and POST /infer; null: off"
     )
@@ -124,9 +127,12 @@ class DaemonConfig(_Strict):
     def _one_source_key(self) -> DaemonConfig:
         if self.source is not None and self.sources is not None:
             raise ValueError("give exactly one of `source` or `sources`")
-        if self.source is None and self.sources is None and not self.requests.enabled and self.http is None:
+        if self.pool is not None and self.mqtt.protocol != 5:
+            raise ValueError("pool needs mqtt.protocol 5 (shared subscriptions)")
+        serves = self.requests.enabled or self.http is not None or self.pool is not None
+        if self.source is None and self.sources is None and not serves:
             raise ValueError(
-                "give `source` or `sources` (or serve on request only: `requests: {enabled: true}` or `http:`)"
+                "give `source` or `sources` (or serve on request only: `requests: {enabled: true}`, `pool:` or `http:`)"
             )
         return self
 

@@ -167,12 +167,14 @@ class MqttAnswer:
 
     def deliver(self, payload: JSONObject, outputs: list[Array]) -> None:
         self.publisher.reply(self.request.reply, json.dumps(payload, separators=(",", ":")).encode())
+        self.request.acknowledge()
 
     def fail(self, message: str, field: str) -> None:
         request = self.request
         self.publisher.reject(
             RequestRejected(f"{self.topic}: {message}", field, request.reply, request.correlation_id)
         )
+        request.acknowledge()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,8 +311,11 @@ class Daemon:
             config.device_id,
             outbox,
             handlers,
-            on_request=(lambda request: requests[0](request)) if config.requests.enabled else None,
+            on_request=(lambda request: requests[0](request))
+            if config.requests.enabled or config.pool is not None
+            else None,
             request_max_bytes=config.requests.max_bytes,
+            pool=config.pool.name if config.pool is not None else None,
         )
         if isinstance(outbox, MemoryOutbox):
             outbox.is_connected = lambda: publisher.connected

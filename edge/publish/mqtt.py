@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -48,7 +50,7 @@ from edge.publish.commands import (
 )
 from edge.publish.outbox import MemoryOutbox, Outbox
 from edge.publish.payload import CONTENT_TYPE, SCHEMA_ID, rfc3339
-from edge.publish.requests import InferRequest, RequestRejected, infer_topic, parse_infer_request
+from edge.publish.requests import InferRequest, RequestRejected, infer_topic, parse_infer_request, pool_topic
 from edge.trust import check_secret_file
 
 log = logging.getLogger(__name__)
@@ -249,6 +251,7 @@ class Publisher:
         status: dict[str, Any] | None = None,
         on_request: Callable[[InferRequest], None] | None = None,
         request_max_bytes: int = 4 << 20,
+        pool: str | None = None,
     ) -> None:
         try:
             check_device_id(device_id)
@@ -265,6 +268,9 @@ class Publisher:
         self.topic_events = f"{base}/events"
         self.topic_commands = command_topic_filter(config.topic_prefix, device_id)
         self.topic_infer = infer_topic(config.topic_prefix, device_id)
+        # a worker pool: every member shares one subscription, the broker hands each request to one
+        self.topic_pool = pool_topic(config.topic_prefix, pool) if pool else None
+        self.pool = pool
         self.on_request = on_request
         self.request_max_bytes = request_max_bytes
         self.client_id = config.client_id or f"edge-infer-{device_id}"
@@ -319,6 +325,7 @@ class Publisher:
                 client_id=self.client_id,
                 protocol=paho.MQTTv5,
                 reconnect_on_failure=True,
+                manual_ack=True,  # a request is acknowledged once answered: a killed daemon gets it again
             )
         else:
             client = _Client(
@@ -327,6 +334,7 @@ class Publisher:
                 clean_session=False,
                 protocol=paho.MQTTv311,
                 reconnect_on_failure=True,
+                manual_ack=True,
             )
         # Our drain thread bounds what is in flight; paho's own limit makes every PUBACK scan all queued
         # messages (O(window) per ack), so it is switched off.
@@ -522,6 +530,8 @@ class Publisher:
         client.subscribe(self.topic_commands, qos=1)
         if self.on_request is not None:
             client.subscribe(self.topic_infer, qos=1)
+            if self.topic_pool is not None:
+                client.subscribe(f"$share/{self.pool}/{self.topic_pool}", qos=1)
         client.publish(self.topic_status, self._status_payload("online"), 1, True, self._json_props)
         self._connected.set()
         self._wake.set()
@@ -562,10 +572,14 @@ class Publisher:
         if len(self._acked_mids) >= self._ack_batch:
             self._wake.set()
 
+    def _ack(self, message: paho.MQTTMessage) -> None:
+        if message.qos > 0:
+            self._client.ack(message.mid, message.qos)
+
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        if message.topic == self.topic_infer:
+        if message.topic in (self.topic_infer, self.topic_pool):
             try:
-                self._requests.put_nowait(message)
+                self._requests.put_nowait(message)  # acknowledged once answered (the request thread)
             except queue.Full:
                 self._counters["requests_dropped"] += 1
                 response = getattr(message.properties, "ResponseTopic", None) if message.properties else None
@@ -575,7 +589,11 @@ class Publisher:
                         f"{message.topic}: busy: too many queued requests", "payload", None
                     )
                     self._reply(ReplyRoute(response, correlation), busy.body())
+                self._ack(message)
             return
+        self._ack(
+            message
+        )  # a command is acknowledged on receipt: replaying one after a crash could repeat it
         try:
             props = message.properties
             response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
@@ -650,13 +668,16 @@ class Publisher:
                     correlation_data=getattr(props, "CorrelationData", None) if props is not None else None,
                     max_bytes=self.request_max_bytes,
                 )
+                request = dataclasses.replace(request, acknowledge=functools.partial(self._ack, message))
                 handler = self.on_request
                 assert handler is not None
                 handler(request)
             except RequestRejected as exc:
                 self.reject(exc)
+                self._ack(message)
             except Exception:
                 log.exception("mqtt: cannot serve the request on %s", message.topic)
+                self._ack(message)
 
     def reject(self, rejected: RequestRejected) -> None:
         """Answer a bad request with `{"error", "field"}`; one without a reply route is only counted."""

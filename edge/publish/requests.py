@@ -13,13 +13,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edge.arrays import Array
 from edge.errors import EdgeError
@@ -53,6 +54,9 @@ class InferRequest:
     texts: list[str] | None = None
     received_at: float = field(default_factory=time.time)
     received_mono: float = field(default_factory=time.monotonic)
+    # the MQTT acknowledgement, sent once the request is answered: a daemon killed before it answers
+    # gets the request again from the broker when it reconnects (its session persists)
+    acknowledge: Callable[[], None] = field(default=lambda: None, repr=False)
 
 
 class RequestRejected(EdgeError):
@@ -75,6 +79,29 @@ class RequestRejected(EdgeError):
 
 def infer_topic(prefix: str, device_id: str) -> str:
     return f"{prefix}/{device_id}/infer"
+
+
+def pool_topic(prefix: str, pool: str) -> str:
+    """Where a pool's requests go; members subscribe to it as `$share/{pool}/...`."""
+    return f"{prefix}/pool/{pool}/infer"
+
+
+_POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class PoolConfig(BaseModel):
+    """Daemons sharing `name` serve `{prefix}/pool/{name}/infer` together (MQTT 5 shared subscription)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="1-64 of A-Z a-z 0-9 . _ - (a topic level and the share name)")
+
+    @field_validator("name")
+    @classmethod
+    def _topic_safe(cls, value: str) -> str:
+        if not _POOL_NAME.fullmatch(value):
+            raise ValueError("must be 1-64 of A-Z a-z 0-9 . _ - (it becomes a topic level and a share name)")
+        return value
 
 
 def parse_infer_request(
