@@ -261,7 +261,7 @@ class Daemon:
         self.metrics: Metrics | None = None
         self._health_endpoint: HttpEndpoint | None = None
         self._http: HttpServer | None = None
-        self._worker_beat = 0.0  # monotonic time of the worker's last loop
+        self._worker_beats: list[float] = []  # monotonic time of each worker's last loop
         self.stop_event = threading.Event()
         self.sources_done = threading.Event()
         self.queue = FrameQueue(config.frame_queue)
@@ -269,7 +269,7 @@ class Daemon:
         self.previous: ModelSession | None = None
         self._swap_lock = threading.Lock()  # one reload at a time; the worker never takes it
         self._threads: list[threading.Thread] = []
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         self._worker_stop = threading.Event()
         self._worker_error: BaseException | None = None
         self._pumps_lock = threading.Lock()
@@ -365,9 +365,16 @@ class Daemon:
 
             self._http = HttpServer(self.config.http, self)
             self._http.start()
-        self._worker_beat = time.monotonic()
-        self._worker = threading.Thread(target=self._work, name="inference", daemon=True)
-        self._worker.start()
+        count = self.config.workers
+        self._worker_beats = [time.monotonic()] * count
+        self._workers = [
+            threading.Thread(
+                target=self._work, args=(i,), name=f"inference-{i}" if count > 1 else "inference", daemon=True
+            )
+            for i in range(count)
+        ]
+        for worker in self._workers:
+            worker.start()
         self._pumps_running = len(self.sources)
         for source in self.sources:
             source.start()
@@ -392,9 +399,9 @@ class Daemon:
         return self._health_endpoint.port if self._health_endpoint is not None else None
 
     def liveness(self) -> Probe:
-        """Alive: the inference worker is coming round its loop (a hung backend stops it)."""
-        stalled = time.monotonic() - self._worker_beat
-        alive = self._worker is not None and self._worker.is_alive() and stalled < WORKER_STALL_S
+        """Alive: every inference worker is coming round its loop (a hung backend stops it)."""
+        stalled = time.monotonic() - min(self._worker_beats, default=0.0)
+        alive = bool(self._workers) and all(w.is_alive() for w in self._workers) and stalled < WORKER_STALL_S
         reason = "" if alive else self._worker_problem(stalled)
         return Probe({"worker": alive}, reason)
 
@@ -419,9 +426,9 @@ class Daemon:
         return Probe(checks, reasons[failing] if failing else "")
 
     def _worker_problem(self, stalled: float) -> str:
-        if self._worker is None:
+        if not self._workers:
             return "the inference worker has not started"
-        if not self._worker.is_alive():
+        if not all(worker.is_alive() for worker in self._workers):
             return f"the inference worker stopped: {self._worker_error!r}"
         return f"the inference worker has not looped for {stalled:.0f} s (hung backend?)"
 
@@ -453,8 +460,8 @@ class Daemon:
             except Exception:
                 log.exception("stopping source %s", source.uri)
         self._worker_stop.set()
-        if self._worker is not None:
-            self._worker.join(timeout=30)
+        for worker in self._workers:
+            worker.join(timeout=30)
         left = self.queue.discard_all()
         for job in left:
             if job.answer is not None:
@@ -500,10 +507,10 @@ class Daemon:
             if self._pumps_running == 0 and all(s.finished for s in self.sources):
                 self._all_pumped.set()
 
-    def _work(self) -> None:
+    def _work(self, number: int = 0) -> None:
         try:
             while not self._worker_stop.is_set():
-                self._worker_beat = time.monotonic()
+                self._worker_beats[number] = time.monotonic()
                 self.notifier.watchdog()
                 batching = self.config.batching
                 if batching is None:
@@ -693,12 +700,18 @@ class Daemon:
         return self.trust.load(path.resolve(), current.package.manifest if current is not None else None)
 
     def _open_session(self, package: Package) -> ModelSession:
+        workers = self.config.workers
+        threads = self.config.threads
+        if workers > 1:
+            # the cores are split between the copies: each with all of them would oversubscribe the CPU
+            threads = max(1, (threads or self.profile.threads or os.cpu_count() or 1) // workers)
         session = open_session(
             package,
             self.profile,
             backend=self.config.backend,
-            threads=self.config.threads,
+            threads=threads,
             on_event=self._on_backend_event,
+            replicas=workers,
         )
         batching = self.config.batching
         if batching is not None and batching.max_size > 1 and not session.batchable:

@@ -14,11 +14,13 @@ order a numpy image from PIL, scikit-image or matplotlib has.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -82,6 +84,28 @@ class ModelSession:
     image_pre: ImagePreprocessor | None
     sensor_pre: SensorPreprocessor | None
     loaded_at: float = field(default_factory=time.time)
+    # every loaded copy of the backend (`loaded` first): one per daemon worker, each run takes a free one
+    replicas: queue.Queue[LoadedModel] = field(default_factory=queue.Queue, repr=False)
+    _all: list[LoadedModel] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.add_replica(self.loaded)
+
+    def add_replica(self, loaded: LoadedModel) -> None:
+        self._all.append(loaded)
+        self.replicas.put(loaded)
+
+    @property
+    def replica_count(self) -> int:
+        return len(self._all)
+
+    @contextlib.contextmanager
+    def _backend(self) -> Iterator[LoadedModel]:
+        loaded = self.replicas.get()  # as many callers at once as there are copies
+        try:
+            yield loaded
+        finally:
+            self.replicas.put(loaded)
 
     @property
     def info(self) -> dict[str, str]:
@@ -111,7 +135,8 @@ class ModelSession:
         t0 = time.perf_counter()
         feeds, geometry = self._feeds_for(data, color)
         t1 = time.perf_counter()
-        outputs = self.loaded.run(feeds)
+        with self._backend() as backend:
+            outputs = backend.run(feeds)
         t2 = time.perf_counter()
         result = self.decoder(outputs, geometry)
         t3 = time.perf_counter()
@@ -135,7 +160,8 @@ class ModelSession:
         prepared = [self._feeds_for(data, color) for data in batch]
         feeds = {name: np.concatenate([f[name] for f, _ in prepared]) for name in prepared[0][0]}
         t1 = time.perf_counter()
-        outputs = self.loaded.run(feeds)
+        with self._backend() as backend:
+            outputs = backend.run(feeds)
         t2 = time.perf_counter()
         if any(out.ndim == 0 or out.shape[0] != len(batch) for out in outputs):
             raise BackendError(
@@ -158,7 +184,8 @@ class ModelSession:
     def run_feeds(self, feeds: Mapping[str, Array]) -> tuple[list[Array], Result, StageTimings]:
         """`infer_feeds`, keeping the model's raw outputs too (an Open Inference Protocol answer)."""
         t1 = time.perf_counter()
-        outputs = self.loaded.run(dict(feeds))
+        with self._backend() as backend:
+            outputs = backend.run(dict(feeds))
         t2 = time.perf_counter()
         result = self.decoder(outputs, None)
         return outputs, result, StageTimings(0.0, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
@@ -176,17 +203,20 @@ class ModelSession:
 
     def warm_up(self) -> None:
         """The first run allocates arenas and picks kernels: do it before READY, not on a frame."""
-        if self.image_pre is not None:
-            self.infer(np.zeros((self.image_pre.height, self.image_pre.width, 3), np.uint8))
-        elif self.sensor_pre is not None:
-            spec = self.input_specs[0]
-            self.loaded.run({spec.name: np.zeros(self.sensor_pre.shape, self.sensor_pre.dtype)})
+        for _ in range(self.replica_count):  # each run takes the copy that has waited longest
+            if self.image_pre is not None:
+                self.infer(np.zeros((self.image_pre.height, self.image_pre.width, 3), np.uint8))
+            elif self.sensor_pre is not None:
+                spec = self.input_specs[0]
+                with self._backend() as backend:
+                    backend.run({spec.name: np.zeros(self.sensor_pre.shape, self.sensor_pre.dtype)})
 
     def close(self) -> None:
-        try:
-            self.loaded.close()
-        except Exception:  # closing must never take the daemon down
-            log.exception("closing model %s", self.info)
+        for loaded in self._all:
+            try:
+                loaded.close()
+            except Exception:  # closing must never take the daemon down
+                log.exception("closing model %s", self.info)
 
 
 def open_session(
@@ -197,12 +227,15 @@ def open_session(
     threads: int | None = None,
     on_event: EventCallback | None = None,
     cache_dir: Path | None = None,
+    replicas: int = 1,
 ) -> ModelSession:
     """Load a verified package, golden-check and warm it up. Raises EdgeError subclasses.
-    `cache_dir`: where backends keep optimized graphs and engines (default: `EDGE_CACHE`/engines)."""
+    `cache_dir`: where backends keep optimized graphs and engines (default: `EDGE_CACHE`/engines).
+    `replicas`: copies of the backend session, for as many workers running at once (each golden-checked)."""
     loaded = load_model(
         package, profile, backend=backend, threads=threads, on_event=on_event, cache_dir=cache_dir
     )
+    extra: list[LoadedModel] = []
     try:
         # load_model only returns a backend whose golden run passed; None means the package has none.
         report = loaded.golden
@@ -230,10 +263,19 @@ def open_session(
             image_pre=image_pre,
             sensor_pre=sensor_pre,
         )
+        for _ in range(replicas - 1):
+            # the same backend the first copy settled on, not a new search down the profile's order
+            extra.append(
+                load_model(
+                    package, profile, backend=loaded.backend_name, threads=threads, cache_dir=cache_dir
+                )
+            )
+            session.add_replica(extra[-1])
         session.warm_up()
         return session
     except BaseException:
-        loaded.close()
+        for model in (loaded, *extra):
+            model.close()
         raise
 
 

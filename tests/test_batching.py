@@ -126,3 +126,39 @@ def test_batching_needs_a_queue_that_holds_a_batch() -> None:
         DaemonConfig.model_validate(
             {"device_id": "x", "model": "/m", "source": {"type": "video"}, "frame_queue": 2, "batching": {}}
         )
+
+
+def test_workers_each_run_their_own_copy_of_the_session_and_lose_nothing(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    clip = labelled_clip()
+    make_tiny_package(tmp_path / "models" / "v1")
+    config = DaemonConfig.model_validate(
+        {
+            "device_id": DEVICE,
+            "profile": "x86-64-avx2",
+            "model": str(tmp_path / "models" / "v1"),
+            "sources": [{"type": "video", "uri": str(clip.path), "realtime": False, "loop": False}],
+            "workers": 2,
+            "threads": 2,
+            "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "qos": 1},
+            "outbox": {"path": str(tmp_path / "outbox.db")},
+            "metrics": None,
+        }
+    )
+    with subscribed(mosquitto.port, f"edge/{DEVICE}/predictions", client_id="workers-sub") as sub:
+        daemon = Daemon.from_config(config)
+        daemon.start()
+        runner = threading.Thread(target=daemon.run, daemon=True)
+        runner.start()
+        try:
+            assert daemon.active is not None and daemon.active.replica_count == 2
+            assert [w.name for w in daemon._workers] == ["inference-0", "inference-1"]
+            assert daemon.liveness().ok
+            assert wait_until(daemon.sources_done.is_set, 60), daemon.stats()
+        finally:
+            daemon.request_stop()
+            runner.join(30)
+        assert sub.wait_for(lambda ms: len({m["seq"] for m in ms}) >= clip.frame_count, 20)
+    frames = sorted(m["source"]["frame"] for m in sub.payloads())
+    assert frames == list(range(clip.frame_count))  # each frame once, whichever worker served it
