@@ -1,6 +1,7 @@
 """Throughput and serving, measured in one run against a private mosquitto:
 
-1. batching: 4 file sources read flat out into one daemon, `batching.max_size` 4 vs 1, run in
+1. batching and workers: 4 file sources read flat out into one daemon, `batching.max_size` 4 vs 1 and
+   `workers` 2 (the threads split) vs 1, run in
    alternating blocks (predictions/s and capture-to-publish p50/p99 for both; target >= 1.25x for the
    int8 example);
 2. requests: `{prefix}/{device}/infer` at a fixed rate (default 50/s for 60 s) with real JPEG photo
@@ -146,19 +147,23 @@ def batching(package: Path, tmp: Path, port: int, blocks: int, seconds: float, p
         "metrics": None,
         "frame_queue": 8,
     }
+    threads = os.cpu_count() or 2
     variants = {
-        "batch 1": {**base, "outbox": {"path": str(tmp / "b1.db")}},
+        "batch 1": {**base, "threads": threads, "outbox": {"path": str(tmp / "b1.db")}},
         "batch 4": {
             **base,
+            "threads": threads,
             "outbox": {"path": str(tmp / "b4.db")},
             "batching": {"max_size": 4, "max_delay_ms": 5},
         },
+        # the same cores as two sessions of threads/2 each, one frame per call
+        "workers 2": {**base, "threads": threads, "workers": 2, "outbox": {"path": str(tmp / "w2.db")}},
     }
     collector = Collector(port, "edge/serve-bench/predictions")
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     try:
         for block in range(blocks):
-            order = list(variants) if block % 2 == 0 else list(reversed(variants))
+            order = list(variants) if block % 2 == 0 else list(reversed(variants))  # alternate the order
             for name in order:
                 results[name].append(
                     run_block(DaemonConfig.model_validate(variants[name]), seconds, collector)
@@ -172,6 +177,9 @@ def batching(package: Path, tmp: Path, port: int, blocks: int, seconds: float, p
     finally:
         collector.close()
     ratios = [b4["fps"] / b1["fps"] for b1, b4 in zip(results["batch 1"], results["batch 4"], strict=True)]
+    worker_ratios = [
+        w["fps"] / b1["fps"] for b1, w in zip(results["batch 1"], results["workers 2"], strict=True)
+    ]
     for name, rows in results.items():
         print(
             f"{name}: median {np.median([r['fps'] for r in rows]):.1f} predictions/s, capture->publish "
@@ -180,6 +188,10 @@ def batching(package: Path, tmp: Path, port: int, blocks: int, seconds: float, p
     print(
         f"batching 4 sources, max_size 4 / max_size 1 throughput: median {np.median(ratios):.2f}x "
         f"(blocks: {', '.join(f'{r:.2f}' for r in ratios)}; target >= 1.25x)"
+    )
+    print(
+        f"workers: 2 sessions of {max(1, threads // 2)} thread(s) / 1 session of {threads}: median "
+        f"{np.median(worker_ratios):.2f}x (blocks: {', '.join(f'{r:.2f}' for r in worker_ratios)})"
     )
 
 
