@@ -82,11 +82,12 @@ class DaemonConfig(_Strict):
     backend: str | None = Field(default=None, description="force this backend (default: the profile's order)")
     threads: int | None = Field(default=None, ge=1, le=256)
     frame_queue: int = Field(default=4, ge=1, le=1024, description="frames waiting for inference")
-    workers: int = Field(
-        default=1,
+    workers: int | None = Field(
+        default=None,
         ge=1,
         le=64,
-        description="inference workers, each with its own copy of the model session; threads are split between them",
+        description="inference workers, each with its own copy of the model session; threads are split "
+        "between them (null: the device profile's `workers`)",
     )
     requests: RequestsConfig = Field(
         default_factory=RequestsConfig, description="inference on request over MQTT ({prefix}/{device}/infer)"

@@ -365,7 +365,7 @@ class Daemon:
 
             self._http = HttpServer(self.config.http, self)
             self._http.start()
-        count = self.config.workers
+        count = self.workers
         self._worker_beats = [time.monotonic()] * count
         self._workers = [
             threading.Thread(
@@ -699,8 +699,13 @@ class Daemon:
             log.info("unpacked the package archive into %s", path)
         return self.trust.load(path.resolve(), current.package.manifest if current is not None else None)
 
+    @property
+    def workers(self) -> int:
+        """Inference workers: the config's, else what the device profile suggests."""
+        return self.config.workers or self.profile.workers
+
     def _open_session(self, package: Package) -> ModelSession:
-        workers = self.config.workers
+        workers = self.workers
         threads = self.config.threads
         if workers > 1:
             # the cores are split between the copies: each with all of them would oversubscribe the CPU

@@ -81,6 +81,12 @@ class DeviceProfile(_Strict):
     memory_mb: int | None = Field(default=None, ge=64)
     backends: list[BackendPreference] = Field(min_length=1)
     threads: int = Field(default=0, ge=0, description="0: one per physical core")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="inference workers the daemon runs when its config does not say (each a session copy)",
+    )
     quantization: QuantizationScheme = Field(default_factory=QuantizationScheme)
     pruning: PruningScheme = Field(default_factory=PruningScheme)
     fallback: FallbackPolicy = "warn"
