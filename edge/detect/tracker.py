@@ -197,8 +197,11 @@ class Tracker:
             return tracks
         predicted = np.stack([t.predicted(ts) for t in tracks])
         iou = iou_matrix(boxes[candidates], predicted)
-        same = np.array([[labels[k] == t.label for t in tracks] for k in candidates], dtype=bool)
-        iou[~same] = 0.0
+        wanted = [labels[k] for k in candidates]
+        iou[
+            np.array(wanted, dtype=object)[:, None]
+            != np.array([t.label for t in tracks], dtype=object)[None, :]
+        ] = 0.0
         used: set[int] = set()
         for row, col in assign_greedy(iou, self.config.iou_threshold):
             matched[candidates[row]] = tracks[col]
