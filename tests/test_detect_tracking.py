@@ -221,3 +221,29 @@ def test_yolox_raw_heads_track_too() -> None:
         pipeline.process(pipeline_result, frame * 0.2)
         ids += [d.get("track_id") for d in result["detections"]]
     assert ids[0] is None and len(set(ids[1:])) == 1 and ids[1] is not None
+
+
+def test_a_prediction_with_track_ids_validates_against_the_shipped_schema(decode) -> None:
+    import jsonschema
+
+    from edge.publish.payload import build_prediction, prediction_schema
+
+    pipeline = ObjectPipeline(TrackingConfig(min_hits=1), SourceInfo("cam"))
+    result = decode([yolo_head([(0.5, 0.5, 0.2, 0.2, 0, 0.9)])], None)
+    pipeline.process(result, 0.0)
+    assert result["detections"][0]["track_id"] == 1
+    payload = build_prediction(
+        device_id="cam-01",
+        boot_id="12345678-1234-1234-1234-123456789abc",
+        ts=0.0,
+        source={"uri": "file:x", "frame": 1, "captured_at": 0.0},
+        model={"name": "m", "version": "1", "sha256": "0" * 64},
+        runtime={"backend": "onnxruntime", "provider": "CPUExecutionProvider"},
+        latency_ms={"capture_to_publish": 2.0, "preprocess": 0.1, "inference": 1.0, "postprocess": 0.1},
+        result=result,
+        seq=1,
+    )
+    validator = jsonschema.Draft202012Validator(prediction_schema())
+    validator.validate(payload)
+    result["detections"][0]["track_id"] = 0
+    assert not validator.is_valid(payload)
