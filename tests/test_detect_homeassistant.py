@@ -180,3 +180,14 @@ def test_configs_stay_retained_until_removed_and_a_config_change_removes_the_sta
 def test_prefix_is_checked() -> None:
     with pytest.raises(ValueError, match="wildcards"):
         HomeAssistantConfig(prefix="home/#")
+
+
+def test_status_stats_give_fps_and_median_latency_over_the_window() -> None:
+    from edge.detect.homeassistant import StatusStats
+
+    meter = StatusStats(window_s=2.0)
+    assert meter.stats() == {"fps": 0.0, "inference_ms": None}
+    for i in range(21):  # 10 per second for 2 s
+        meter.observe(100.0 + i * 0.1, 5.0 if i % 2 else 7.0)
+    assert meter.stats() == {"fps": 10.0, "inference_ms": 7.0}
+    assert meter.stats(now=110.0) == {"fps": 0.0, "inference_ms": None}  # nothing for longer than the window

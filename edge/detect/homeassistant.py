@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -168,3 +169,31 @@ def stale_removals(previous: Iterable[str], current: Sequence[Message]) -> list[
     """Removals for config topics announced before (`previous`, e.g. kept in a file) and gone now."""
     now = {m.topic for m in current}
     return removal_messages(sorted(set(previous) - now))
+
+
+class StatusStats:
+    """The `stats` object the fps and latency sensors read from the retained `status`:
+    `{"fps": predictions per second, "inference_ms": median inference time}` over the last `window_s`.
+    The daemon calls `observe` per prediction and puts `stats()` into its status every few seconds."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque()
+
+    def observe(self, ts: float, inference_ms: float) -> None:
+        self._samples.append((ts, inference_ms))
+        self._trim(ts)
+
+    def stats(self, now: float | None = None) -> JSONObject:
+        if now is not None:
+            self._trim(now)
+        if not self._samples:
+            return {"fps": 0.0, "inference_ms": None}
+        times = sorted(ms for _, ms in self._samples)
+        span = max(self._samples[-1][0] - self._samples[0][0], 1e-9)
+        fps = (len(self._samples) - 1) / span if len(self._samples) > 1 else 0.0
+        return {"fps": round(fps, 2), "inference_ms": round(times[len(times) // 2], 3)}
+
+    def _trim(self, now: float) -> None:
+        while self._samples and self._samples[0][0] < now - self.window_s:
+            self._samples.popleft()
