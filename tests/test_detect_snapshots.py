@@ -31,7 +31,7 @@ def _decode(jpeg: bytes) -> np.ndarray:
 def test_jpeg_decodes_with_the_box_drawn_in_red_and_the_frame_untouched(photo: np.ndarray) -> None:
     before = photo.copy()
     box = (0.25, 0.1, 0.75, 0.9)
-    jpeg, width, height = encode_jpeg(photo, box, "person 0.91", max_side=1024)
+    jpeg, width, height = encode_jpeg(photo, box, "person 0.91", max_side=1024, color="RGB")
     image = _decode(jpeg)
     assert (width, height) == (512, 512) == image.shape[1::-1]
     edge = image[200:300, 128]  # on the box's left side (x = 0.25 * 512), BGR
@@ -40,6 +40,8 @@ def test_jpeg_decodes_with_the_box_drawn_in_red_and_the_frame_untouched(photo: n
     # elsewhere the picture is the photo (JPEG-close)
     original = cv2.cvtColor(photo, cv2.COLOR_RGB2BGR)
     assert np.abs(image[100:200, 400:500].astype(int) - original[100:200, 400:500]).mean() < 10
+    # the daemon's frames are BGR (OpenCV): the same picture comes out
+    assert encode_jpeg(original, box, "person 0.91", max_side=1024)[0] == jpeg
 
 
 def test_crop_and_size_caps(photo: np.ndarray) -> None:
@@ -83,7 +85,7 @@ def test_an_object_gets_one_file_holding_its_best_frame_at_most_once_per_interva
 def test_pipeline_publishes_the_snapshot_retained_and_the_end_event_names_it(
     tmp_path: Path, photo: np.ndarray
 ) -> None:
-    shots = Snapshots(SnapshotConfig(enabled=True, dir=tmp_path, min_interval_s=0.0), "yard")
+    shots = Snapshots(SnapshotConfig(enabled=True, dir=tmp_path, min_interval_s=0.0), "yard", color="RGB")
     pipeline = ObjectPipeline(
         TrackingConfig(min_hits=2, max_age_s=0.5),
         SourceInfo("yard"),

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from edge.errors import ConfigError
 log = logging.getLogger(__name__)
 CROP_MARGIN = 0.25  # of the box's size, on each side
 SUFFIX = ".jpg"
+ColorOrder = Literal["BGR", "RGB"]
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,15 @@ def encode_jpeg(
     quality: int = 80,
     max_bytes: int = 256 << 10,
     draw_box: bool = True,
+    color: ColorOrder = "BGR",
 ) -> tuple[bytes, int, int]:
-    """An HxWx3 uint8 RGB frame as JPEG bytes with `box` (normalised xyxy) drawn: (bytes, width, height)."""
+    """An HxWx3 uint8 frame (BGR as OpenCV sources and the daemon hold it, or RGB) as JPEG bytes with
+    `box` (normalised xyxy) drawn: (bytes, width, height). The caller's frame is never drawn on."""
     import cv2
 
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise ValueError(f"snapshot: an HxWx3 uint8 frame expected, got {frame.shape} {frame.dtype}")
-    image = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)  # a copy: the caller's frame is not drawn on
+    image = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) if color == "RGB" else frame.copy()
     height, width = image.shape[:2]
     pixels = None
     if box is not None:
@@ -157,9 +161,16 @@ class _Best:
 class Snapshots:
     """Snapshots of one source's tracked objects."""
 
-    def __init__(self, config: SnapshotConfig, source: str, store: SnapshotStore | None = None) -> None:
+    def __init__(
+        self,
+        config: SnapshotConfig,
+        source: str,
+        store: SnapshotStore | None = None,
+        color: ColorOrder = "BGR",
+    ) -> None:
         self.config = config
         self.source = source
+        self.color = color  # of the frames `offer` gets
         self.store = store or SnapshotStore(config.dir / source, config.max_bytes)
         self._best: dict[int, _Best] = {}
         self.encoded = 0
@@ -203,6 +214,7 @@ class Snapshots:
                 quality=cfg.quality,
                 max_bytes=cfg.max_image_bytes,
                 draw_box=cfg.draw_box,
+                color=self.color,
             )
         except ValueError as exc:
             self.failures += 1
