@@ -58,7 +58,11 @@ ELSEWHERE: dict[str, str] = {
     "journalctl -u edge-infer -f": "needs systemd as PID 1 (this machine has none)",
 }
 # Run here, but only in the slow suite (minutes of conversion).
-SLOW = ("python examples/efficientnet_lite0.py", "edge-convert examples/efficientnet_lite0.py:build")
+SLOW = (
+    "python examples/efficientnet_lite0.py",
+    "edge-convert examples/efficientnet_lite0.py:build",
+    "python examples/ddddocr_det.py",
+)
 
 
 @dataclass(frozen=True)
