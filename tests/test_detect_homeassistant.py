@@ -16,6 +16,7 @@ from edge.detect import HomeAssistantConfig
 from edge.detect.homeassistant import (
     DeviceInfo,
     SourceEntities,
+    discovery_filter,
     discovery_messages,
     entities,
     removal_messages,
@@ -166,15 +167,20 @@ def test_configs_stay_retained_until_removed_and_a_config_change_removes_the_sta
     assert set(retained) == {m.topic for m in first}
     assert all(json.loads(p)["unique_id"] for p in retained.values())
 
-    # the yard source goes away: its entities are removed, the others stay
+    # the yard source goes away: its entities are removed, the others stay; what was announced before is
+    # read back from the broker through the device's discovery filter (no state file needed)
+    other_device = discovery_messages(config, DeviceInfo("edge", "cam-02"), SOURCES, LABELS)[:1]
+    _publish_all(mosquitto.port, other_device)
+    announced = _retained_all(mosquitto.port, discovery_filter(config.prefix, DEVICE.device_id))
+    assert set(announced) == set(retained)  # not cam-02's
     second = discovery_messages(config, DEVICE, SOURCES[:1], LABELS)
-    stale = stale_removals(retained, second)
+    stale = stale_removals(announced, second)
     assert stale and all(m.payload == b"" and m.retained and "_yard_" in m.topic for m in stale)
     _publish_all(mosquitto.port, [*second, *stale])
-    assert set(_retained_all(mosquitto.port, "homeassistant/#")) == {m.topic for m in second}
+    assert set(_retained_all(mosquitto.port, "homeassistant/#")) == {m.topic for m in second + other_device}
 
     _publish_all(mosquitto.port, removal_messages(m.topic for m in second))  # --uninstall
-    assert _retained_all(mosquitto.port, "homeassistant/#") == {}
+    assert set(_retained_all(mosquitto.port, "homeassistant/#")) == {m.topic for m in other_device}
 
 
 def test_prefix_is_checked() -> None:

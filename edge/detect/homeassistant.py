@@ -165,6 +165,12 @@ def removal_messages(topics: Iterable[str]) -> list[Message]:
     return [Message(topic, b"", True, "discovery", absolute=True) for topic in topics]
 
 
+def discovery_filter(prefix: str, device_id: str) -> str:
+    """The topic filter matching every config this device announces: subscribe to it for a moment at
+    start to learn (from the retained messages) what an earlier config announced, for `stale_removals`."""
+    return f"{prefix}/+/{_object_id('edge', device_id)}/+/config"
+
+
 def stale_removals(previous: Iterable[str], current: Sequence[Message]) -> list[Message]:
     """Removals for config topics announced before (`previous`, e.g. kept in a file) and gone now."""
     now = {m.topic for m in current}
