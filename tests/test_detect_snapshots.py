@@ -103,3 +103,28 @@ def test_pipeline_publishes_the_snapshot_retained_and_the_end_event_names_it(
     assert _decode(snapshots[-1].payload).shape == (512, 512, 3)
     end = [m.json() for m in messages if m.kind == "event"][-1]
     assert end["type"] == "end" and end["snapshot"] == "edge/cam-01/yard/person/snapshot"
+
+
+def test_a_crowd_costs_at_most_max_per_frame_encodes_per_frame_and_everyone_gets_one(
+    tmp_path: Path, photo: np.ndarray
+) -> None:
+    config = SnapshotConfig(enabled=True, dir=tmp_path, max_per_frame=2, min_interval_s=100.0)
+    pipeline = ObjectPipeline(
+        TrackingConfig(min_hits=1), SourceInfo("yard"), snapshots=Snapshots(config, "yard", color="RGB")
+    )
+    dets = [
+        {
+            "label": "person",
+            "index": 0,
+            "score": 0.9 - 0.01 * frame_i,
+            "box": [0.1 * i, 0.1, 0.1 * i + 0.08, 0.5],
+        }
+        for i, frame_i in zip(range(5), [0] * 5, strict=True)
+    ]
+    per_frame = []
+    for frame in range(4):
+        rows = [dict(d, score=d["score"] - 0.01 * frame) for d in dets]  # every score falls a little
+        messages = pipeline.process({"type": "detection", "detections": rows}, frame * 0.2, photo)
+        per_frame.append(sum(1 for m in messages if m.kind == "snapshot"))
+    assert per_frame == [2, 2, 1, 0]  # everyone gets one, though none of the later frames is its best
+    assert len(list((tmp_path / "yard").iterdir())) == 5

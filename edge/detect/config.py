@@ -142,6 +142,9 @@ class SnapshotConfig(_Strict):
         default=1.0, ge=0, description="least time between two snapshots of one object"
     )
     draw_box: bool = True
+    max_per_frame: int = Field(
+        default=2, ge=1, description="JPEGs encoded per frame at most (the rest wait for a later frame)"
+    )
 
 
 class HomeAssistantConfig(_Strict):

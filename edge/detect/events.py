@@ -114,6 +114,8 @@ class ObjectEvents:
 
     def update(self, tracked: TrackerUpdate, ts: float, frame: np.ndarray | None = None) -> list[Message]:
         messages: list[Message] = []
+        if self.snapshots is not None:
+            self.snapshots.begin_frame()
         newly = {id(t) for t in tracked.confirmed}
         for track in tracked.active:
             obj = self._objects.get(track.track_id)
@@ -157,8 +159,10 @@ class ObjectEvents:
 
     def _snapshot(self, obj: _Object, frame: np.ndarray | None, messages: list[Message]) -> bool:
         track = obj.track
-        if self.snapshots is None or frame is None or track.score < track.best_score:
+        if self.snapshots is None or frame is None:
             return False
+        if obj.snapshot is not None and track.score < track.best_score:
+            return False  # it has a snapshot, and this frame is not its best
         shot = self.snapshots.offer(
             track.track_id, track.label, track.score, track.box.tolist(), frame, track.first_seen
         )

@@ -173,6 +173,7 @@ class Snapshots:
         self.color = color  # of the frames `offer` gets
         self.store = store or SnapshotStore(config.dir / source, config.max_bytes)
         self._best: dict[int, _Best] = {}
+        self._budget = config.max_per_frame
         self.encoded = 0
         self.failures = 0
 
@@ -184,6 +185,11 @@ class Snapshots:
     def topic(self, label: str) -> str:
         """The retained topic (under `{prefix}/{device}/`) holding the latest snapshot of a label."""
         return f"{self.source}/{label}/snapshot"
+
+    def begin_frame(self) -> None:
+        """A new frame: `max_per_frame` encodes are allowed again (encoding runs in the inference loop,
+        so a crowd of new objects costs at most that many JPEGs per frame; the others get theirs later)."""
+        self._budget = self.config.max_per_frame
 
     def offer(
         self,
@@ -203,6 +209,9 @@ class Snapshots:
         best = self._best.get(track_id)
         if best is not None and (score <= best.score or now - best.published_at < self.config.min_interval_s):
             return None
+        if self._budget <= 0:
+            return None
+        self._budget -= 1
         cfg = self.config
         try:
             jpeg, width, height = encode_jpeg(
