@@ -113,13 +113,8 @@ def test_a_crowd_costs_at_most_max_per_frame_encodes_per_frame_and_everyone_gets
         TrackingConfig(min_hits=1), SourceInfo("yard"), snapshots=Snapshots(config, "yard", color="RGB")
     )
     dets = [
-        {
-            "label": "person",
-            "index": 0,
-            "score": 0.9 - 0.01 * frame_i,
-            "box": [0.1 * i, 0.1, 0.1 * i + 0.08, 0.5],
-        }
-        for i, frame_i in zip(range(5), [0] * 5, strict=True)
+        {"label": "person", "index": 0, "score": 0.9, "box": [0.1 * i, 0.1, 0.1 * i + 0.08, 0.5]}
+        for i in range(5)
     ]
     per_frame = []
     for frame in range(4):
