@@ -77,6 +77,11 @@ def test_a_weak_detection_keeps_a_track_alive_and_a_weak_one_alone_starts_nothin
     assert weak.track_ids == [tid]  # stage 2: the partly hidden person keeps its id
     alone = tracker.update([Detection((0.7, 0.7, 0.8, 0.9), 0.2, "person")], 0.2)
     assert alone.track_ids == [None] and len(tracker.tracks) == 1
+    slow = Tracker(TrackingConfig(min_hits=2, high_score=0.5, low_score=0.1))
+    slow.update([Detection((0.1, 0.1, 0.3, 0.5), 0.9, "person")], 0.0)
+    assert slow.update([Detection((0.1, 0.1, 0.3, 0.5), 0.2, "person")], 0.1).track_ids == [
+        None
+    ]  # no confirm
 
 
 def test_labels_never_share_a_track_and_max_age_is_frame_time() -> None:

@@ -3,8 +3,9 @@
 Per frame (boxes normalised xyxy, `ts` the frame's capture time in seconds):
 1. detections at or above `high_score` are matched to every live track of the same label by IoU with
    the track's predicted box (its last box moved by its velocity);
-2. detections between `low_score` and `high_score` are matched to the tracks still unmatched that were
-   seen in the previous frame - a partly hidden object keeps its id instead of ending;
+2. detections between `low_score` and `high_score` are matched to the confirmed tracks still unmatched
+   that were seen in the previous frame - a partly hidden object keeps its id instead of ending (weak
+   boxes never start or confirm a track);
 3. unmatched high detections start tentative tracks; a tentative track matched in `min_hits` frames is
    confirmed (gets its `track_id` and is reported), one that misses a frame before that is dropped;
 4. a confirmed track unseen for more than `max_age_s` of frame time has ended.
@@ -137,7 +138,8 @@ class Tracker:
         # Stage 1: confident detections against every live track.
         free = self._match(high, list(self.tracks), boxes, labels, ts, matched)
         # Stage 2: weak detections only continue tracks seen in the previous frame.
-        self._match(low, [t for t in free if t.last_frame == frame - 1], boxes, labels, ts, matched)
+        recent = [t for t in free if t.confirmed and t.last_frame == frame - 1]
+        self._match(low, recent, boxes, labels, ts, matched)
 
         confirmed: list[Track] = []
         for k, track in matched.items():
