@@ -90,7 +90,8 @@ class ZoneConfig(_Strict):
         return value
 
 
-def _zone_names(zones: dict[str, ZoneConfig]) -> dict[str, ZoneConfig]:
+def check_zone_names(zones: dict[str, ZoneConfig]) -> dict[str, ZoneConfig]:
+    """Zone names are topic levels, and `all` is the whole frame."""
     for name in zones:
         check_name(name, "zone")
         if name == WHOLE_FRAME:
@@ -105,9 +106,14 @@ ZonesConfig = Annotated[
 """The per-source `zones:` mapping; `SourceZones` checks its names."""
 
 
+def source_name(index: int, name: str | None) -> str:
+    """A source's topic level: its `name`, else `source{index}` (its place in `sources`)."""
+    return name if name is not None else f"source{index}"
+
+
 class SourceZones(_Strict):
     """What a source adds for tracked objects: `name` (a topic level) and `zones`. The daemon's source
-    config can inherit these two fields."""
+    config takes the same two fields with the same checks (`check_name`, `check_zone_names`)."""
 
     name: str | None = Field(
         default=None, description="the source's topic level (default: source0, source1, ...)"
@@ -122,7 +128,7 @@ class SourceZones(_Strict):
     @field_validator("zones")
     @classmethod
     def _zones(cls, value: dict[str, ZoneConfig]) -> dict[str, ZoneConfig]:
-        return _zone_names(value)
+        return check_zone_names(value)
 
 
 class SnapshotConfig(_Strict):
