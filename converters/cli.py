@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layout", choices=["NCHW", "NHWC"])
     parser.add_argument("--color", choices=["RGB", "BGR"])
     parser.add_argument("--task", choices=["classification", "detection", "raw"])
+    parser.add_argument(
+        "--postprocess",
+        metavar="JSON|@FILE.json",
+        help='the manifest\'s post-processing, e.g. \'{"type": "detection", "format": "yolox"}\' (sets --task)',
+    )
     parser.add_argument("--prune", type=float, default=0.0, metavar="RATIO", help="channel ratio to remove")
     parser.add_argument("--prune-mode", choices=["structured", "unstructured"], default="structured")
     parser.add_argument("--distill-steps", type=int, default=0, metavar="N")
@@ -88,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     logging.basicConfig(level=logging.WARNING, format="edge-convert: warning: %(message)s")
     from converters.accuracy import GateError
+    from converters.postprocess import parse_postprocess
+
+    try:
+        postprocess = None if args.postprocess is None else parse_postprocess(args.postprocess, args.task)
+    except EdgeError as exc:
+        print(f"edge-convert: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     from converters.pipeline import ConvertOptions, convert
 
     options = ConvertOptions(
@@ -102,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         std=args.std,
         layout=args.layout,
         color=args.color,
-        task=args.task,
+        task=args.task or (postprocess.type if postprocess is not None else None),
+        postprocess=postprocess,
         prune=args.prune,
         prune_mode=args.prune_mode,
         distill_steps=args.distill_steps,

@@ -72,6 +72,7 @@ class ConvertOptions:
     layout: str | None = None
     color: str | None = None
     task: str | None = None
+    postprocess: TaskConfig | None = None  # --postprocess; None: the task's default
     prune: float = 0.0
     prune_mode: Literal["structured", "unstructured"] = "structured"
     distill_steps: int = 0
@@ -398,7 +399,9 @@ def _guess_task(outputs: list[TensorSpec]) -> str:
     return "raw"
 
 
-def _postprocess(task: str) -> TaskConfig:
+def _postprocess(task: str, given: TaskConfig | None = None) -> TaskConfig:
+    if given is not None:
+        return given
     if task == "classification":
         return ClassificationConfig(type="classification", softmax=True, top_k=5)
     if task == "detection":
@@ -547,7 +550,7 @@ def _check_fp32(run: RunContext, floats: FloatModels) -> Baseline:
         reference_outputs = accuracy.run_onnx(floats.reference_path, feeds)
         outputs = _output_specs(floats.reference_path, reference_outputs[0])
         task = run.options.task or _guess_task(outputs)
-        postprocess = _postprocess(task)
+        postprocess = _postprocess(task, run.options.postprocess)
         decoder = postprocess.decoder(DecoderContext.from_specs(run.inputs, outputs, run.labels))
         fp32_outputs = accuracy.run_onnx(floats.fp32_path, feeds) if floats.changed else reference_outputs
         fp32_eval = accuracy.evaluate(
@@ -930,7 +933,7 @@ def _package_tflite(run: RunContext) -> ConvertResult:
         outputs=out_specs,
         artifacts=[ArtifactFile(source.path, source.path.name, "tflite", precision)],
         golden=GoldenSet(feeds, outputs, tolerance),
-        postprocess=_postprocess(task),
+        postprocess=_postprocess(task, run.options.postprocess),
         labels=run.labels,
         metrics={
             "latency_ms": {precision: {"p50": round(float(np.median(times)), 3)}},

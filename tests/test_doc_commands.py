@@ -63,7 +63,11 @@ ELSEWHERE: dict[str, str] = {
 SERVICES = ("edge-sink --config",)
 SERVICE_SECONDS = 4.0
 # Run here, but only in the slow suite (minutes of conversion).
-SLOW = ("python examples/efficientnet_lite0.py", "edge-convert examples/efficientnet_lite0.py:build")
+SLOW = (
+    "python examples/efficientnet_lite0.py",
+    "edge-convert examples/efficientnet_lite0.py:build",
+    "python examples/ddddocr_det.py",
+)
 
 
 @dataclass(frozen=True)
