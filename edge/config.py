@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge.backends import registry
+from edge.detect.config import HomeAssistantConfig, SnapshotConfig, TrackingConfig
 from edge.errors import BackendError, ConfigError, EdgeError, Finding
 from edge.publish.mqtt import PASSWORD_FILE_ENV, MqttConfig, check_device_id, read_password
 from edge.publish.requests import PoolConfig, RequestsConfig
@@ -98,6 +99,12 @@ class DaemonConfig(_Strict):
     http: HttpConfig | None = Field(
         default=None, description="Open Inference Protocol (KServe v2 REST) and POST /infer; null: off"
     )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="detections tracked into objects: track ids, events, zones",
+    )
+    snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     batching: BatchingConfig | None = Field(
         default=None, description="null: one frame per backend call (the default for one camera)"
     )

@@ -48,12 +48,15 @@ from edge.session import ModelSession, StageTimings, open_session
 from edge.sources import Frame, Source
 
 if TYPE_CHECKING:
+    from edge.detect.events import Message
+    from edge.detect.service import ObjectService
     from edge.serve_http import HttpServer
 from edge.trust import TrustPolicy, check_model_path
 
 log = logging.getLogger(__name__)
 
 REQUEST_URI = "mqtt:infer"  # the payload's source.uri for predictions made on request
+STATUS_STATS_S = 10.0  # how often the retained status refreshes its fps/latency (Home Assistant sensors)
 WORKER_POLL_S = 0.1  # the worker wakes this often even without frames, to ping the watchdog
 # /healthz/live fails when the worker has not come round its loop for this long (a hung backend).
 WORKER_STALL_S = 30.0
@@ -222,6 +225,10 @@ class PredictionPublisher(Protocol):
 
     def publish_event(self, name: str, data: JSONObject | None = None) -> None: ...
 
+    def publish_retained(self, topic: str, payload: bytes) -> None: ...  # object counts, snapshots, discovery
+
+    def publish_message(self, topic: str, payload: bytes) -> None: ...  # object events
+
     def reply(self, route: ReplyRoute, body: bytes) -> None: ...  # a request's answer
 
     def reject(self, rejected: RequestRejected) -> None: ...  # a request's error answer
@@ -261,6 +268,7 @@ class Daemon:
         self.metrics: Metrics | None = None
         self._health_endpoint: HttpEndpoint | None = None
         self._http: HttpServer | None = None
+        self._objects: ObjectService | None = None
         self._worker_beats: list[float] = []  # monotonic time of each worker's last loop
         self.stop_event = threading.Event()
         self.sources_done = threading.Event()
@@ -358,8 +366,12 @@ class Daemon:
             self.active.backend_name,
             self.active.provider,
         )
+        self._objects = self._object_service(self.active)
         self.publisher.set_status(self._status("online"))
         self.publisher.start()
+        if self._objects is not None:
+            info = self.active.info
+            self._send(self._objects.startup_messages(info["name"], info["version"]))
         if self.config.http is not None:
             from edge.serve_http import HttpServer
 
@@ -435,8 +447,16 @@ class Daemon:
     def run(self) -> int:
         """Block until stopped (signal, command) or every source finished; then stop in order."""
         try:
+            stats_due = time.monotonic()
             while not self.stop_event.wait(0.5):
                 self._watch_sources()
+                if (
+                    self._objects is not None
+                    and self.config.homeassistant.enabled
+                    and time.monotonic() >= stats_due
+                ):
+                    stats_due = time.monotonic() + STATUS_STATS_S  # Home Assistant's fps/latency sensors
+                    self.publisher.set_status(self._status("online"))
                 if self.config.exit_on_source_end and self.sources_done.is_set():
                     log.info("every source finished; stopping")
                     break
@@ -470,6 +490,8 @@ class Daemon:
             log.info("dropped %d queued frame(s) and request(s) on stop", len(left))
         for thread in self._threads:
             thread.join(timeout=5)
+        if self._objects is not None:
+            self._send(self._objects.close())  # every object ends; counts back to 0
         deadline = time.monotonic() + self.config.flush_timeout_s
         while (
             self.outbox.depth > 0 and self.publisher.connected and time.monotonic() < deadline
@@ -580,6 +602,11 @@ class Daemon:
         runtime: JSONObject = {"backend": session.backend_name, "provider": session.provider}
         if batch > 1:
             runtime["batch"] = batch
+        objects = self._objects
+        if objects is not None and job.answer is None:
+            # before the payload is built: the detections get their track ids
+            self._send(objects.process(frame.uri, result, frame.captured_at, frame.data))
+            objects.observe(timings.inference)
         payload = build_prediction(
             device_id=self.config.device_id,
             boot_id=self.boot_id,
@@ -599,6 +626,45 @@ class Daemon:
         self.predictions += 1
         if self.metrics is not None:
             self.metrics.capture_to_publish_seconds.observe(time.monotonic() - frame.captured_mono)
+
+    # -- tracked objects ----------------------------------------------------------------------------------------
+
+    def _object_service(self, session: ModelSession) -> ObjectService | None:
+        """Tracking for a detection model when the config asks for it (or for what needs it: Home
+        Assistant's entities, snapshots)."""
+        config = self.config
+        wanted = config.tracking.enabled or config.snapshots.enabled or config.homeassistant.enabled
+        if not wanted or session.package.manifest.task != "detection":
+            if wanted:
+                log.warning(
+                    "tracking: %s is not a detection model; no objects are tracked", session.info["name"]
+                )
+            return None
+        from edge.detect.service import ObjectService, ObjectSource
+
+        sources = [
+            ObjectSource(source.uri, getattr(cfg, "name", None), dict(getattr(cfg, "zones", {}) or {}))
+            for source, cfg in zip(self.sources, config.all_sources, strict=True)
+        ]
+        labels = config.homeassistant.labels or list(session.package.labels() or [])
+        return ObjectService(
+            config.tracking,
+            config.snapshots,
+            config.homeassistant,
+            topic_prefix=config.mqtt.topic_prefix,
+            device_id=config.device_id,
+            sources=sources,
+            labels=labels,
+        )
+
+    def _send(self, messages: list[Message]) -> None:
+        base = f"{self.config.mqtt.topic_prefix}/{self.config.device_id}"
+        for message in messages:
+            topic = message.full_topic(base)
+            if message.retained:
+                self.publisher.publish_retained(topic, message.payload)
+            else:
+                self.publisher.publish_message(topic, message.payload)
 
     # -- requests (the publisher's request thread) ------------------------------------------------------------
 
@@ -845,6 +911,8 @@ class Daemon:
             status["model"] = _info(session)
             status["runtime"] = {"backend": session.backend_name, "provider": session.provider}
         status["profile"] = self.profile.name
+        if self._objects is not None and self.config.homeassistant.enabled:
+            status["stats"] = self._objects.stats.stats(time.time())
         return status
 
     def _status_line(self) -> str:

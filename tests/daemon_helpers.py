@@ -239,3 +239,84 @@ def make_sensor_package(out_dir: Path, window: int = 16, channels: int = 2) -> P
     )
     write_manifest(out_dir, manifest)
     return out_dir
+
+
+def make_detection_package(out_dir: Path) -> Path:
+    """A detection package (`boxes` format: normalized xyxy + class scores) that sees one 'person' in the
+    left half of every frame and a 'car' at the bottom right, whatever the frame (a still scene)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge.package import Manifest, describe_file, utc_now, write_manifest
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    boxes = np.array([[[0.1, 0.2, 0.4, 0.9], [0.6, 0.6, 0.95, 0.95]]], np.float32)
+    scores = np.array([[[0.9, 0.02], [0.03, 0.8]]], np.float32)
+    nodes = [
+        # zero times the image: an output that depends on the input as a real model's does
+        helper.make_node("ReduceMean", ["input"], ["mean"], keepdims=0),
+        helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+        helper.make_node("Add", ["boxes_c", "nothing"], ["boxes"]),
+        helper.make_node("Add", ["scores_c", "nothing"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "still-scene",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 2, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 2, 2]),
+        ],
+        initializer=[
+            numpy_helper.from_array(np.zeros((1,), np.float32), "zero"),
+            numpy_helper.from_array(boxes, "boxes_c"),
+            numpy_helper.from_array(scores, "scores_c"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    (out_dir / "model.onnx").write_bytes(model.SerializeToString())
+    (out_dir / "labels.txt").write_text("person\ncar\n")
+    golden_in = np.random.default_rng(2).random((1, 3, 32, 32), dtype=np.float32)
+    session = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    out_boxes, out_scores = session.run(None, {"input": golden_in})
+    (out_dir / "golden").mkdir(exist_ok=True)
+    np.savez(out_dir / "golden" / "inputs.npz", input=golden_in)
+    np.savez(out_dir / "golden" / "outputs.npz", boxes=out_boxes, scores=out_scores)
+    manifest = Manifest.model_validate(
+        {
+            "schema": "edge.package/1",
+            "name": "still-scene",
+            "version": "1.0.0",
+            "created": utc_now(),
+            "task": "detection",
+            "artifacts": [{**describe_file(out_dir, "model.onnx"), "format": "onnx", "precision": "fp32"}],
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 3, 32, 32],
+                    "dtype": "float32",
+                    "layout": "NCHW",
+                    "color": "RGB",
+                    "resize": "stretch",
+                    "mean": [0, 0, 0],
+                    "std": [255, 255, 255],
+                }
+            ],
+            "outputs": [
+                {"name": "boxes", "shape": [1, 2, 4], "dtype": "float32"},
+                {"name": "scores", "shape": [1, 2, 2], "dtype": "float32"},
+            ],
+            "postprocess": {"type": "detection", "format": "boxes", "score_threshold": 0.5},
+            "labels": "labels.txt",
+            "golden": {
+                "inputs": "golden/inputs.npz",
+                "outputs": "golden/outputs.npz",
+                "tolerance": {"atol": 1e-4},
+            },
+        }
+    )
+    write_manifest(out_dir, manifest)
+    return out_dir

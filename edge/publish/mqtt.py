@@ -262,6 +262,10 @@ class Publisher:
         self.outbox = outbox
         self.on_command = on_command
         self._status: dict[str, Any] = dict(status or {})
+        # retained state (object counts, snapshots, discovery configs): sent now and again on every
+        # connect, so a broker that lost its retained store is brought back up to date
+        self._retained: dict[str, bytes] = {}
+        self._retained_lock = threading.Lock()
         base = f"{config.topic_prefix}/{device_id}"
         self.topic_predictions = f"{base}/predictions"
         self.topic_status = f"{base}/status"
@@ -485,6 +489,21 @@ class Publisher:
         if self._connected.is_set():
             self._client.publish(self.topic_status, self._status_payload("online"), 1, True, self._json_props)
 
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Retained state on an absolute topic; an empty payload clears it (and stops re-sending it)."""
+        with self._retained_lock:
+            if payload:
+                self._retained[topic] = payload
+            else:
+                self._retained.pop(topic, None)
+        if self._connected.is_set():
+            self._client.publish(topic, payload, 1, True)
+
+    def publish_message(self, topic: str, payload: bytes) -> None:
+        """A QoS 1 JSON message on an absolute topic (object events), not retained."""
+        self._counters["events"] += 1
+        self._client.publish(topic, payload, 1, False, self._json_props)
+
     def publish_event(self, name: str, data: dict[str, Any] | None = None) -> None:
         """Best effort (not in the outbox): events describe the device, predictions are the data."""
         body = {"event": name, "device_id": self.device_id, "ts": rfc3339(time.time()), "data": data or {}}
@@ -533,6 +552,9 @@ class Publisher:
             if self.topic_pool is not None:
                 client.subscribe(f"$share/{self.pool}/{self.topic_pool}", qos=1)
         client.publish(self.topic_status, self._status_payload("online"), 1, True, self._json_props)
+        with self._retained_lock:
+            for topic, payload in self._retained.items():
+                client.publish(topic, payload, 1, True)
         self._connected.set()
         self._wake.set()
 

@@ -1,0 +1,89 @@
+"""Tracked objects in the daemon: track ids in the predictions, `new`/`end` events, retained zone counts,
+snapshots that decode, Home Assistant discovery — against a real mosquitto and a real clip."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.config import DaemonConfig
+from edge.daemon import Daemon
+from tests.assets_media import labelled_clip
+from tests.broker import Mosquitto
+from tests.daemon_helpers import make_detection_package, subscribed, wait_until
+
+DEVICE = "yard-cam"
+
+
+def test_objects_are_tracked_counted_snapshotted_and_announced(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    package = make_detection_package(tmp_path / "models" / "still")
+    config = DaemonConfig.model_validate(
+        {
+            "device_id": DEVICE,
+            "profile": "x86-64-avx2",
+            "model": str(package),
+            "sources": [
+                {
+                    "type": "video",
+                    "uri": str(labelled_clip().path),
+                    "realtime": False,
+                    "loop": False,
+                    "fps": 50,
+                    "name": "driveway",
+                    # the person's bottom centre (0.25, 0.9) is in the gate; the car's (0.775, 0.95) is not
+                    "zones": {"gate": [[0.0, 0.5], [0.5, 0.5], [0.5, 1.0], [0.0, 1.0]]},
+                }
+            ],
+            "tracking": {"enabled": True, "min_hits": 2, "max_age_s": 1.0},
+            "snapshots": {"enabled": True, "dir": str(tmp_path / "snapshots"), "min_interval_s": 0.0},
+            "homeassistant": {"enabled": True},
+            "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "qos": 1},
+            "outbox": {"path": str(tmp_path / "outbox.db")},
+            "metrics": None,
+        }
+    )
+    with subscribed(mosquitto.port, "#", client_id="objects-sub") as sub:
+        daemon = Daemon.from_config(config)
+        daemon.start()
+        runner = threading.Thread(target=daemon.run, daemon=True)
+        runner.start()
+        try:
+            assert wait_until(daemon.sources_done.is_set, 60), daemon.stats()
+        finally:
+            daemon.request_stop()
+            runner.join(30)
+
+        def on(topic: str) -> list[bytes]:
+            return [payload for t, payload, _ in sub.messages if t == topic]
+
+        base = f"edge/{DEVICE}"
+        assert wait_until(lambda: len([p for p in on(f"{base}/events/objects") if b'"end"' in p]) == 2, 10)
+    predictions = [json.loads(p) for p in on(f"{base}/predictions")]
+    tracked = [d for m in predictions for d in m["result"]["detections"] if "track_id" in d]
+    assert tracked and {d["label"] for d in tracked} == {"person", "car"}
+    assert len({(d["label"], d["track_id"]) for d in tracked}) == 2  # one stable id per object
+
+    events = [json.loads(p) for p in on(f"{base}/events/objects")]
+    kinds = {(e["type"], e["label"]) for e in events}
+    assert {("new", "person"), ("new", "car"), ("end", "person"), ("end", "car")} <= kinds
+    person_end = next(e for e in events if e["type"] == "end" and e["label"] == "person")
+    assert "gate" in person_end["zones"] and person_end["snapshot"] == f"{base}/driveway/person/snapshot"
+
+    counts = [json.loads(p) for p in on(f"{base}/driveway/gate/person")]
+    assert max(counts) == 1 and counts[-1] == 0  # counted while there, 0 once the source ended
+    assert not [c for c in on(f"{base}/driveway/gate/car") if json.loads(c) != 0]  # the car never entered
+
+    [snapshot, *_] = on(f"{base}/driveway/person/snapshot")
+    image = cv2.imdecode(np.frombuffer(snapshot, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None and image.size > 0
+    assert list((tmp_path / "snapshots").rglob("*.jpg"))
+
+    discovery = {t: json.loads(p) for t, p, retained in sub.messages if t.startswith("homeassistant/") and p}
+    assert any(t.endswith("/config") and "camera" in t for t in discovery), sorted(discovery)
+    assert all(
+        c["availability"][0]["topic"] == f"{base}/status" for c in discovery.values() if "availability" in c
+    )
