@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from edge.detect.config import ZoneConfig, ZonesConfig, check_name, check_zone_names
+from edge.detect.config import SourceZones
 from edge.errors import ConfigError, Finding
 from edge.sources.base import CapturingSource, Frame, SourcePlugin
 
@@ -35,17 +35,14 @@ WATCHDOG_SLACK_S = 2.0
 SUPERVISOR_POLL_S = 0.05
 
 
-class VideoSourceConfig(BaseModel):
-    """A camera: a video file, a USB device (/dev/videoN or an index), or an RTSP/HTTP stream."""
+class VideoSourceConfig(SourceZones):
+    """A camera: a video file, a USB device (/dev/videoN or an index), or an RTSP/HTTP stream; `name` and
+    `zones` (from `SourceZones`) are what tracked objects are reported under."""
 
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["video"] = "video"
     uri: str | int = 0
-    name: str | None = Field(
-        default=None, description="the source's topic level for tracked objects (default: source0, ...)"
-    )
-    zones: ZonesConfig = Field(default_factory=dict)
     fps: float | None = Field(
         default=None,
         gt=0,
@@ -65,16 +62,6 @@ class VideoSourceConfig(BaseModel):
     reconnect_max_s: float = Field(default=10.0, gt=0)
     open_timeout_s: float = Field(default=10.0, gt=0)
     read_timeout_s: float = Field(default=5.0, gt=0)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str | None) -> str | None:
-        return None if value is None else check_name(value, "name")
-
-    @field_validator("zones")
-    @classmethod
-    def _zones(cls, value: dict[str, ZoneConfig]) -> dict[str, ZoneConfig]:
-        return check_zone_names(value)
 
     @field_validator("uri")
     @classmethod
