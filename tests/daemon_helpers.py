@@ -184,6 +184,24 @@ def subscribed(port: int, topic: str, client_id: str = "test-subscriber") -> Ite
         sub.close()
 
 
+@contextmanager
+def running_daemon(config: Any) -> Iterator[Any]:
+    """`Daemon.from_config(config)` started and running on a thread for the length of the block, then
+    stopped (it must stop within 30 s)."""
+    from edge.daemon import Daemon
+
+    daemon = Daemon.from_config(config)
+    daemon.start()
+    runner = threading.Thread(target=daemon.run, name="daemon-run", daemon=True)
+    runner.start()
+    try:
+        yield daemon
+    finally:
+        daemon.request_stop()
+        runner.join(30)
+        assert not runner.is_alive(), "daemon did not stop within 30 s"
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

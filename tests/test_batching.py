@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edge.config import DaemonConfig
-from edge.daemon import Daemon, FrameQueue
+from edge.daemon import FrameQueue
 from edge.package import load_package
 from edge.profiles import resolve_profile
 from edge.publish.payload import prediction_schema
@@ -22,7 +22,7 @@ from edge.session import open_session
 from edge.sources.base import Frame
 from tests.assets_media import labelled_clip
 from tests.broker import Mosquitto
-from tests.daemon_helpers import make_tiny_package, subscribed, wait_until
+from tests.daemon_helpers import make_tiny_package, running_daemon, subscribed, wait_until
 
 DEVICE = "cam-batch"
 
@@ -90,15 +90,8 @@ def test_the_daemon_batches_frames_from_every_source_and_publishes_each(
         }
     )
     with subscribed(mosquitto.port, f"edge/{DEVICE}/predictions", client_id="batch-sub") as sub:
-        daemon = Daemon.from_config(config)
-        daemon.start()
-        runner = threading.Thread(target=daemon.run, daemon=True)
-        runner.start()
-        try:
+        with running_daemon(config) as daemon:
             assert wait_until(daemon.sources_done.is_set, 60), daemon.stats()
-        finally:
-            daemon.request_stop()
-            runner.join(30)
         expected = 3 * clip.frame_count  # lossless file sources: nothing dropped
         assert sub.wait_for(lambda ms: len({m["seq"] for m in ms}) >= expected, 20), (
             len(sub.payloads()),
@@ -147,18 +140,11 @@ def test_workers_each_run_their_own_copy_of_the_session_and_lose_nothing(
         }
     )
     with subscribed(mosquitto.port, f"edge/{DEVICE}/predictions", client_id="workers-sub") as sub:
-        daemon = Daemon.from_config(config)
-        daemon.start()
-        runner = threading.Thread(target=daemon.run, daemon=True)
-        runner.start()
-        try:
+        with running_daemon(config) as daemon:
             assert daemon.active is not None and daemon.active.replica_count == 2
             assert [w.name for w in daemon._workers] == ["inference-0", "inference-1"]
             assert daemon.liveness().ok
             assert wait_until(daemon.sources_done.is_set, 60), daemon.stats()
-        finally:
-            daemon.request_stop()
-            runner.join(30)
         assert sub.wait_for(lambda ms: len({m["seq"] for m in ms}) >= clip.frame_count, 20)
     frames = sorted(m["source"]["frame"] for m in sub.payloads())
     assert frames == list(range(clip.frame_count))  # each frame once, whichever worker served it

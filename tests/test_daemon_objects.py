@@ -4,17 +4,15 @@ snapshots that decode, Home Assistant discovery — against a real mosquitto and
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from edge.config import DaemonConfig
-from edge.daemon import Daemon
 from tests.assets_media import labelled_clip
 from tests.broker import Mosquitto
-from tests.daemon_helpers import make_detection_package, subscribed, wait_until
+from tests.daemon_helpers import make_detection_package, running_daemon, subscribed, wait_until
 
 DEVICE = "yard-cam"
 
@@ -47,15 +45,8 @@ def test_objects_are_tracked_counted_snapshotted_and_announced(tmp_path: Path, m
         }
     )
     with subscribed(mosquitto.port, "#", client_id="objects-sub") as sub:
-        daemon = Daemon.from_config(config)
-        daemon.start()
-        runner = threading.Thread(target=daemon.run, daemon=True)
-        runner.start()
-        try:
+        with running_daemon(config) as daemon:
             assert wait_until(daemon.sources_done.is_set, 60), daemon.stats()
-        finally:
-            daemon.request_stop()
-            runner.join(30)
 
         def on(topic: str) -> list[bytes]:
             return [payload for t, payload, _ in sub.messages if t == topic]
