@@ -185,12 +185,12 @@ def subscribed(port: int, topic: str, client_id: str = "test-subscriber") -> Ite
 
 
 @contextmanager
-def running_daemon(config: Any) -> Iterator[Any]:
+def running_daemon(config: Any, notifier: Any = None) -> Iterator[Any]:
     """`Daemon.from_config(config)` started and running on a thread for the length of the block, then
     stopped (it must stop within 30 s)."""
     from edge.daemon import Daemon
 
-    daemon = Daemon.from_config(config)
+    daemon = Daemon.from_config(config, notifier=notifier)
     daemon.start()
     runner = threading.Thread(target=daemon.run, name="daemon-run", daemon=True)
     runner.start()

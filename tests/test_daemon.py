@@ -12,8 +12,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,14 @@ from edge.errors import PackageError
 from edge.health import Notifier
 from tests.assets_media import labelled_clip, photo
 from tests.broker import Mosquitto, free_port
-from tests.daemon_helpers import TINY_LABELS, make_tiny_package, subscribed, wait_until, write_config
+from tests.daemon_helpers import (
+    TINY_LABELS,
+    make_tiny_package,
+    running_daemon,
+    subscribed,
+    wait_until,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE = "cam-01"
@@ -78,18 +85,8 @@ def daemon_config(
     return build
 
 
-@contextmanager
-def running(config: DaemonConfig, notifier: Notifier | None = None) -> Iterator[Daemon]:
-    daemon = Daemon.from_config(config, notifier=notifier)
-    daemon.start()
-    thread = threading.Thread(target=daemon.run, name="daemon-run", daemon=True)
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.request_stop()
-        thread.join(30)
-        assert not thread.is_alive(), "daemon did not stop within 30 s"
+def running(config: DaemonConfig, notifier: Notifier | None = None) -> AbstractContextManager[Daemon]:
+    return running_daemon(config, notifier)
 
 
 def _seqs(messages: list[dict[str, Any]]) -> list[int]:
