@@ -5,7 +5,10 @@
    alternating blocks (predictions/s and capture-to-publish p50/p99 for both; target >= 1.25x for the
    int8 example);
 2. requests: `{prefix}/{device}/infer` at a fixed rate (default 50/s for 60 s) with real JPEG photo
-   crops over MQTT 5 (response topic + correlation data): lost, unmatched, request-to-reply p50/p99.
+   crops over MQTT 5 (response topic + correlation data): lost, unmatched, request-to-reply p50/p99;
+   the same over HTTP (`POST /infer`);
+3. a pool of 3 daemons on one broker at half that rate for half as long, one SIGKILLed and restarted
+   mid-run: the share each served and what went unanswered.
 
     python benchmarks/serve_bench.py [--package PKG] [--blocks 3] [--block-seconds 8] [--rate 50] [--seconds 60]
 
@@ -283,6 +286,169 @@ def requests(package: Path, tmp: Path, port: int, rate: float, seconds: float, p
     )
 
 
+def _jpeg_crops(tmp: Path) -> list[bytes]:
+    import cv2
+
+    from edge.demo import write_photo_crops
+
+    bodies = []
+    for path in sorted(write_photo_crops(tmp / "crops", 32, seed=3).glob("*.png")):
+        ok, data = cv2.imencode(".jpg", cv2.imread(str(path)), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        assert ok
+        bodies.append(data.tobytes())
+    return bodies
+
+
+def http_requests(package: Path, tmp: Path, port: int, rate: float, seconds: float, profile: str) -> None:
+    """POST /infer with JPEG bodies at `rate`/s (a sender thread per request in flight)."""
+    import concurrent.futures
+    import urllib.request
+
+    from edge.config import DaemonConfig
+    from edge.daemon import Daemon
+
+    bodies = _jpeg_crops(tmp)
+    config = DaemonConfig.model_validate(
+        {
+            "device_id": "serve-bench-http",
+            "profile": profile,
+            "model": str(package),
+            "http": {"port": 0},
+            "requests": {"rate_per_s": rate * 2, "burst": int(rate * 2)},
+            "mqtt": {"host": "127.0.0.1", "port": port, "qos": 1},
+            "outbox": {"path": str(tmp / "http.db")},
+            "metrics": None,
+        }
+    )
+    daemon = Daemon.from_config(config)
+    daemon.start()
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    assert daemon._http is not None
+    url = f"http://127.0.0.1:{daemon._http.port}/infer"
+
+    def post(body: bytes) -> tuple[int, float]:
+        started = time.perf_counter()
+        request = urllib.request.Request(
+            url, data=body, headers={"Content-Type": "image/jpeg"}, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                response.read()
+                return response.status, (time.perf_counter() - started) * 1e3
+        except Exception:
+            return 0, (time.perf_counter() - started) * 1e3
+
+    results: list[tuple[int, float]] = []
+    try:
+        count = int(rate * seconds)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+            futures = []
+            started = time.perf_counter()
+            for index in range(count):
+                time.sleep(max(0.0, started + index / rate - time.perf_counter()))
+                futures.append(pool.submit(post, bodies[index % len(bodies)]))
+            results = [f.result() for f in futures]
+    finally:
+        daemon.request_stop()
+        runner.join(60)
+    ok = [ms for status, ms in results if status == 200]
+    print(
+        f"http: {len(results)} POST /infer at {rate:g}/s over {seconds:g} s, {len(ok)} answered 200, "
+        f"{len(results) - len(ok)} failed; request->response p50 {_pct(ok, 50):.1f} ms, p99 {_pct(ok, 99):.1f} ms"
+    )
+
+
+def pool(package: Path, tmp: Path, port: int, rate: float, seconds: float, profile: str) -> None:
+    """3 daemons (processes) in one pool; one SIGKILLed a third of the way in and restarted at two thirds:
+    the share each served, and whether any request went unanswered."""
+    import collections
+    import signal
+
+    import paho.mqtt.client as mqtt
+    import yaml
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    bodies = _jpeg_crops(tmp)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    configs: dict[str, Path] = {}
+    for name in ("pool-a", "pool-b", "pool-c"):
+        config = {
+            "device_id": name,
+            "profile": profile,
+            "model": str(package),
+            "pool": {"name": "bench"},
+            "threads": 1,
+            "requests": {"rate_per_s": rate * 2, "burst": int(rate * 2)},
+            "mqtt": {"host": "127.0.0.1", "port": port, "qos": 1},
+            "outbox": {"path": str(tmp / f"{name}.db")},
+            "metrics": None,
+        }
+        configs[name] = tmp / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(config))
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge.cli", "run", "--config", str(configs[name])],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    answers: dict[bytes, str] = {}
+    lock = threading.Lock()
+    topic = f"bench/{uuid.uuid4().hex[:8]}/pool"
+
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        body = json.loads(message.payload)
+        with lock:
+            answers[bytes(message.properties.CorrelationData)] = str(body.get("device_id", "error"))
+
+    app = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    subscribed = threading.Event()
+    app.on_subscribe = lambda *a: subscribed.set()
+    app.on_message = on_message
+    app.connect("127.0.0.1", port)
+    app.loop_start()
+    app.subscribe(topic, qos=1)
+    subscribed.wait(10)
+    for name in configs:
+        procs[name] = start(name)
+    time.sleep(8)  # three daemons load their model and subscribe
+    count = int(rate * seconds)
+    try:
+        started = time.perf_counter()
+        for index in range(count):
+            time.sleep(max(0.0, started + index / rate - time.perf_counter()))
+            if index == count // 3:
+                procs["pool-b"].send_signal(signal.SIGKILL)
+                procs["pool-b"].wait()
+            if index == 2 * count // 3:
+                procs["pool-b"] = start("pool-b")
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = topic
+            props.ContentType = "image/jpeg"
+            props.CorrelationData = f"p{index}".encode()
+            app.publish("edge/pool/bench/infer", bodies[index % len(bodies)], qos=1, properties=props)
+        deadline = time.monotonic() + 60
+        while len(answers) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        app.loop_stop()
+        app.disconnect()
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(30)
+    shares = collections.Counter(answers.values())
+    print(
+        f"pool: {count} requests at {rate:g}/s over {seconds:g} s to 3 daemons, pool-b SIGKILLed at 1/3 and "
+        f"restarted at 2/3: {len(answers)} answered, {count - len(answers)} lost; served by "
+        + ", ".join(f"{name} {shares[name]}" for name in sorted(shares))
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -295,6 +461,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--skip-requests", action="store_true")
+    parser.add_argument("--skip-batching", action="store_true")
     args = parser.parse_args()
 
     from edge.package import load_package
@@ -313,9 +480,12 @@ def main() -> int:
         tmp = Path(tmp_name)
         broker = Mosquitto(tmp / "broker", persistence=False).start()
         try:
-            batching(package, tmp, broker.port, args.blocks, args.block_seconds, args.profile)
+            if not args.skip_batching:
+                batching(package, tmp, broker.port, args.blocks, args.block_seconds, args.profile)
             if not args.skip_requests:
                 requests(package, tmp, broker.port, args.rate, args.seconds, args.profile)
+                http_requests(package, tmp, broker.port, args.rate, args.seconds, args.profile)
+                pool(package, tmp, broker.port, args.rate / 2, args.seconds / 2, args.profile)
         finally:
             broker.stop()
     return 0
