@@ -60,8 +60,18 @@ def test_known_refusals() -> None:
         doc = copy.deepcopy(DOCUMENTS[0])
         change(doc)
         assert not plainly_valid(doc) and not VALIDATOR.is_valid(doc)
+    doc = copy.deepcopy(DOCUMENTS[0])
+    doc["runtime"]["batch"] = 4  # served in a batch of 4
+    assert plainly_valid(doc) and VALIDATOR.is_valid(doc)
+    doc["runtime"]["batch"] = 1  # a batch of one is said by leaving it out
+    assert not plainly_valid(doc) and not VALIDATOR.is_valid(doc)
     doc = _detection()
-    doc["result"]["detections"][0]["track_id"] = 3  # unevaluatedProperties: false
+    doc["result"]["detections"][0]["track_id"] = 3  # a tracked object's id
+    assert plainly_valid(doc) and VALIDATOR.is_valid(doc)
+    for wrong in (0, "3", 1.5, True):
+        doc["result"]["detections"][0]["track_id"] = wrong
+        assert not plainly_valid(doc) and not VALIDATOR.is_valid(doc), wrong
+    doc["result"]["detections"][0]["tracked"] = 1  # unevaluatedProperties: false
     assert not plainly_valid(doc) and not VALIDATOR.is_valid(doc)
     doc["result"]["detections"][0] = {"label": "cat", "index": 1, "score": 0.5, "box": [0, 0, 1, 1.5]}
     assert not plainly_valid(doc) and not VALIDATOR.is_valid(doc)

@@ -21,10 +21,11 @@ _TOP = frozenset(
 _SOURCE = frozenset(("uri", "frame", "captured_at"))
 _MODEL = frozenset(("name", "version", "sha256"))
 _RUNTIME = frozenset(("backend", "provider"))
+_RUNTIME_BATCHED = _RUNTIME | {"batch"}  # served in a batch of `batch` (the daemon's `batching`)
 _LATENCY = frozenset(("capture_to_publish", "preprocess", "inference", "postprocess"))
 _CLASSIFICATION = frozenset(("type", "top_k"))
 _DETECTION = frozenset(("type", "detections"))
-_DETECTED = frozenset(("label", "index", "score", "box"))
+_DETECTED = frozenset(("label", "index", "score", "box", "track_id"))
 
 
 def _int(value: Any, minimum: int) -> bool:
@@ -67,6 +68,8 @@ def _result(result: Any) -> bool:
         for item in detections:
             if not _labelled(item) or not item.keys() <= _DETECTED:
                 return False
+            if "track_id" in item and not _int(item["track_id"], 1):
+                return False
             box = item.get("box")
             if type(box) is not list or len(box) != 4:
                 return False
@@ -101,7 +104,7 @@ def plainly_valid(data: Any) -> bool:
         and type(model["sha256"]) is str
         and _SHA.fullmatch(model["sha256"]) is not None
         and type(runtime) is dict
-        and runtime.keys() == _RUNTIME
+        and (runtime.keys() == _RUNTIME or (runtime.keys() == _RUNTIME_BATCHED and _int(runtime["batch"], 2)))
         and _text(runtime["backend"])
         and _text(runtime["provider"])
         and type(latency) is dict
