@@ -369,9 +369,10 @@ class Daemon:
         self._objects = self._object_service(self.active)
         self.publisher.set_status(self._status("online"))
         self.publisher.start()
+        info = self.active.info
         if self._objects is not None:
-            info = self.active.info
             self._send(self._objects.startup_messages(info["name"], info["version"]))
+        self._announce(self._objects.discovery(info["name"], info["version"]) if self._objects else [])
         if self.config.http is not None:
             from edge.serve_http import HttpServer
 
@@ -656,6 +657,15 @@ class Daemon:
             sources=sources,
             labels=labels,
         )
+
+    def _announce(self, discovery: list[Message]) -> None:
+        """Home Assistant's view made to match this config: entities a changed config (or discovery turned
+        off) no longer has are removed, the rest announced. What was announced lives beside the outbox."""
+        from edge.detect.homeassistant import announce
+
+        state = self.config.outbox.path.parent / "homeassistant.json"
+        if discovery or state.exists():
+            self._send(announce(state, discovery))
 
     def _send(self, messages: list[Message]) -> None:
         base = f"{self.config.mqtt.topic_prefix}/{self.config.device_id}"

@@ -78,3 +78,48 @@ def test_objects_are_tracked_counted_snapshotted_and_announced(tmp_path: Path, m
     assert all(
         c["availability"][0]["topic"] == f"{base}/status" for c in discovery.values() if "availability" in c
     )
+
+
+def test_home_assistant_entities_follow_the_config_and_go_when_discovery_is_off(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    package = make_detection_package(tmp_path / "models" / "still")
+
+    def config(zones: dict[str, list[list[float]]], homeassistant: bool) -> DaemonConfig:
+        source = {
+            "type": "video",
+            "uri": str(labelled_clip().path),
+            "fps": 25,
+            "name": "driveway",
+            "zones": zones,
+        }
+        return DaemonConfig.model_validate(
+            {
+                "device_id": DEVICE,
+                "profile": "x86-64-avx2",
+                "model": str(package),
+                "source": source,
+                "tracking": {"enabled": True},
+                "homeassistant": {"enabled": homeassistant},
+                "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "qos": 1},
+                "outbox": {"path": str(tmp_path / "state" / "outbox.db")},
+                "metrics": None,
+            }
+        )
+
+    gate = {"gate": [[0.0, 0.5], [0.5, 0.5], [0.5, 1.0], [0.0, 1.0]]}
+    with subscribed(mosquitto.port, "homeassistant/#", client_id="ha-sub") as sub:
+        with running_daemon(config(gate, True)):
+            assert wait_until(lambda: any(b"gate" in t.encode() for t, _, _ in sub.messages), 10)
+        announced = {t for t, p, _ in sub.messages if p}
+        gate_topics = {t for t in announced if "_gate_" in t}
+        assert gate_topics, sorted(announced)
+        sub.messages.clear()
+        with running_daemon(config({}, True)):  # the zone is gone from the config: so are its entities
+            assert wait_until(lambda: {t for t, p, _ in sub.messages if not p} == gate_topics, 10), (
+                sub.messages
+            )
+        sub.messages.clear()
+        with running_daemon(config({}, False)):  # discovery off: every entity it announced is removed
+            assert wait_until(lambda: {t for t, p, _ in sub.messages if not p} == announced - gate_topics, 10)
+    assert not (tmp_path / "state" / "homeassistant.json").exists()

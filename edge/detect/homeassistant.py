@@ -20,6 +20,7 @@ import re
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from edge.detect.config import WHOLE_FRAME, HomeAssistantConfig
 from edge.detect.events import Message, count_topic
@@ -175,6 +176,27 @@ def stale_removals(previous: Iterable[str], current: Sequence[Message]) -> list[
     """Removals for config topics announced before (`previous`, e.g. kept in a file) and gone now."""
     now = {m.topic for m in current}
     return removal_messages(sorted(set(previous) - now))
+
+
+def announce(state_file: Path, current: Sequence[Message]) -> list[Message]:
+    """What to publish so Home Assistant sees exactly `current`: removals for the configs announced before
+    (their topics kept in `state_file`) that are gone now, then `current`. The file is rewritten; with
+    nothing current (discovery turned off) it is removed, once its entities are."""
+    previous: list[str] = []
+    try:
+        loaded = json.loads(state_file.read_text(encoding="utf-8"))
+        previous = [str(t) for t in loaded.get("topics", [])] if isinstance(loaded, dict) else []
+    except (OSError, ValueError):
+        previous = []  # first start, or a damaged file: nothing known to remove
+    topics = [m.topic for m in current]
+    if topics:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        staging = state_file.with_suffix(".tmp")
+        staging.write_text(json.dumps({"topics": topics}), encoding="utf-8")
+        staging.replace(state_file)
+    else:
+        state_file.unlink(missing_ok=True)
+    return [*stale_removals(previous, current), *current]
 
 
 class StatusStats:

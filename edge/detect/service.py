@@ -66,14 +66,15 @@ class ObjectService:
         self.stats = StatusStats()
 
     def startup_messages(self, model_name: str, model_version: str) -> list[Message]:
-        """Retained zero counts per source, zone and label, and the discovery configs when enabled."""
-        found = [
-            m for pipeline, _ in self._pipelines.values() for m in pipeline.initial_messages(self.labels)
-        ]
-        if self.homeassistant.enabled:
-            device = DeviceInfo(self.topic_prefix, self.device_id, model_name, model_version)
-            found += discovery_messages(self.homeassistant, device, self._entities, self.labels)
-        return found
+        """Retained zero counts per source, zone and label."""
+        return [m for pipeline, _ in self._pipelines.values() for m in pipeline.initial_messages(self.labels)]
+
+    def discovery(self, model_name: str, model_version: str) -> list[Message]:
+        """The Home Assistant discovery configs of this config (none when it is off)."""
+        if not self.homeassistant.enabled:
+            return []
+        device = DeviceInfo(self.topic_prefix, self.device_id, model_name, model_version)
+        return discovery_messages(self.homeassistant, device, self._entities, self.labels)
 
     def process(self, uri: str, result: JSONObject, ts: float, frame: Array | None) -> list[Message]:
         """One result of the source at `uri` (frames captured at `ts`); adds `track_id`s in place."""

@@ -490,14 +490,15 @@ class Publisher:
             self._client.publish(self.topic_status, self._status_payload("online"), 1, True, self._json_props)
 
     def publish_retained(self, topic: str, payload: bytes) -> None:
-        """Retained state on an absolute topic; an empty payload clears it (and stops re-sending it)."""
+        """Retained state on an absolute topic; an empty payload clears it (sent once, on connect if not
+        connected now)."""
         with self._retained_lock:
-            if payload:
-                self._retained[topic] = payload
-            else:
-                self._retained.pop(topic, None)
-        if self._connected.is_set():
-            self._client.publish(topic, payload, 1, True)
+            if self._connected.is_set():
+                self._client.publish(topic, payload, 1, True)
+                if not payload:
+                    self._retained.pop(topic, None)
+                    return
+            self._retained[topic] = payload
 
     def publish_message(self, topic: str, payload: bytes) -> None:
         """A QoS 1 JSON message on an absolute topic (object events), not retained."""
@@ -555,6 +556,8 @@ class Publisher:
         with self._retained_lock:
             for topic, payload in self._retained.items():
                 client.publish(topic, payload, 1, True)
+            # a clearing (empty) message is sent once, not on every connect
+            self._retained = {topic: payload for topic, payload in self._retained.items() if payload}
         self._connected.set()
         self._wake.set()
 
