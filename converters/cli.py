@@ -21,13 +21,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune, distill, export and int8-quantize a model behind an accuracy gate; write a package.",
     )
     parser.add_argument(
-        "source", metavar="SOURCE", help="model.onnx, model.tflite, file.py:fn or pkg.module:fn"
+        "source",
+        metavar="SOURCE",
+        help="model.onnx, model.tflite, file.py:fn, pkg.module:fn, or a Hugging Face model folder",
     )
     parser.add_argument(
         "--out", required=True, type=Path, metavar="PKG_DIR", help="package directory to write"
     )
     parser.add_argument("--profile", help="device profile name or YAML path (default: this machine's)")
-    parser.add_argument("--calib", type=Path, metavar="PATH", help="image folder or .npz of input tensors")
+    parser.add_argument(
+        "--calib",
+        type=Path,
+        metavar="PATH",
+        help="image folder, .npz of input tensors, or texts.txt (one text per line)",
+    )
     parser.add_argument(
         "--eval", type=Path, metavar="PATH", help="held-out samples (default: last 25%% of --calib)"
     )
@@ -37,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--std", type=lambda t: parse_floats(t, "--std"), metavar="128,128,128")
     parser.add_argument("--layout", choices=["NCHW", "NHWC"])
     parser.add_argument("--color", choices=["RGB", "BGR"])
-    parser.add_argument("--task", choices=["classification", "detection", "raw"])
+    parser.add_argument(
+        "--task", choices=["classification", "detection", "raw", "embedding", "text-classification"]
+    )
     parser.add_argument("--prune", type=float, default=0.0, metavar="RATIO", help="channel ratio to remove")
     parser.add_argument("--prune-mode", choices=["structured", "unstructured"], default="structured")
     parser.add_argument("--distill-steps", type=int, default=0, metavar="N")
@@ -123,7 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     metrics = result.manifest.metrics
     gate = metrics.get("gate", {})
     summary = f"wrote {result.out} ({result.manifest.task}, {len(result.manifest.artifacts)} artifacts)"
-    if "latency_ratio_int8_fp32" in metrics:
+    if "thresholds" in gate:  # text embeddings: cosine and nearest-neighbour agreement to fp32
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in gate["scores"].items())
+        summary += (
+            f"; {metrics['recipe']}: int8/fp32 latency {metrics['latency_ratio_int8_fp32']:.2f}x, size "
+            f"{metrics['size_ratio_int8_fp32']:.2f}x; {scores}"
+        )
+    elif "latency_ratio_int8_fp32" in metrics:
         summary += (
             f"; int8/fp32 latency {metrics['latency_ratio_int8_fp32']:.2f}x, size "
             f"{metrics['size_ratio_int8_fp32']:.2f}x; {gate.get('metric')} drop {gate.get('drop_points')} points"
@@ -133,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     if result.report is not None:
         summary += f"; report {result.report}"
     print(summary)
+    if not result.gate_passed and "thresholds" in gate:
+        wanted = ", ".join(f"{k} >= {v}" for k, v in gate["thresholds"].items())
+        print(f"edge-convert: error: accuracy gate failed: no int8 recipe reaches {wanted}", file=sys.stderr)
+        return EXIT_GATE_FAILED
     if not result.gate_passed:
         print(
             f"edge-convert: error: accuracy gate failed: {gate.get('metric')} drops {gate.get('drop_points')} "

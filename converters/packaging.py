@@ -29,6 +29,7 @@ from edge.package import (
     utc_now,
     write_manifest,
 )
+from edge.processing.text import TextConfig
 from edge.tasks.base import TaskConfig
 
 GOLDEN_SAMPLES = 4
@@ -74,6 +75,7 @@ class PackageSpec:
     metrics: Json = field(default_factory=dict)
     profile: str | None = None
     extra_files: dict[str, Path] = field(default_factory=dict)  # package-relative name -> file (report)
+    text: TextConfig | None = None  # text models: the tokenizer (one of extra_files) and its padding
 
 
 def measure_latency_ms(
@@ -202,6 +204,7 @@ def write_package(
                 inputs="golden/inputs.npz", outputs="golden/outputs.npz", tolerance=spec.golden.tolerance
             ),
             profile=spec.profile,
+            text=spec.text,
             sequence=int(time.time()) if sequence is None else sequence,
         )
         write_manifest(root, manifest, sign_key=private_key)
