@@ -196,7 +196,16 @@ def _choose(results: list[RecipeResult]) -> RecipeResult:
     passed = [r for r in built if r.passed]
     if passed:
         return min(passed, key=lambda r: r.latency_ms if r.latency_ms is not None else float("inf"))
-    return max(built, key=lambda r: tuple(r.scores.values()))
+    return min(built, key=_shortfall)
+
+
+def _shortfall(result: RecipeResult) -> float:
+    """How far a recipe is from the gate, each score's miss relative to the room the gate leaves."""
+    bounds = EMBEDDING_GATE if "nn_agreement" in result.scores else {"top1_agreement": 1.0}
+    return sum(
+        max(0.0, bound - result.scores.get(key, 0.0)) / max(1.0 - bound, 0.01)
+        for key, bound in bounds.items()
+    )
 
 
 def _gate_record(task: str, shipped: RecipeResult, max_drop: float) -> Json:
