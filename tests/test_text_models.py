@@ -27,6 +27,7 @@ from edge.processing.text import TextConfig
 from edge.publish.payload import build_prediction, prediction_schema
 from edge.sources.text import text_frame_data
 from tests.assets_text import calib_eval_sentences, minilm_folder, tiny_bert_folder, write_lines
+from tests.broker import Mosquitto
 
 REPO = Path(__file__).resolve().parents[1]
 VALIDATOR = jsonschema.Draft202012Validator(prediction_schema())
@@ -254,3 +255,48 @@ def test_minilm_converts_to_int8_that_matches_fp32(cache_dir: Path, tmp_path: Pa
             for text in evaluation[200:]
         ]
     assert np.mean(cosines) >= 0.99 and np.min(cosines) >= 0.97, (np.mean(cosines), np.min(cosines))
+
+
+def test_the_daemon_serves_one_prediction_per_line_of_a_text_file(
+    tiny_package: Path, texts: tuple[Path, Path, list[str]], tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """text source frames -> session -> embedding payloads: every line, in order, each vector the one
+    `open_model` gives for that line."""
+    import threading
+
+    from edge.config import DaemonConfig
+    from edge.daemon import Daemon
+    from tests.daemon_helpers import subscribed, wait_until
+
+    lines = texts[2][:20]
+    source_file = write_lines(tmp_path / "in.txt", lines)
+    config = DaemonConfig.model_validate(
+        {
+            "device_id": "text-01",
+            "profile": "x86-64-avx2",
+            "model": str(tiny_package),
+            "source": {"type": "text", "uri": str(source_file)},
+            "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "qos": 1, "topic_prefix": "edge"},
+            "outbox": {"path": str(tmp_path / "state" / "outbox.db"), "max_bytes": 1 << 20},
+            "metrics": None,
+            "flush_timeout_s": 10.0,
+        }
+    )
+    with subscribed(mosquitto.port, "edge/text-01/predictions", client_id="text-sub") as sub:
+        daemon = Daemon.from_config(config)
+        daemon.start()
+        thread = threading.Thread(target=daemon.run, name="daemon-run", daemon=True)
+        thread.start()
+        try:
+            assert wait_until(daemon.sources_done.is_set, 60)
+            assert sub.wait_for(lambda ms: len(ms) >= len(lines), 30)
+        finally:
+            daemon.request_stop()
+            thread.join(30)
+        messages = sorted(sub.payloads(), key=lambda m: m["source"]["frame"])
+    assert [m["source"]["frame"] for m in messages] == list(range(len(lines)))
+    with open_model(tiny_package) as model:
+        for message, line in zip(messages, lines, strict=True):
+            VALIDATOR.validate(message)
+            assert message["result"]["type"] == "embedding"
+            assert np.allclose(message["result"]["vector"], model.infer(line)["vector"], atol=1e-6)
