@@ -15,6 +15,12 @@ comes first:
   the calibration texts; the weights' rows are multiplied by s and a `Mul` by 1/s goes in front of the op.
   The activation's outlier channels, which set the per-tensor int8 scale, shrink; the product is the same
   in float. (On MiniLM it does not help: its per-tensor error comes from outlier tokens, not channels.)
+- `fused+smoothquant-A+per-token-int8` — the fusions without Attention (every projection a MatMul), then
+  SmoothQuant, then each MatMul rewritten as int8 with a scale **per token** computed at run time
+  (row max |x| / 127, activations uint8 around 128, `MatMulInteger` u8 x s8 — the VNNI kernel — then the
+  row and weight-column scales), weights int8 per output channel; embeddings int8. Per-tensor activation
+  scales are what costs MiniLM its neighbours: one outlier token sets the scale for all. This is
+  SmoothQuant's own setting (per-token activations, per-channel weights).
 - `fused+weight-int8-blockwise` — the fusions without Attention (so every projection stays a MatMul),
   then `MatMulNBits` 8-bit weights in blocks of 128 along K with `accuracy_level` 4 (activations
   quantized to int8 per block of each row at run time, far finer than per tensor), embeddings int8.
@@ -58,6 +64,7 @@ class Recipe:
     per_channel: bool = True
     ort_defaults: bool = False  # plain quantize_dynamic, nothing else
     weight_only_bits: int | None = None  # MatMulNBits instead of dynamic int8 MatMuls
+    per_token: bool = False  # int8 MatMuls with a run-time scale per row (token) of the activation
 
 
 RECIPES: tuple[Recipe, ...] = (
@@ -66,6 +73,8 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("fused+dynamic-int8-per-channel", fuse=True),
     Recipe("fused+smoothquant-0.5+dynamic-int8-per-channel", fuse=True, smooth_alpha=0.5),
     Recipe("fused+smoothquant-0.7+dynamic-int8-per-channel", fuse=True, smooth_alpha=0.7),
+    Recipe("fused+smoothquant-0.5+per-token-int8", fuse=True, smooth_alpha=0.5, per_token=True),
+    Recipe("fused+smoothquant-0.7+per-token-int8", fuse=True, smooth_alpha=0.7, per_token=True),
     Recipe("fused+weight-int8-blockwise", fuse=True, weight_only_bits=8),
 )
 WEIGHT_ONLY_BLOCK = 128
@@ -106,7 +115,8 @@ class RecipeResult:
 
 def fuse(fp32: Path, out: Path, shape: TransformerShape, attention: bool = True) -> Path:
     """ORT's transformer fusions (offline, opt_level 1 so the file stays portable across providers);
-    `attention=False` keeps the Q/K/V projections as MatMuls."""
+    `attention=False` leaves attention unfused, so every projection stays a MatMul the int8 rewrites
+    can take (MultiHeadAttention after separate Q/K/V MatMuls measured slower than that here)."""
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
@@ -259,6 +269,76 @@ def weight_only(model_path: Path, out: Path, bits: int) -> Path:
     return dynamic_int8(staged, out, per_channel=True, op_types=("Gather", "EmbedLayerNormalization"))
 
 
+def per_token_int8(model_path: Path, out: Path) -> Path:
+    """Every MatMul with a 2-D float weight W becomes int8 with one scale per row (token) of its input x,
+    computed at run time: s = max|x| over the last axis / 127; q = uint8(round(x / s) + 128);
+    y = MatMulInteger(q, W8, 128) * s * w_scale. W8 is int8 symmetric per output column. Then the
+    embedding tables int8 (quantize_dynamic on Gather/EmbedLayerNormalization only).
+
+    Plain elementwise ops rather than a per-axis QuantizeLinear on a 2-D view: measured faster on ORT
+    1.32's CPU kernels."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    inits = {init.name: init for init in model.graph.initializer}
+
+    def const(name: str, value: np.ndarray) -> str:
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    inv127 = const("pt_inv127", np.array(1.0 / 127.0, np.float32))
+    eps = const("pt_eps", np.array(1e-12, np.float32))
+    offset = const("pt_128", np.array(128.0, np.float32))
+    zero_point = const("pt_zero_point", np.array(128, np.uint8))
+    nodes = []
+    rewritten = 0
+    for node in model.graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is None or len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(weight).astype(np.float32)
+        w_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0).astype(np.float32)
+        p = f"pt{rewritten}"
+        rewritten += 1
+        w_int8 = const(f"{p}_w", np.clip(np.round(w / w_scale), -127, 127).astype(np.int8))
+        w_scale_name = const(f"{p}_wscale", w_scale)
+        x = node.input[0]
+        steps: list[tuple[str, list[str], dict[str, int]]] = [
+            ("Abs", [x], {}),
+            ("ReduceMax", [f"{p}_0"], {"axes": -1, "keepdims": 1}),
+            ("Mul", [f"{p}_1", inv127], {}),
+            ("Add", [f"{p}_2", eps], {}),  # the row scale s: output 3
+            ("Div", [x, f"{p}_3"], {}),
+            ("Round", [f"{p}_4"], {}),
+            ("Add", [f"{p}_5", offset], {}),
+            ("Cast", [f"{p}_6"], {"to": TensorProto.UINT8}),
+            ("MatMulInteger", [f"{p}_7", w_int8, zero_point], {}),
+            ("Cast", [f"{p}_8"], {"to": TensorProto.FLOAT}),
+            ("Mul", [f"{p}_9", f"{p}_3"], {}),
+        ]
+        for index, (kind, inputs, attrs) in enumerate(steps):
+            made = helper.make_node(kind, inputs, [f"{p}_{index}"], name=f"{p}_{index}")
+            for key, value in attrs.items():
+                made.attribute.append(helper.make_attribute(key, [value] if key == "axes" else value))
+            nodes.append(made)
+        nodes.append(
+            helper.make_node("Mul", [f"{p}_10", w_scale_name], [node.output[0]], node.name or f"{p}_y")
+        )
+    if not rewritten:
+        raise TextQuantizeError("per-token int8: no MatMul with a 2-D float weight in the graph")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for n in model.graph.node for name in n.input}
+    keep = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    staged = out.with_suffix(".matmul.onnx")
+    onnx.save(model, str(staged))
+    return dynamic_int8(staged, out, per_channel=True, op_types=("Gather", "EmbedLayerNormalization"))
+
+
 def dynamic_int8(
     model_path: Path,
     out: Path,
@@ -304,9 +384,14 @@ def build(
     """The int8 model of `recipe` in `work` (the fused fp32 graph is built once and shared)."""
     base = fp32
     stem = recipe.name.replace("+", "_")
+    if (recipe.weight_only_bits is not None or recipe.per_token) and "unfused-attention" not in fused_cache:
+        fused_cache["unfused-attention"] = fuse(fp32, work / "fused.noattention.fp32.onnx", shape, False)
+    if recipe.per_token:
+        base = fused_cache["unfused-attention"]
+        if recipe.smooth_alpha is not None:
+            base = smooth(base, work / f"{stem}.smooth.onnx", calib, recipe.smooth_alpha)
+        return per_token_int8(base, work / f"{stem}.int8.onnx")
     if recipe.weight_only_bits is not None:
-        if "unfused-attention" not in fused_cache:
-            fused_cache["unfused-attention"] = fuse(fp32, work / "fused.noattention.fp32.onnx", shape, False)
         return weight_only(
             fused_cache["unfused-attention"], work / f"{stem}.int8.onnx", recipe.weight_only_bits
         )
