@@ -24,13 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "source", metavar="SOURCE", help="model.onnx, model.tflite, file.py:fn or pkg.module:fn"
+        "source",
+        metavar="SOURCE",
+        help="model.onnx, model.tflite, file.py:fn, pkg.module:fn, or a Hugging Face model folder",
     )
     parser.add_argument(
         "--out", required=True, type=Path, metavar="PKG_DIR", help="package directory to write"
     )
     parser.add_argument("--profile", help="device profile name or YAML path (default: this machine's)")
-    parser.add_argument("--calib", type=Path, metavar="PATH", help="image folder or .npz of input tensors")
+    parser.add_argument(
+        "--calib",
+        type=Path,
+        metavar="PATH",
+        help="image folder, .npz of input tensors, or texts.txt (one text per line)",
+    )
     parser.add_argument(
         "--eval", type=Path, metavar="PATH", help="held-out samples (default: last 25%% of --calib)"
     )
@@ -40,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--std", type=lambda t: parse_floats(t, "--std"), metavar="128,128,128")
     parser.add_argument("--layout", choices=["NCHW", "NHWC"])
     parser.add_argument("--color", choices=["RGB", "BGR"])
-    parser.add_argument("--task", choices=["classification", "detection", "raw"])
+    parser.add_argument(
+        "--task", choices=["classification", "detection", "raw", "embedding", "text-classification"]
+    )
     parser.add_argument(
         "--postprocess",
         metavar="JSON|@FILE.json",
@@ -146,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     gate = metrics.get("gate", {})
     summary = f"wrote {result.out} ({result.manifest.task}, {len(result.manifest.artifacts)} artifacts)"
     precision = gate.get("precision")
-    if f"latency_ratio_{precision}_fp32" in metrics:  # the shipped model differs from fp32: compare them
+    if "thresholds" in gate:  # text embeddings: cosine and nearest-neighbour agreement to fp32
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in gate["scores"].items())
+        summary += (
+            f"; {metrics['recipe']}: int8/fp32 latency {metrics['latency_ratio_int8_fp32']:.2f}x, size "
+            f"{metrics['size_ratio_int8_fp32']:.2f}x; {scores}"
+        )
+    elif f"latency_ratio_{precision}_fp32" in metrics:  # the shipped model differs from fp32: compare them
         summary += (
             f"; {precision}/fp32 latency {metrics[f'latency_ratio_{precision}_fp32']:.2f}x, size "
             f"{metrics[f'size_ratio_{precision}_fp32']:.2f}x"
@@ -158,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     if result.report is not None:
         summary += f"; report {result.report}"
     print(summary)
+    if not result.gate_passed and "thresholds" in gate:
+        wanted = ", ".join(f"{k} >= {v}" for k, v in gate["thresholds"].items())
+        print(f"edge-convert: error: accuracy gate failed: no int8 recipe reaches {wanted}", file=sys.stderr)
+        return EXIT_GATE_FAILED
     if not result.gate_passed:
         print(
             f"edge-convert: error: accuracy gate failed: the {precision or 'shipped'} model drops "

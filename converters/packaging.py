@@ -33,6 +33,7 @@ from edge.package import (
     utc_now,
     write_manifest,
 )
+from edge.processing.text import TextConfig
 from edge.profiles import DeviceProfile
 from edge.tasks.base import TaskConfig
 
@@ -79,6 +80,7 @@ class PackageSpec:
     metrics: Json = field(default_factory=dict)
     profile: str | None = None
     extra_files: dict[str, Path] = field(default_factory=dict)  # package-relative name -> file (report)
+    text: TextConfig | None = None  # text models: the tokenizer (one of extra_files) and its padding
 
 
 def measure_latency_ms(
@@ -260,6 +262,7 @@ def write_package(
                 inputs="golden/inputs.npz", outputs="golden/outputs.npz", tolerance=spec.golden.tolerance
             ),
             profile=spec.profile,
+            text=spec.text,
             sequence=int(time.time()) if sequence is None else sequence,
         )
         write_manifest(root, manifest, sign_key=private_key)

@@ -246,6 +246,10 @@ class Measurements:
 
 def convert(options: ConvertOptions) -> ConvertResult:
     with tempfile.TemporaryDirectory(prefix="edge-convert-") as tmp, Stages(options.quiet) as stages:
+        if Path(options.source).is_dir() and (Path(options.source) / "config.json").is_file():
+            from converters.text_pipeline import convert_text  # a Hugging Face folder (transformers)
+
+            return convert_text(options, Path(tmp), stages)
         return _convert(options, Path(tmp), stages)
 
 

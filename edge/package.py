@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from edge.errors import PackageError
+from edge.processing.text import TextConfig
 from edge.tasks.base import TaskConfig
 from edge.tasks.registry import PostprocessConfig, explain, task_keys
 
@@ -120,6 +121,8 @@ class Manifest(_Model):
     # means that task's defaults.
     postprocess: PostprocessConfig
     labels: str | None = None
+    # Text models: the tokenizer file (hashed, so the signature covers it) and how texts become tokens.
+    text: TextConfig | None = None
     pruning: dict[str, Any] | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     golden: Golden | None = None
@@ -258,6 +261,10 @@ def load_package(path: str | Path, trusted_keys: list[bytes] | None = None) -> P
 
     for index, artifact in enumerate(manifest.artifacts):
         _verify_file(root, artifact.path, artifact.sha256, artifact.bytes, f"artifacts[{index}]")
+    if manifest.text is not None:
+        _verify_file(
+            root, manifest.text.tokenizer, manifest.text.sha256, manifest.text.bytes, "text.tokenizer"
+        )
     for relative, what in _referenced_files(manifest):
         target = safe_member(root, relative, what)
         if not _is_file(target):

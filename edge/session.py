@@ -34,6 +34,7 @@ from edge.backends.golden import GoldenReport
 from edge.errors import BackendError, EdgeError, PackageError
 from edge.package import Package, TensorSpec, extract_archive, load_package
 from edge.processing.preprocess import ImagePreprocessor, Letterbox
+from edge.processing.text import TextPreprocessor
 from edge.profiles import DeviceProfile, resolve_profile
 from edge.tasks import make_decoder
 from edge.tasks.base import Decoder, Result
@@ -74,6 +75,17 @@ class SensorPreprocessor:
         return np.ascontiguousarray(data.reshape(self.shape).astype(self.dtype, copy=False))
 
 
+def as_text(data: Array | str) -> str | None:
+    """The text in a str or a 0-d object array holding one (a text source's frame), else None."""
+    if isinstance(data, str):
+        return data
+    if isinstance(data, np.ndarray) and data.ndim == 0 and data.dtype == object:
+        item = data.item()
+        if isinstance(item, str):
+            return item
+    return None
+
+
 @dataclass
 class ModelSession:
     """A loaded, verified, self-checked package with its pre- and post-processing."""
@@ -83,6 +95,7 @@ class ModelSession:
     decoder: Decoder
     image_pre: ImagePreprocessor | None
     sensor_pre: SensorPreprocessor | None
+    text_pre: TextPreprocessor | None = None
     loaded_at: float = field(default_factory=time.time)
     # every loaded copy of the backend (`loaded` first): one per daemon worker, each run takes a free one
     replicas: queue.Queue[LoadedModel] = field(default_factory=queue.Queue, repr=False)
@@ -130,8 +143,9 @@ class ModelSession:
         """The self-check run at load time (None: the package has no golden data)."""
         return self.loaded.golden
 
-    def infer(self, data: Array, color: ColorOrder = "BGR") -> tuple[Result, StageTimings]:
-        """One frame or sensor window through the whole model: the payload's `result` and the timings."""
+    def infer(self, data: Array | str, color: ColorOrder = "BGR") -> tuple[Result, StageTimings]:
+        """One frame, sensor window or text through the whole model: the payload's `result` and the
+        timings. A text source's frame is a 0-d object array holding the line (`edge.sources.text`)."""
         t0 = time.perf_counter()
         feeds, geometry = self._feeds_for(data, color)
         t1 = time.perf_counter()
@@ -154,7 +168,8 @@ class ModelSession:
         """Several frames or windows in one backend call (when the package has a dynamic batch axis;
         otherwise one call each): a result per item, in order, each equal to what `infer` gives it.
         Every item's timings carry the whole call's inference time: that is what each one waited."""
-        if len(batch) == 1 or not self.batchable:
+        if len(batch) == 1 or not self.batchable or any(as_text(data) is not None for data in batch):
+            # texts are padded to their own length bucket: one call each
             return [self.infer(data, color) for data in batch]
         t0 = time.perf_counter()
         prepared = [self._feeds_for(data, color) for data in batch]
@@ -190,7 +205,12 @@ class ModelSession:
         result = self.decoder(outputs, None)
         return outputs, result, StageTimings(0.0, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
 
-    def _feeds_for(self, data: Array, color: ColorOrder) -> tuple[dict[str, Array], Letterbox | None]:
+    def _feeds_for(self, data: Array | str, color: ColorOrder) -> tuple[dict[str, Array], Letterbox | None]:
+        if isinstance(data, str):
+            return self._text_feeds(data), None
+        text = as_text(data)
+        if text is not None:
+            return self._text_feeds(text), None
         name = self.input_specs[0].name
         if data.dtype == np.uint8 and data.ndim in (2, 3) and self.image_pre is not None:
             # The pre-processor takes OpenCV's BGR; a gray frame has no order to swap.
@@ -201,10 +221,19 @@ class ModelSession:
             raise ValueError(f"frame of shape {data.shape} does not fit the model's input")
         return {name: self.sensor_pre(data)}, None
 
+    def _text_feeds(self, text: str) -> dict[str, Array]:
+        if self.text_pre is None:
+            raise ValueError("a text input, but the model has no tokenizer (its package has no `text`)")
+        return self.text_pre(text)
+
     def warm_up(self) -> None:
         """The first run allocates arenas and picks kernels: do it before READY, not on a frame."""
         for _ in range(self.replica_count):  # each run takes the copy that has waited longest
-            if self.image_pre is not None:
+            if self.text_pre is not None:
+                for length in self.text_pre.lengths:  # every bucket: a first text of each length is not slow
+                    with self._backend() as backend:
+                        backend.run(self.text_pre.encode("warm up", length=length))
+            elif self.image_pre is not None:
                 self.infer(np.zeros((self.image_pre.height, self.image_pre.width, 3), np.uint8))
             elif self.sensor_pre is not None:
                 spec = self.input_specs[0]
@@ -253,8 +282,16 @@ def open_session(
             and (spec.layout or "NCHW") in ("NCHW", "NHWC")
         ):
             image_pre = ImagePreprocessor.from_spec(spec)
+        text = package.manifest.text
+        text_pre = (
+            None
+            if text is None
+            else TextPreprocessor.from_file(package.path(text.tokenizer), text, loaded.input_specs)
+        )
         sensor_pre = (
-            None if image_pre is not None or len(loaded.input_specs) > 1 else SensorPreprocessor(spec)
+            None
+            if image_pre is not None or text_pre is not None or len(loaded.input_specs) > 1
+            else SensorPreprocessor(spec)
         )
         session = ModelSession(
             package=package,
@@ -262,6 +299,7 @@ def open_session(
             decoder=make_decoder(package.manifest, package.labels()),
             image_pre=image_pre,
             sensor_pre=sensor_pre,
+            text_pre=text_pre,
         )
         for _ in range(replicas - 1):
             # the same backend the first copy settled on, not a new search down the profile's order
@@ -305,12 +343,14 @@ class Model:
 
     def infer(self, x: ModelInput) -> Result:
         """One input: an HxWx3 uint8 RGB image (or HxW gray), a (window, channels) sensor window,
-        or a dict of ready tensors by input name."""
+        a text string (packages with a tokenizer), or a dict of ready tensors by input name."""
         session = self.session
         if isinstance(x, str):
-            raise EdgeError(
-                f"model '{self.name}' takes {self._input_summary()}, not text (it has no tokenizer)"
-            )
+            if session.text_pre is None:
+                raise EdgeError(
+                    f"model '{self.name}' takes {self._input_summary()}, not text (it has no tokenizer)"
+                )
+            return session.infer(x)[0]
         if isinstance(x, Mapping):
             return session.infer_feeds(x)[0]
         if not isinstance(x, np.ndarray):

@@ -16,6 +16,7 @@ from edge.sources import SourceConfig, open_source
 from edge.sources.camera import VideoSource, VideoSourceConfig
 from edge.sources.registry import plugins
 from edge.sources.sensor import SensorSource, SensorSourceConfig
+from edge.sources.text import TextSource, TextSourceConfig
 
 
 def test_the_registry_lists_exactly_the_modules_that_declare_a_plugin() -> None:
@@ -24,10 +25,11 @@ def test_the_registry_lists_exactly_the_modules_that_declare_a_plugin() -> None:
         for info in pkgutil.iter_modules(edge.sources.__path__)
         if hasattr(__import__(f"edge.sources.{info.name}", fromlist=["PLUGIN"]), "PLUGIN")
     )
-    assert declaring == ["camera", "sensor"]
+    assert declaring == ["camera", "sensor", "text"]
     assert {key: (p.config, p.source) for key, p in plugins().items()} == {
         "video": (VideoSourceConfig, VideoSource),
         "sensor": (SensorSourceConfig, SensorSource),
+        "text": (TextSourceConfig, TextSource),
     }
 
 

@@ -279,7 +279,10 @@ def test_ssd_decode_of_one_anchor_with_log_sizes() -> None:
 def test_the_union_is_derived_from_the_task_modules() -> None:
     from edge.tasks.registry import TASKS, task_keys
 
-    assert set(task_keys()) == {"classification", "detection", "segmentation", "regression", "anomaly", "raw"}
+    assert set(task_keys()) == {
+        "classification", "detection", "segmentation", "regression", "anomaly", "raw", "embedding",
+        "text-classification",
+    }  # fmt: skip
     assert TASKS["regression"] is TASKS["anomaly"]  # one module serves both keys
     assert get_args(Manifest.model_fields["task"].annotation) == task_keys()  # the manifest's task choices
 

@@ -16,7 +16,8 @@ from edge.errors import Finding
 
 @dataclass(frozen=True)
 class Frame:
-    data: np.ndarray  # cameras: HxWx3 uint8 BGR; sensors: (window, channels) float32
+    # cameras: HxWx3 uint8 BGR; sensors: (window, channels) float32; text: a 0-d object array holding a str
+    data: np.ndarray
     index: int  # frame/window number since the source opened
     captured_at: float  # time.time() at capture (payload)
     captured_mono: float  # time.monotonic() at capture (latencies)
