@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -158,6 +159,23 @@ class FrameQueue:
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
+
+
+class _Countdown:
+    """Calls `done` once `count` parts have called `one_done` (a request's acknowledgement after its
+    last answer)."""
+
+    def __init__(self, count: int, done: Callable[[], None]) -> None:
+        self._left = count
+        self._done = done
+        self._lock = threading.Lock()
+
+    def one_done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._done()
 
 
 class MqttAnswer:
@@ -679,33 +697,48 @@ class Daemon:
     # -- requests (the publisher's request thread) ------------------------------------------------------------
 
     def on_request(self, request: InferRequest) -> None:
-        """A parsed `infer` request (the publisher's request thread): queued like any request."""
+        """A parsed `infer` request (the publisher's request thread): queued like any request. A request
+        of several texts is answered once per text (`request.index` says which), and acknowledged to
+        the broker once all are."""
         topic = self._infer_topic
-        answer = MqttAnswer(self.publisher, request, topic)
-        tag: JSONObject | None = (
-            {"correlation_id": request.correlation_id} if request.correlation_id is not None else None
-        )
-        data: Array | Mapping[str, Array]
+        session = self.active
+        assert session is not None
+        items: list[Array | Mapping[str, Array]]
         if request.image is not None:
-            data = request.image
+            items = [request.image]
         elif request.tensors is not None:
-            session = self.active
-            assert session is not None
             specs = {spec.name: (spec.shape, spec.dtype) for spec in session.input_specs}
-            data = tensors_for(request.tensors, specs, topic, request)
-        else:
+            items = [tensors_for(request.tensors, specs, topic, request)]
+        elif session.text_pre is None:
             raise RequestRejected(
-                f"{topic}: this model takes images or tensors, not text",
+                f"{topic}: model '{session.info['name']}' takes images or tensors, not text (it has no tokenizer)",
                 "texts" if request.texts and len(request.texts) > 1 else "text",
                 request.reply,
                 request.correlation_id,
             )
-        try:
-            self.submit_request(data, answer, request.client, REQUEST_URI, tag, request.received_mono)
-        except RequestRejected as exc:
-            raise RequestRejected(
-                f"{topic}: {exc}", exc.field, request.reply, request.correlation_id
-            ) from None
+        else:
+            items = [np.array(text, dtype=object) for text in request.texts or []]
+        countdown = _Countdown(len(items), request.acknowledge)
+        answered = dataclasses.replace(request, acknowledge=countdown.one_done)
+        for index, item in enumerate(items):
+            tag: JSONObject = {}
+            if request.correlation_id is not None:
+                tag["correlation_id"] = request.correlation_id
+            if len(items) > 1:
+                tag["index"] = index
+            try:
+                self.submit_request(
+                    item,
+                    MqttAnswer(self.publisher, answered, topic),
+                    request.client,
+                    REQUEST_URI,
+                    tag or None,
+                    request.received_mono,
+                )
+            except RequestRejected as exc:
+                raise RequestRejected(
+                    f"{topic}: {exc}", exc.field, request.reply, request.correlation_id
+                ) from None
 
     def submit_request(
         self,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -300,3 +301,66 @@ def test_the_daemon_serves_one_prediction_per_line_of_a_text_file(
             VALIDATOR.validate(message)
             assert message["result"]["type"] == "embedding"
             assert np.allclose(message["result"]["vector"], model.infer(line)["vector"], atol=1e-6)
+
+
+def test_text_requests_over_mqtt_get_one_embedding_per_text(
+    tiny_package: Path, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """`{"text": ...}` and `{"texts": [...]}` on `infer` (MQTT 3.1.1 `reply_to`): each text answered with
+    its own prediction (`request.index`), the vector `open_model` gives for it."""
+    import json as json_module
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from edge.config import DaemonConfig
+    from tests.daemon_helpers import running_daemon, wait_until
+
+    config = DaemonConfig.model_validate(
+        {
+            "device_id": "text-02",
+            "profile": "x86-64-avx2",
+            "model": str(tiny_package),
+            "requests": {"enabled": True},
+            "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "qos": 1},
+            "outbox": {"path": str(tmp_path / "outbox.db")},
+            "metrics": None,
+        }
+    )
+    answers: list[dict[str, object]] = []
+    got = threading.Lock()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *a: subscribed.set()
+
+    def on_message(c: object, u: object, message: mqtt.MQTTMessage) -> None:
+        with got:
+            answers.append(json_module.loads(message.payload))
+
+    client.on_message = on_message
+    client.connect("127.0.0.1", mosquitto.port)
+    client.loop_start()
+    client.subscribe("app/answers", qos=1)
+    assert subscribed.wait(10)
+    sentences = ["the cat sat on the mat", "a dog ran in the park", "it rained all day"]
+    try:
+        with running_daemon(config) as daemon:
+            assert wait_until(lambda: daemon.publisher.connected, 10)
+            time.sleep(0.3)
+            topic = "edge/text-02/infer"
+            one = {"text": sentences[0], "reply_to": "app/answers", "correlation_id": "one"}
+            many = {"texts": sentences, "reply_to": "app/answers", "correlation_id": "many"}
+            client.publish(topic, json_module.dumps(one), qos=1).wait_for_publish(10)
+            client.publish(topic, json_module.dumps(many), qos=1).wait_for_publish(10)
+            assert wait_until(lambda: len(answers) == 4, 30), answers
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    by_request = {(a["request"]["correlation_id"], a["request"].get("index")): a for a in answers}  # type: ignore[index,union-attr]
+    assert set(by_request) == {("one", None), ("many", 0), ("many", 1), ("many", 2)}
+    with open_model(tiny_package) as model:
+        for (name, index), answer in by_request.items():
+            VALIDATOR.validate(answer)
+            text = sentences[0] if name == "one" else sentences[int(index or 0)]
+            expected = np.asarray(model.infer(text)["vector"])
+            assert float(np.dot(expected, np.asarray(answer["result"]["vector"]))) > 0.9999  # type: ignore[index]
