@@ -56,6 +56,7 @@ from edge.trust import TrustPolicy, check_model_path
 
 log = logging.getLogger(__name__)
 
+EVENTS_OUTBOX = "events.db"  # beside the outbox: object events, durable, with a seq of their own
 REQUEST_URI = "mqtt:infer"  # the payload's source.uri for predictions made on request
 STATUS_STATS_S = 10.0  # how often the retained status refreshes its fps/latency (Home Assistant sensors)
 WORKER_POLL_S = 0.1  # the worker wakes this often even without frames, to ping the watchdog
@@ -273,12 +274,14 @@ class Daemon:
         metrics: MetricsConfig | None = None,
         health: HealthConfig | None = None,
         notifier: Notifier | None = None,
+        events_outbox: PredictionOutbox | None = None,
     ):
         self.config = config
         self.profile = profile
         self.trust = trust
         self.sources = sources
         self.outbox = outbox
+        self.events_outbox = events_outbox  # object events (with tracking); None: sent at QoS 1 only
         self.publisher = publisher
         self.notifier = notifier or Notifier()
         self.metrics_config = metrics
@@ -326,10 +329,17 @@ class Daemon:
         trust = TrustPolicy(trusted_keys, config.outbox.path.parent)
         sources = [open_source(source_config) for source_config in config.all_sources]
         outbox: Outbox | MemoryOutbox
+        events: Outbox | MemoryOutbox | None = None
+        tracks = config.tracking.enabled or config.snapshots.enabled or config.homeassistant.enabled
         if config.outbox.enabled:
             outbox = Outbox(config.outbox.path, config.outbox.max_bytes, config.outbox.reserve_bytes)
+            if tracks:  # object events: durable like predictions, with a seq of their own
+                events = Outbox(
+                    config.outbox.path.with_name(EVENTS_OUTBOX), max(4096, config.outbox.max_bytes // 4), 0
+                )
         else:
             outbox = MemoryOutbox(config.outbox.max_bytes)  # logs that predictions can be lost
+            events = MemoryOutbox(max(4096, config.outbox.max_bytes // 4)) if tracks else None
         handlers: dict[str, CommandHandler] = {}  # filled below: the handlers are the daemon's methods
         requests: list[Callable[[InferRequest], None]] = []  # the daemon's handler, bound below
         publisher = Publisher(
@@ -342,9 +352,11 @@ class Daemon:
             else None,
             request_max_bytes=config.requests.max_bytes,
             pool=config.pool.name if config.pool is not None else None,
+            side_outboxes=[events] if events is not None else [],
         )
-        if isinstance(outbox, MemoryOutbox):
-            outbox.is_connected = lambda: publisher.connected
+        for memory in (outbox, events):
+            if isinstance(memory, MemoryOutbox):
+                memory.is_connected = lambda: publisher.connected
         daemon = cls(
             config,
             profile=profile,
@@ -355,6 +367,7 @@ class Daemon:
             metrics=config.metrics,
             health=config.health,
             notifier=notifier,
+            events_outbox=events,
         )
         handlers.update(daemon.command_handlers())
         requests.append(daemon.on_request)
@@ -512,9 +525,12 @@ class Daemon:
         if self._objects is not None:
             self._send(self._objects.close())  # every object ends; counts back to 0
         deadline = time.monotonic() + self.config.flush_timeout_s
+        queues = [self.outbox] + ([self.events_outbox] if self.events_outbox is not None else [])
         while (
-            self.outbox.depth > 0 and self.publisher.connected and time.monotonic() < deadline
-        ):  # unsent predictions stay in the outbox for the next start; waiting only helps if connected
+            any(queue.depth > 0 for queue in queues)
+            and self.publisher.connected
+            and time.monotonic() < deadline
+        ):  # unsent messages stay in their outbox for the next start; waiting only helps if connected
             time.sleep(0.02)
         if self.outbox.depth:
             log.info("%d prediction(s) kept in the outbox for the next start", self.outbox.depth)
@@ -524,6 +540,8 @@ class Daemon:
         if self._health_endpoint is not None:
             self._health_endpoint.close()
         self.outbox.close()
+        if self.events_outbox is not None:
+            self.events_outbox.close()
         for session in (self.active, self.previous):
             if session is not None:
                 session.close()
@@ -691,6 +709,9 @@ class Daemon:
             topic = message.full_topic(base)
             if message.retained:
                 self.publisher.publish_retained(topic, message.payload)
+            elif message.kind == "event" and self.events_outbox is not None:
+                self.events_outbox.add(message.json(), topic=topic)  # durable; gets the events' own seq
+                self.publisher.notify()
             else:
                 self.publisher.publish_message(topic, message.payload)
 

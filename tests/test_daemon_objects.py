@@ -123,3 +123,46 @@ def test_home_assistant_entities_follow_the_config_and_go_when_discovery_is_off(
         with running_daemon(config({}, False)):  # discovery off: every entity it announced is removed
             assert wait_until(lambda: {t for t, p, _ in sub.messages if not p} == announced - gate_topics, 10)
     assert not (tmp_path / "state" / "homeassistant.json").exists()
+
+
+def test_object_events_made_while_the_broker_is_away_arrive_when_it_returns(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Events go through a durable outbox of their own (events.db beside outbox.db), with a seq of their
+    own: the predictions' seq stays contiguous."""
+    package = make_detection_package(tmp_path / "models" / "still")
+    source = {"type": "video", "uri": str(labelled_clip().path), "realtime": False, "loop": False, "fps": 50}
+    config = DaemonConfig.model_validate(
+        {
+            "device_id": DEVICE,
+            "profile": "x86-64-avx2",
+            "model": str(package),
+            "source": source,
+            "tracking": {"enabled": True, "min_hits": 2},
+            "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "qos": 1},
+            "outbox": {"path": str(tmp_path / "state" / "outbox.db")},
+            "metrics": None,
+        }
+    )
+    base = f"edge/{DEVICE}"
+    with subscribed(mosquitto.port, f"{base}/#", client_id="events-sub") as sub:
+        with running_daemon(config) as daemon:
+            assert wait_until(lambda: daemon.publisher.connected, 10)
+            mosquitto.pause()  # frozen: acknowledges nothing
+            assert wait_until(daemon.sources_done.is_set, 30)
+            assert daemon.events_outbox is not None and daemon.events_outbox.depth >= 2  # the `new`s wait
+            assert (tmp_path / "state" / "events.db").is_file()
+            mosquitto.resume()
+            assert sub.wait_for(
+                lambda es: len([e for e in es if e.get("type") == "new"]) == 2, 30, "/events/objects"
+            )
+        assert sub.wait_for(
+            lambda es: len([e for e in es if e.get("type") == "end"]) == 2, 30, "/events/objects"
+        )
+    events = sub.payloads("/events/objects")
+    seqs = sorted({e["seq"] for e in events})
+    assert seqs == list(range(1, len(seqs) + 1))  # the events' own sequence, nothing missing
+    predictions = sorted({m["seq"] for m in sub.payloads("/predictions")})
+    assert predictions == list(
+        range(predictions[0], predictions[0] + len(predictions))
+    )  # no seq taken by events

@@ -25,7 +25,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -252,6 +252,7 @@ class Publisher:
         on_request: Callable[[InferRequest], None] | None = None,
         request_max_bytes: int = 4 << 20,
         pool: str | None = None,
+        side_outboxes: Sequence[Outbox | MemoryOutbox] = (),
     ) -> None:
         try:
             check_device_id(device_id)
@@ -260,6 +261,9 @@ class Publisher:
         self.config = config
         self.device_id = device_id
         self.outbox = outbox
+        # durable queues of other messages (object events), each with its own seq: drained beside the
+        # predictions, with the same acknowledgement rules, so the predictions' seq stays theirs alone
+        self.outboxes: list[Outbox | MemoryOutbox] = [outbox, *side_outboxes]
         self.on_command = on_command
         self._status: dict[str, Any] = dict(status or {})
         # retained state (object counts, snapshots, discovery configs): sent now and again on every
@@ -286,8 +290,9 @@ class Publisher:
         self._acked_mids: deque[int] = deque()
         # wake the drain thread once a quarter of the window is acknowledged, not on every PUBACK
         self._ack_batch = max(1, config.inflight_window // 4)
-        self._inflight: dict[int, int] = {}  # paho mid -> outbox seq; only the drain thread touches it
-        self._last_sent = 0
+        # paho mid -> (outbox index, seq); only the drain thread touches it
+        self._inflight: dict[int, tuple[int, int]] = {}
+        self._last_sent = [0] * len(self.outboxes)
         self._commands: queue.Queue[Command | None] = queue.Queue(maxsize=100)
         # raw infer messages: parsed (and images decoded) on the request thread, never the network one
         self._requests: queue.Queue[paho.MQTTMessage | None] = queue.Queue(maxsize=256)
@@ -444,7 +449,7 @@ class Publisher:
         while (
             self._connected.is_set()
             and time.monotonic() < deadline
-            and (self._inflight or self._acked_mids or self.outbox.depth > 0)
+            and (self._inflight or self._acked_mids or any(box.depth > 0 for box in self.outboxes))
         ):
             self._wake.set()
             time.sleep(0.02)
@@ -722,14 +727,19 @@ class Publisher:
         mids: list[int] = []
         while self._acked_mids:
             mids.append(self._acked_mids.popleft())
-        seqs = [self._inflight[mid] for mid in mids if mid in self._inflight]
-        if seqs:
+        by_outbox: dict[int, list[int]] = collections.defaultdict(list)
+        for mid in mids:
+            if mid in self._inflight:
+                index, seq = self._inflight[mid]
+                by_outbox[index].append(seq)
+        if by_outbox:
             try:
-                self.outbox.ack_many(seqs)
+                for index, seqs in by_outbox.items():
+                    self.outboxes[index].ack_many(seqs)
             except Exception:
                 self._acked_mids.extendleft(reversed(mids))  # retry later rather than leak window slots
                 raise
-            self._counters["acked"] += len(seqs)
+            self._counters["acked"] += len(by_outbox.get(0, []))  # predictions; events are counted apart
         # only now leave the window, so `inflight == 0` implies the outbox and counters are settled
         for mid in mids:
             self._inflight.pop(mid, None)
@@ -744,23 +754,29 @@ class Publisher:
                     self._wake.wait(0.2)
                     self._wake.clear()
                     continue
-                room = window - len(self._inflight)
-                rows = self.outbox.pending_messages(min(room, 256), after=self._last_sent) if room > 0 else []
-                if not rows:
+                sent = 0
+                for index, box in enumerate(self.outboxes):
+                    room = window - len(self._inflight)
+                    rows = (
+                        box.pending_messages(min(room, 256), after=self._last_sent[index]) if room > 0 else []
+                    )
+                    props = self._publish_props if index == 0 else self._json_props
+                    for row in rows:
+                        qos = default_qos if row.qos is None else row.qos
+                        topic = row.topic or self.topic_predictions
+                        info = self._client.publish(topic, row.payload, qos, False, props)
+                        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                            # not queued by paho: leave it in the outbox and come back to it
+                            self._counters["publish_errors"] += 1
+                            break
+                        self._inflight[info.mid] = (index, row.seq)
+                        self._last_sent[index] = row.seq
+                        sent += 1
+                        if index == 0:
+                            self._counters["published"] += 1
+                if not sent:
                     self._wake.wait(0.05)
                     self._wake.clear()
-                    continue
-                for row in rows:
-                    qos = default_qos if row.qos is None else row.qos
-                    topic = row.topic or self.topic_predictions
-                    info = self._client.publish(topic, row.payload, qos, False, self._publish_props)
-                    if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                        # not queued by paho: leave it in the outbox and come back to it
-                        self._counters["publish_errors"] += 1
-                        break
-                    self._inflight[info.mid] = row.seq
-                    self._last_sent = row.seq
-                    self._counters["published"] += 1
             except Exception:  # a full disk or a closed outbox must not end publishing for good
                 log.exception("mqtt publisher loop error")
                 time.sleep(0.5)
