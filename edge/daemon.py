@@ -1026,6 +1026,11 @@ class Daemon:
                 "dropped": snap.outbox_dropped,
                 "disk_full": snap.outbox_disk_full,
             },
+            **(
+                {"events_outbox": {"depth": self.events_outbox.depth, "dropped": self.events_outbox.dropped}}
+                if self.events_outbox is not None
+                else {}
+            ),
             "mqtt": {"connected": snap.mqtt_connected, **_json_stats(self.publisher.stats)},
             "model": _info(self.active) if self.active else None,
             "previous_model": _info(self.previous) if self.previous else None,

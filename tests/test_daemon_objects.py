@@ -151,6 +151,7 @@ def test_object_events_made_while_the_broker_is_away_arrive_when_it_returns(
             mosquitto.pause()  # frozen: acknowledges nothing
             assert wait_until(daemon.sources_done.is_set, 30)
             assert daemon.events_outbox is not None and daemon.events_outbox.depth >= 2  # the `new`s wait
+            assert daemon.stats()["events_outbox"]["depth"] == daemon.events_outbox.depth
             assert (tmp_path / "state" / "events.db").is_file()
             mosquitto.resume()
             assert sub.wait_for(

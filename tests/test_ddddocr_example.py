@@ -49,3 +49,50 @@ def test_ddddocr_detector_to_int8_within_its_gate_then_tracked(tmp_path: Path, c
     end = [e["track_id"] for e in events if e["type"] == "end"]
     assert sorted(new) == sorted(end) and len(set(new)) == len(new)  # every object ends, once
     assert len(new) <= most + 3  # ids are stable while the text moves: no new object per frame
+
+    # The same package in the daemon, on the clip as a video file: tracked objects as a subscriber sees them.
+    import cv2
+    import numpy as np
+
+    from edge.config import DaemonConfig
+    from tests.broker import Mosquitto
+    from tests.daemon_helpers import running_daemon, subscribed, wait_until
+
+    video = tmp_path / "moving-text.avi"
+    height, width = clip[0].shape[:2]
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (width, height))
+    for frame in clip:
+        writer.write(frame)
+    writer.release()
+    broker = Mosquitto(tmp_path / "broker").start()
+    try:
+        config = DaemonConfig.model_validate(
+            {
+                "device_id": "text-cam",
+                "profile": "auto",
+                "model": str(out),
+                "source": {"type": "video", "uri": str(video), "realtime": False, "loop": False, "fps": 5,
+                           "name": "door", "zones": {"sign": [[0.0, 0.0], [1.0, 0.0], [1.0, 0.7], [0.0, 0.7]]}},
+                "tracking": {"enabled": True, "min_hits": 2, "max_age_s": 0.6},
+                "snapshots": {"enabled": True, "dir": str(tmp_path / "snapshots")},
+                "mqtt": {"host": "127.0.0.1", "port": broker.port, "qos": 1},
+                "outbox": {"path": str(tmp_path / "state" / "outbox.db")},
+                "metrics": None,
+            }
+        )  # fmt: skip
+        with subscribed(broker.port, "edge/text-cam/#", client_id="ddddocr-sub") as sub:
+            with running_daemon(config) as daemon:
+                assert wait_until(daemon.sources_done.is_set, 60)
+            assert sub.wait_for(lambda es: any(e.get("type") == "end" for e in es), 20, "/events/objects")
+            daemon_events = sub.payloads("/events/objects")
+            tracked = [
+                d for m in sub.payloads("/predictions") for d in m["result"]["detections"] if "track_id" in d
+            ]
+            snapshots = [p for t, p, _ in sub.messages if t.endswith("/snapshot")]
+    finally:
+        broker.stop()
+    started = {e["track_id"] for e in daemon_events if e["type"] == "new"}
+    ended = {e["track_id"] for e in daemon_events if e["type"] == "end"}
+    assert started and started == ended and tracked
+    assert any("sign" in e["zones"] for e in daemon_events if e["type"] == "end")
+    assert snapshots and cv2.imdecode(np.frombuffer(snapshots[0], np.uint8), cv2.IMREAD_COLOR) is not None
