@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from edge.config import DaemonConfig
 from tests.assets_media import labelled_clip
@@ -125,8 +126,9 @@ def test_home_assistant_entities_follow_the_config_and_go_when_discovery_is_off(
     assert not (tmp_path / "state" / "homeassistant.json").exists()
 
 
+@pytest.mark.parametrize("outage", ["frozen", "restarted"])
 def test_object_events_made_while_the_broker_is_away_arrive_when_it_returns(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto, outage: str
 ) -> None:
     """Events go through a durable outbox of their own (events.db beside outbox.db), with a seq of their
     own: the predictions' seq stays contiguous."""
@@ -139,21 +141,28 @@ def test_object_events_made_while_the_broker_is_away_arrive_when_it_returns(
             "model": str(package),
             "source": source,
             "tracking": {"enabled": True, "min_hits": 2},
-            "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "qos": 1},
+            "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "qos": 1, "reconnect_max_s": 1},
             "outbox": {"path": str(tmp_path / "state" / "outbox.db")},
             "metrics": None,
+            "exit_on_source_end": False,  # still running when the broker is back
         }
     )
     base = f"edge/{DEVICE}"
     with subscribed(mosquitto.port, f"{base}/#", client_id="events-sub") as sub:
         with running_daemon(config) as daemon:
             assert wait_until(lambda: daemon.publisher.connected, 10)
-            mosquitto.pause()  # frozen: acknowledges nothing
+            if outage == "frozen":
+                mosquitto.pause()  # takes publishes into its socket, acknowledges nothing
+            else:
+                mosquitto.stop()  # gone (it keeps the subscriber's session on disk)
             assert wait_until(daemon.sources_done.is_set, 30)
             assert daemon.events_outbox is not None and daemon.events_outbox.depth >= 2  # the `new`s wait
             assert daemon.stats()["events_outbox"]["depth"] == daemon.events_outbox.depth
             assert (tmp_path / "state" / "events.db").is_file()
-            mosquitto.resume()
+            if outage == "frozen":
+                mosquitto.resume()
+            else:
+                mosquitto.start()
             assert sub.wait_for(
                 lambda es: len([e for e in es if e.get("type") == "new"]) == 2, 30, "/events/objects"
             )
