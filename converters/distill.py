@@ -4,10 +4,15 @@ Users bring a handful of calibration inputs, not a labelled training set, so the
 the targets: KL divergence of temperature-softened class distributions for classifiers (scaled by T^2 so
 gradients keep their size), a variance-normalized MSE for any other head. Few images are stretched with
 random resized crops, flips and mixup; teacher and student always see the same augmented batch.
+
+A share of the samples (`held_out`) is never trained on: the student's loss on it, un-augmented, is
+measured before training and every few steps, and the student that did best there is the one returned —
+the model before any step included, so distilling never leaves it worse on data it did not train on.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +35,9 @@ class DistillResult:
     model: Any  # the student, trained in place, back in eval mode
     losses: list[float] = field(default_factory=list)  # one per step
     seconds: float = 0.0
+    # (step, loss on the held-out samples); step 0 is the student before training
+    held_out: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int = 0  # the step whose weights the student has now (0: training never helped)
 
 
 def distill(
@@ -45,13 +53,17 @@ def distill(
     augment: bool = True,
     seed: int = 0,
     keep_zeros: bool = False,
+    held_out: float = 0.2,
+    evaluations: int = 10,
 ) -> DistillResult:
     """Train `student` (in place) to reproduce `teacher` on `samples`; deterministic for a given seed.
 
     `samples` holds input tensors (torch or numpy), each a batch of one or several stacked samples; a
     multi-input model takes a tuple per entry, in the model's input order. `keep_zeros` (after
     unstructured pruning) holds every weight that is exactly zero at the start at zero, so training
-    recovers accuracy with the surviving weights instead of re-densifying the model.
+    recovers accuracy with the surviving weights instead of re-densifying the model. `held_out` is the
+    share of samples kept aside to choose the best of `evaluations` checkpoints (none with fewer than 5
+    samples: then the last step is kept).
     """
     import torch
 
@@ -71,8 +83,16 @@ def distill(
         return DistillResult(model=student, losses=losses, seconds=0.0)
 
     teacher.eval()  # its parameters are left as they are: it runs under no_grad only
+    total = pool[0].shape[0]
+    kept_aside = int(total * held_out) if total >= 5 and held_out > 0 else 0
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 1))
+    check = tuple(tensor[order[:kept_aside]] for tensor in pool) if kept_aside else ()
+    pool = tuple(tensor[order[kept_aside:]] for tensor in pool) if kept_aside else pool
     count = pool[0].shape[0]
     batch = min(batch_size, count) if not augment else batch_size
+    scores: list[tuple[int, float]] = []
+    best: tuple[float, int, dict[str, Any] | None] = (math.inf, 0, None)
+    every = max(1, steps // max(1, evaluations))
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -90,6 +110,17 @@ def distill(
             return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+        def checkpoint(step: int) -> None:
+            nonlocal best
+            if not check:
+                return
+            score = _held_out_loss(student, teacher, check, temperature)
+            scores.append((step, score))
+            if score < best[0]:
+                best = (score, step, copy.deepcopy(student.state_dict()))
+
+        checkpoint(0)
         for step in range(steps):
             index = torch.randint(0, count, (batch,), generator=generator)
             inputs = tuple(tensor[index] for tensor in pool)
@@ -107,8 +138,37 @@ def distill(
             losses.append(value)
             if on_step is not None:
                 on_step(step, value)
+            if (step + 1) % every == 0 or step + 1 == steps:
+                checkpoint(step + 1)
+    best_step = steps
+    if best[2] is not None:
+        student.load_state_dict(best[2])
+        best_step = best[1]
     student.eval()
-    return DistillResult(model=student, losses=losses, seconds=time.perf_counter() - started)
+    return DistillResult(
+        model=student,
+        losses=losses,
+        seconds=time.perf_counter() - started,
+        held_out=scores,
+        best_step=best_step,
+    )
+
+
+def _held_out_loss(student: Any, teacher: Any, inputs: tuple[Any, ...], temperature: float) -> float:
+    """The distillation loss on samples never trained on, un-augmented, the student in eval mode."""
+    import torch
+
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            loss = distillation_loss(
+                flatten_outputs(student(*inputs)), flatten_outputs(teacher(*inputs)), temperature
+            )
+        return float(loss)
+    finally:
+        if was_training:
+            _set_train_mode(student)
 
 
 def _zero_masks(parameters: list[Any]) -> list[tuple[Any, Any]]:

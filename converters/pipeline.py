@@ -511,6 +511,9 @@ def _distill(
                 "seconds": round(float(result.seconds), 1),
                 "loss_first": float(result.losses[0]) if result.losses else None,
                 "loss_last": float(result.losses[-1]) if result.losses else None,
+                # the checkpoint kept: the one best on calibration samples it never trained on
+                "best_step": result.best_step,
+                "held_out_loss": {str(step): round(loss, 6) for step, loss in result.held_out},
             }
             if unstructured:
                 # The distiller holds pruned weights at zero; measured, not assumed.

@@ -216,6 +216,8 @@ def test_prune_and_distill_stages(tmp_path: Path, factory: Path, capsys: pytest.
     assert pruning["params_after"] < pruning["params_before"]
     assert pruning["distillation"]["steps"] == 5 and pruning["distillation"]["loss_last"] is not None
     assert pruning["distillation"]["lr"] == 3e-4
+    held_out = pruning["distillation"]["held_out_loss"]
+    assert "0" in held_out and str(pruning["distillation"]["best_step"]) in held_out  # the kept checkpoint
     metrics = package.manifest.metrics
     assert metrics["size_bytes"]["pruned_fp32"] < metrics["size_bytes"]["fp32"]
     assert set(metrics["latency_ms"]) == {"fp32", "pruned_fp32", "int8"}

@@ -178,3 +178,32 @@ def test_bad_input_raises_one_clear_error(kwargs: dict, needle: str) -> None:
         distill(TwoHeads(), TwoHeads(), **arguments)
     assert isinstance(caught.value, ConfigError) and isinstance(caught.value, ValueError)
     assert needle in str(caught.value)
+
+
+def test_distilling_never_leaves_the_student_worse_than_it_was(digits: dict) -> None:
+    """The student that did best on held-out samples is kept, the untrained one included: a student
+    already equal to its teacher, or one trained with a learning rate that wrecks it, comes back as it
+    was; a pruned one comes back better, at the checkpoint that did best."""
+    import copy
+
+    teacher, x_test = digits["teacher"], digits["x_test"]
+    for student, lr in ((copy.deepcopy(teacher), 1e-3), (copy.deepcopy(teacher), 5.0)):
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        result = distill(student, teacher, [digits["calib"]], steps=40, batch_size=32, lr=lr)
+        assert result.best_step == 0 and result.held_out[0][0] == 0
+        assert all(torch.equal(before[k], v) for k, v in result.model.state_dict().items())
+        assert min(loss for _, loss in result.held_out) == result.held_out[0][1]
+
+    pruned = prune_model(teacher, torch.from_numpy(x_test[:1]), 0.3, "structured").model
+    result = distill(pruned, teacher, [digits["calib"]], steps=100, batch_size=32)
+    start, best = result.held_out[0][1], min(loss for _, loss in result.held_out)
+    assert result.best_step > 0 and best < 0.5 * start
+    assert [step for step, _ in result.held_out] == list(range(0, 101, 10))
+    kl_after, _ = _kl_and_agreement(result.model, teacher, x_test)  # on images neither part saw
+    assert (
+        kl_after
+        < 0.6
+        * _kl_and_agreement(
+            prune_model(teacher, torch.from_numpy(x_test[:1]), 0.3, "structured").model, teacher, x_test
+        )[0]
+    )
