@@ -134,6 +134,43 @@ class CapturingSource:
         return self._slot.take(timeout)
 
 
+class ReaderThreadSource(CapturingSource):
+    """A source read by one thread of its own (`_run`, named `thread_name`) from `start()` to `stop()`."""
+
+    @property
+    def thread_name(self) -> str:
+        return "source"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._slot.reopen()
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._slot.close()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            self._thread = None
+
+    def __enter__(self) -> ReaderThreadSource:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass(frozen=True)
 class SourcePlugin:
     """What a source module declares as its module-level `PLUGIN`: the config's `type` key, the config

@@ -16,7 +16,6 @@ import logging
 import os
 import select
 import struct
-import threading
 import time
 import wave
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge.errors import ConfigError, Finding
-from edge.sources.base import CapturingSource, Frame, SourcePlugin
+from edge.sources.base import Frame, ReaderThreadSource, SourcePlugin
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +178,7 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-class SensorSource(CapturingSource):
+class SensorSource(ReaderThreadSource):
     """Windows of sensor samples; `read()` returns the newest window not yet returned."""
 
     def __init__(self, config: SensorSourceConfig) -> None:
@@ -190,7 +189,6 @@ class SensorSource(CapturingSource):
         self.sample_format: str = config.format
         self.channels = config.channels
         self.sample_rate: int | None = config.sample_rate
-        self._thread: threading.Thread | None = None
         # stdin from a pipe or a file is data someone wants every window of; a terminal is typed live
         self._stdin_live = self.kind == "stdin" and (config.realtime is True or os.isatty(0))
         if self.kind in ("file", "wav") and not _is_file(Path(self.uri)):
@@ -201,29 +199,14 @@ class SensorSource(CapturingSource):
     def describe(self) -> str:
         return f"sensor source {self.uri} ({self.sample_format}, {self.channels} channel(s))"
 
+    @property
+    def thread_name(self) -> str:
+        return f"sensor-{self.kind}"
+
     def start(self) -> None:
-        if self._thread is not None:
-            return
         if self.kind == "serial":
             import serial  # noqa: F401  (fail now, not in the thread, if pyserial is missing)
-        self._stop.clear()
-        self._slot.reopen()
-        self._thread = threading.Thread(target=self._run, name=f"sensor-{self.kind}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._slot.close()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
-
-    def __enter__(self) -> SensorSource:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().start()
 
     # -- internals --------------------------------------------------------------------------------------
 

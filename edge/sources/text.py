@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edge.errors import ConfigError, Finding
-from edge.sources.base import CapturingSource, Frame, SourcePlugin
+from edge.sources.base import Frame, ReaderThreadSource, SourcePlugin
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def text_frame_data(line: str) -> np.ndarray:
     return data
 
 
-class TextSource(CapturingSource):
+class TextSource(ReaderThreadSource):
     """Lines of a file or stdin; `read()` returns them in order, none dropped."""
 
     def __init__(self, config: TextSourceConfig) -> None:
@@ -67,7 +66,6 @@ class TextSource(CapturingSource):
         self.config = config
         self.uri = config.uri
         self.kind: Literal["stdin", "file"] = "stdin" if config.uri == "-" else "file"
-        self._thread: threading.Thread | None = None
         self._line = -1  # lines read so far, minus one (across loops)
         if self.kind == "file" and not Path(self.uri).is_file():
             raise ConfigError(f"text source {self.uri}: file not found")
@@ -79,27 +77,9 @@ class TextSource(CapturingSource):
     def describe(self) -> str:
         return f"text source {self.uri}"
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._slot.reopen()
-        self._thread = threading.Thread(target=self._run, name=f"text-{self.kind}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._slot.close()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
-
-    def __enter__(self) -> TextSource:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    @property
+    def thread_name(self) -> str:
+        return f"text-{self.kind}"
 
     # -- internals --------------------------------------------------------------------------------------
 
