@@ -20,6 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("edge.bench", "latency/throughput/RSS of a package on this device"),
     "demo": ("edge.demo", "run the bundled model on a bundled clip against a local broker"),
     "keygen": ("edge.keygen", "create an ed25519 key pair for signing model packages"),
+    "forget": (
+        "edge.forget",
+        "remove what this device left retained on the broker (Home Assistant entities)",
+    ),
 }
 
 

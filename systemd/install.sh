@@ -3,7 +3,7 @@
 #
 # usage: systemd/install.sh [--root DIR] [--bin PATH] [--config FILE] [--model PKG_DIR]
 #                           [--public-key PEM] [--device-id ID] [--enable]
-#        systemd/install.sh [--root DIR] --uninstall [--purge]
+#        systemd/install.sh [--root DIR] [--bin PATH] --uninstall [--purge] [--forget | --keep-retained]
 #
 # Puts in place (all paths under --root, default /):
 #   /etc/systemd/system/edge-infer.service         the hardened unit (ExecStart rewritten with --bin)
@@ -17,6 +17,9 @@
 # Safe to run twice: files it owns are replaced with the same content, an existing config, key, model
 # or `current` link is left alone. --uninstall removes the unit, snippets and docs, keeps config and
 # state (outbox, models, trust.json) unless --purge; the system user is kept (sysusers.d convention).
+# Uninstalling from / also runs `edge-infer forget` once the service is stopped, so the device's Home
+# Assistant entities, zone counts, snapshots and status leave the broker (--keep-retained skips it; with
+# --root it runs only when asked with --forget). A broker it cannot reach is a warning, not a failure.
 # With --root other than /, nothing is started and ownership is left to the image build.
 set -euo pipefail
 
@@ -31,6 +34,7 @@ device_id=""
 enable=0
 uninstall=0
 purge=0
+forget=""
 
 die() { echo "install.sh: $*" >&2; exit 2; }
 say() { echo "install.sh: $*"; }
@@ -46,7 +50,9 @@ while [[ $# -gt 0 ]]; do
         --enable) enable=1; shift ;;
         --uninstall) uninstall=1; shift ;;
         --purge) purge=1; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --forget) forget=1; shift ;;
+        --keep-retained) forget=0; shift ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -72,6 +78,15 @@ if [[ $uninstall -eq 1 ]]; then
         systemctl disable --now edge-infer.service 2>/dev/null || true
     elif [[ -e "$prefix/etc/systemd/system/multi-user.target.wants/edge-infer.service" ]]; then
         rm -f "$prefix/etc/systemd/system/multi-user.target.wants/edge-infer.service"
+    fi
+    [[ -z "$forget" ]] && forget=$live
+    if [[ $forget -eq 1 && -f "$etc_dir/config.yaml" ]]; then
+        # After the stop: a running daemon would announce itself again on its next connection.
+        if [[ ! -x "$bin" ]]; then
+            say "warning: $bin is not there; the device's retained MQTT topics stay (run: edge-infer forget --config $etc_dir/config.yaml)"
+        elif ! "$bin" forget --config "$etc_dir/config.yaml"; then
+            say "warning: the device's retained MQTT topics stay; run '$bin forget --config $etc_dir/config.yaml' when the broker is reachable"
+        fi
     fi
     rm -f "$unit_path" "$sysusers_path" "$tmpfiles_path"
     rm -rf "$doc_dir"
