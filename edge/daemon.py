@@ -103,6 +103,15 @@ class FrameQueue:
         self._maxsize = maxsize
         self._cond = threading.Condition()
         self.dropped: dict[str, int] = collections.defaultdict(int)
+        # Told of each job as it leaves, under the queue's lock: so in the order jobs were queued, which
+        # racing workers would otherwise lose (tracked objects need their source's frames in order).
+        self.on_take: Callable[[Job], None] | None = None
+
+    def _take(self) -> Job:
+        job = self._items.popleft()
+        if self.on_take is not None:
+            self.on_take(job)
+        return job
 
     def put(self, job: Job | Frame, wait_for_room: bool = False, stop: threading.Event | None = None) -> None:
         job = job if isinstance(job, Job) else Job(job)
@@ -125,7 +134,7 @@ class FrameQueue:
                 self._cond.wait(timeout)
             if not self._items:
                 return None
-            job = self._items.popleft()
+            job = self._take()
             self._cond.notify_all()  # a lossless source may be waiting for this room
             return job
 
@@ -145,7 +154,7 @@ class FrameQueue:
                         break
                     self._cond.wait(remaining)
                     continue
-                batch.append(self._items.popleft())
+                batch.append(self._take())
             self._cond.notify_all()  # lossless sources may be waiting for this room
         return batch
 
@@ -398,6 +407,8 @@ class Daemon:
             self.active.provider,
         )
         self._objects = self._object_service(self.active)
+        if self._objects is not None:
+            self.queue.on_take = self._taken
         self.publisher.set_status(self._status("online"))
         self.publisher.start()
         info = self.active.info
@@ -614,7 +625,13 @@ class Daemon:
         for job, (result, timings) in zip(batched, served, strict=True):
             self._publish(session, job, result, timings, len(batched))
 
+    def _taken(self, job: Job) -> None:
+        if self._objects is not None and job.answer is None:
+            self._objects.taken(job.frame.uri, job.frame.index)
+
     def _failed(self, job: Job, exc: Exception) -> None:
+        if self._objects is not None and job.answer is None:
+            self._objects.skip(job.frame.uri, job.frame.index)
         self.inference_errors += 1
         log.warning("frame %d from %s: %s", job.frame.index, job.frame.uri, exc)
         if job.answer is not None:
@@ -642,7 +659,7 @@ class Daemon:
         objects = self._objects
         if objects is not None and job.answer is None:
             # before the payload is built: the detections get their track ids
-            self._send(objects.process(frame.uri, result, frame.captured_at, frame.data))
+            self._send(objects.process(frame.uri, result, frame.captured_at, frame.data, frame.index))
             objects.observe(timings.inference)
         payload = build_prediction(
             device_id=self.config.device_id,

@@ -18,7 +18,10 @@ from tests.daemon_helpers import make_detection_package, running_daemon, subscri
 DEVICE = "yard-cam"
 
 
-def test_objects_are_tracked_counted_snapshotted_and_announced(tmp_path: Path, mosquitto: Mosquitto) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_objects_are_tracked_counted_snapshotted_and_announced(
+    tmp_path: Path, mosquitto: Mosquitto, workers: int
+) -> None:
     package = make_detection_package(tmp_path / "models" / "still")
     config = DaemonConfig.model_validate(
         {
@@ -40,6 +43,7 @@ def test_objects_are_tracked_counted_snapshotted_and_announced(tmp_path: Path, m
             "tracking": {"enabled": True, "min_hits": 2, "max_age_s": 1.0},
             "snapshots": {"enabled": True, "dir": str(tmp_path / "snapshots"), "min_interval_s": 0.0},
             "homeassistant": {"enabled": True},
+            "workers": workers,  # two race: a source's frames must still reach its tracker in order
             "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "qos": 1},
             "outbox": {"path": str(tmp_path / "outbox.db")},
             "metrics": None,

@@ -4,13 +4,16 @@ synthetic heads: objects move across frames, and the ids, events and counts they
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from edge.detect import ObjectPipeline, SourceInfo, SourceZones, TrackingConfig, Zones
-from edge.detect.config import ZoneConfig
+from edge.detect.config import HomeAssistantConfig, SnapshotConfig, ZoneConfig
+from edge.detect.service import ObjectService, ObjectSource
 from edge.detect.tracker import Detection, Tracker, assign_greedy, iou_matrix
 from edge.detect.zones import Zone, point_in_polygon
 from edge.tasks.base import DecoderContext
@@ -252,3 +255,53 @@ def test_a_prediction_with_track_ids_validates_against_the_shipped_schema(decode
     validator.validate(payload)
     result["detections"][0]["track_id"] = 0
     assert not validator.is_valid(payload)
+
+
+def _service() -> ObjectService:
+    return ObjectService(
+        TrackingConfig(enabled=True, min_hits=2, max_age_s=1.0),
+        SnapshotConfig(),
+        HomeAssistantConfig(),
+        topic_prefix="edge",
+        device_id="cam-01",
+        sources=[ObjectSource("file:clip.mp4", "driveway", {})],
+        labels=LABELS,
+    )
+
+
+def test_racing_workers_reach_the_tracker_in_frame_order(decode) -> None:
+    """Two inference workers: a later frame may finish first. The service holds it until every frame
+    taken before it was tracked, so the track is confirmed on frame 1 and frame 0 has no id."""
+    service = _service()
+    results = [decode([yolo_head([(0.1 + 0.02 * i, 0.5, 0.1, 0.3, 0, 0.9)])], None) for i in range(8)]
+    for index in range(8):
+        service.taken("file:clip.mp4", index)
+    finished: list[int] = []
+
+    def work(index: int) -> None:
+        service.process("file:clip.mp4", results[index], 100.0 + 0.2 * index, None, index)
+        finished.append(index)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in reversed(range(8))]  # the latest first
+    for thread in threads:
+        thread.start()
+        time.sleep(0.01)
+    for thread in threads:
+        thread.join(10)
+    assert finished == list(range(8))
+    assert "track_id" not in results[0]["detections"][0]
+    assert len({r["detections"][0]["track_id"] for r in results[1:]}) == 1
+
+
+def test_a_frame_whose_inference_failed_does_not_hold_up_the_next() -> None:
+    service = _service()
+    for index in range(3):
+        service.taken("file:clip.mp4", index)
+    service.process("file:clip.mp4", {"detections": []}, 100.0, None, 0)
+    service.skip("file:clip.mp4", 1)  # its inference failed: no result will come
+    later = threading.Thread(
+        target=service.process, args=("file:clip.mp4", {"detections": []}, 100.4, None, 2)
+    )
+    later.start()
+    later.join(2.0)  # well within ORDER_WAIT_S: it did not wait for frame 1
+    assert not later.is_alive()
