@@ -338,3 +338,36 @@ def make_detection_package(out_dir: Path) -> Path:
     )
     write_manifest(out_dir, manifest)
     return out_dir
+
+
+def tracked_clip_config(tmp_path: Path, port: int, device_id: str, **overrides: Any) -> dict[str, Any]:
+    """A daemon config (as a dict) with every object feature on: the still-scene detector of
+    `make_detection_package` on `labelled_clip()` as source `driveway` with a `gate` zone, tracking,
+    snapshots and Home Assistant discovery; state under `tmp_path`."""
+    from tests.assets_media import labelled_clip
+
+    package = make_detection_package(tmp_path / "models" / "still")
+    config: dict[str, Any] = {
+        "device_id": device_id,
+        "profile": "x86-64-avx2",
+        "model": str(package),
+        "sources": [
+            {
+                "type": "video",
+                "uri": str(labelled_clip().path),
+                "realtime": False,
+                "loop": False,
+                "fps": 50,
+                "name": "driveway",
+                # the person's bottom centre (0.25, 0.9) is in the gate; the car's (0.775, 0.95) is not
+                "zones": {"gate": [[0.0, 0.5], [0.5, 0.5], [0.5, 1.0], [0.0, 1.0]]},
+            }
+        ],
+        "tracking": {"enabled": True, "min_hits": 2, "max_age_s": 1.0},
+        "snapshots": {"enabled": True, "dir": str(tmp_path / "snapshots"), "min_interval_s": 0.0},
+        "homeassistant": {"enabled": True},
+        "mqtt": {"host": "127.0.0.1", "port": port, "qos": 1},
+        "outbox": {"path": str(tmp_path / "state" / "outbox.db")},
+        "metrics": None,
+    }
+    return {**config, **overrides}

@@ -13,7 +13,13 @@ import pytest
 from edge.config import DaemonConfig
 from tests.assets_media import labelled_clip
 from tests.broker import Mosquitto
-from tests.daemon_helpers import make_detection_package, running_daemon, subscribed, wait_until
+from tests.daemon_helpers import (
+    make_detection_package,
+    running_daemon,
+    subscribed,
+    tracked_clip_config,
+    wait_until,
+)
 
 DEVICE = "yard-cam"
 
@@ -22,32 +28,9 @@ DEVICE = "yard-cam"
 def test_objects_are_tracked_counted_snapshotted_and_announced(
     tmp_path: Path, mosquitto: Mosquitto, workers: int
 ) -> None:
-    package = make_detection_package(tmp_path / "models" / "still")
+    # two workers race: a source's frames must still reach its tracker in order
     config = DaemonConfig.model_validate(
-        {
-            "device_id": DEVICE,
-            "profile": "x86-64-avx2",
-            "model": str(package),
-            "sources": [
-                {
-                    "type": "video",
-                    "uri": str(labelled_clip().path),
-                    "realtime": False,
-                    "loop": False,
-                    "fps": 50,
-                    "name": "driveway",
-                    # the person's bottom centre (0.25, 0.9) is in the gate; the car's (0.775, 0.95) is not
-                    "zones": {"gate": [[0.0, 0.5], [0.5, 0.5], [0.5, 1.0], [0.0, 1.0]]},
-                }
-            ],
-            "tracking": {"enabled": True, "min_hits": 2, "max_age_s": 1.0},
-            "snapshots": {"enabled": True, "dir": str(tmp_path / "snapshots"), "min_interval_s": 0.0},
-            "homeassistant": {"enabled": True},
-            "workers": workers,  # two race: a source's frames must still reach its tracker in order
-            "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "qos": 1},
-            "outbox": {"path": str(tmp_path / "outbox.db")},
-            "metrics": None,
-        }
+        tracked_clip_config(tmp_path, mosquitto.port, DEVICE, workers=workers)
     )
     with subscribed(mosquitto.port, "#", client_id="objects-sub") as sub:
         with running_daemon(config) as daemon:

@@ -13,9 +13,8 @@ from pathlib import Path
 import yaml
 
 from edge.config import load_config
-from tests.assets_media import labelled_clip
 from tests.broker import Mosquitto
-from tests.daemon_helpers import make_detection_package, running_daemon, subscribed, wait_until
+from tests.daemon_helpers import running_daemon, subscribed, tracked_clip_config, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "gate-cam"
@@ -29,29 +28,8 @@ def _retained(port: int, topic: str) -> dict[str, bytes]:
 
 
 def _write_config(path: Path, tmp_path: Path, port: int) -> Path:
-    package = make_detection_package(tmp_path / "models" / "still")
-    config = {
-        "device_id": DEVICE,
-        "profile": "x86-64-avx2",
-        "model": str(package),
-        "source": {
-            "type": "video",
-            "uri": str(labelled_clip().path),
-            "realtime": False,
-            "loop": False,
-            "fps": 50,
-            "name": "driveway",
-            "zones": {"gate": [[0.0, 0.5], [0.5, 0.5], [0.5, 1.0], [0.0, 1.0]]},
-        },
-        "tracking": {"enabled": True, "min_hits": 2, "max_age_s": 1.0},
-        "snapshots": {"enabled": True, "dir": str(tmp_path / "snapshots"), "min_interval_s": 0.0},
-        "homeassistant": {"enabled": True},
-        "mqtt": {"host": "127.0.0.1", "port": port, "qos": 1},
-        "outbox": {"path": str(tmp_path / "state" / "outbox.db")},
-        "metrics": None,
-    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    path.write_text(yaml.safe_dump(tracked_clip_config(tmp_path, port, DEVICE)), encoding="utf-8")
     return path
 
 
