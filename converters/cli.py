@@ -66,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="Adam learning rate for distillation (default 1e-4: higher undoes a pretrained student)",
     )
     parser.add_argument(
+        "--prune-layers",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="transformers: drop this share of the encoder layers, then distil from the full model",
+    )
+    parser.add_argument(
+        "--distill-budget-s",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="transformers: wall time for distillation after --prune-layers (default 300)",
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, metavar="FILE", help="tokenizer.json of a transformer .onnx SOURCE"
+    )
+    parser.add_argument(
         "--formats", type=lambda t: [f.strip() for f in t.split(",") if f.strip()], metavar="onnx,tflite"
     )
     parser.add_argument("--max-drop", type=float, default=1.0, metavar="PCT", help="points (default 1)")
@@ -129,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         prune_mode=args.prune_mode,
         distill_steps=args.distill_steps,
         distill_lr=args.distill_lr,
+        prune_layers=args.prune_layers,
+        distill_budget_s=args.distill_budget_s,
+        tokenizer=args.tokenizer,
         formats=args.formats,
         max_drop=args.max_drop,
         metric=args.metric,

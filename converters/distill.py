@@ -298,3 +298,37 @@ def _augment(inputs: tuple[Any, ...], generator: torch.Generator) -> tuple[Any, 
             out = torch.where(mixed, (1 - weight) * out + weight * out[partner], out)
         augmented.append(out)
     return tuple(augmented)
+
+
+def warmup_cosine(steps: int) -> Callable[[int], float]:
+    """The learning-rate factor at a step of `steps`: a short warm-up (5 %), then cosine to zero."""
+    warmup = max(1, steps // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return schedule
+
+
+class HeldOutBest:
+    """The checkpoint that did best on held-out samples: `offer(step, loss, model)` copies the weights
+    when `loss` is the lowest so far (step 0, the untrained student, included); `restore(model)` loads
+    them and returns their step. `scores` lists every (step, loss) offered."""
+
+    def __init__(self) -> None:
+        self.scores: list[tuple[int, float]] = []
+        self._best: tuple[float, int, dict[str, Any] | None] = (math.inf, 0, None)
+
+    def offer(self, step: int, loss: float, model: torch.nn.Module) -> bool:
+        self.scores.append((step, loss))
+        if loss < self._best[0]:
+            self._best = (loss, step, copy.deepcopy(model.state_dict()))
+            return True
+        return False
+
+    def restore(self, model: torch.nn.Module) -> int:
+        if self._best[2] is not None:
+            model.load_state_dict(self._best[2])
+        return self._best[1]

@@ -13,10 +13,10 @@ start from.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,22 +230,42 @@ class _Pooled(_Wrapped):
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         hidden = self.run(*tensors).last_hidden_state  # type: ignore[attr-defined]
-        if self.pooling == "cls":
-            return hidden[:, 0]
         names = self.input_names
-        mask = (
-            tensors[names.index("attention_mask")]
-            if "attention_mask" in names
-            else torch.ones_like(tensors[names.index("input_ids")])
-        )
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        if self.pooling == "max":
-            return hidden.masked_fill(weights == 0, -1e9).max(dim=1).values
-        summed = (hidden * weights).sum(dim=1)
-        counts = weights.sum(dim=1).clamp(min=1e-9)
-        if self.pooling == "mean_sqrt_len":
-            return summed / counts.sqrt()
-        return summed / counts
+        mask = tensors[names.index("attention_mask")] if "attention_mask" in names else None
+        return pool_hidden(hidden, mask, self.pooling)
+
+
+def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor | None, pooling: Pooling) -> torch.Tensor:
+    """The sentence embedding from the last hidden states (batch, tokens, hidden), as `1_Pooling` says:
+    only the tokens the attention mask keeps count."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if mask is None:
+        mask = torch.ones(hidden.shape[:2], dtype=torch.int64)
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    if pooling == "max":
+        return hidden.masked_fill(weights == 0, -1e9).max(dim=1).values
+    summed = (hidden * weights).sum(dim=1)
+    counts = weights.sum(dim=1).clamp(min=1e-9)
+    if pooling == "mean_sqrt_len":
+        return summed / counts.sqrt()
+    return summed / counts
+
+
+def transformers_model(source: HuggingFaceSource) -> torch.nn.Module:
+    """The `transformers` model inside the export wrapper (what layer pruning edits)."""
+    assert isinstance(source.module, _Wrapped)
+    return source.module.model
+
+
+def with_model(source: HuggingFaceSource, model: torch.nn.Module) -> HuggingFaceSource:
+    """`source` serving another `transformers` model of the same kind (a layer-pruned student)."""
+    module: torch.nn.Module = (
+        _Pooled(model, source.input_names, source.pooling)
+        if source.pooling is not None
+        else _Logits(model, source.input_names)
+    )
+    return dataclasses.replace(source, module=module.eval())
 
 
 def export_text_onnx(source: HuggingFaceSource, example: dict[str, np.ndarray], out_path: Path) -> float:
@@ -281,10 +301,3 @@ def export_text_onnx(source: HuggingFaceSource, example: dict[str, np.ndarray], 
 
     got = session(out_path).run(None, example)[0]
     return float(np.max(np.abs(got - reference)))
-
-
-def copy_tokenizer(source: HuggingFaceSource, work: Path) -> Path:
-    target = work / "tokenizer.json"
-    if source.tokenizer_json.resolve() != target.resolve():
-        shutil.copyfile(source.tokenizer_json, target)
-    return target

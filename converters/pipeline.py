@@ -77,6 +77,9 @@ class ConvertOptions:
     prune_mode: Literal["structured", "unstructured"] = "structured"
     distill_steps: int = 0
     distill_lr: float = 1e-4
+    prune_layers: float = 0.0  # transformers: share of encoder layers dropped, then distilled
+    distill_budget_s: float = 300.0  # transformers: wall time distillation may take after --prune-layers
+    tokenizer: Path | None = None  # a transformer .onnx SOURCE: its tokenizer.json
     formats: list[str] | None = None
     max_drop: float = 1.0
     metric: str | None = None
@@ -246,10 +249,14 @@ class Measurements:
 
 def convert(options: ConvertOptions) -> ConvertResult:
     with tempfile.TemporaryDirectory(prefix="edge-convert-") as tmp, Stages(options.quiet) as stages:
-        if Path(options.source).is_dir() and (Path(options.source) / "config.json").is_file():
-            from converters.text_pipeline import convert_text  # a Hugging Face folder (transformers)
+        from converters.text_onnx import is_text_source
+
+        if is_text_source(Path(options.source), options.tokenizer):  # transformers: their own pipeline
+            from converters.text_pipeline import convert_text
 
             return convert_text(options, Path(tmp), stages)
+        if options.prune_layers > 0:
+            raise ConfigError("--prune-layers: for transformers (a Hugging Face folder); use --prune here")
         return _convert(options, Path(tmp), stages)
 
 

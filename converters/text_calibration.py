@@ -55,3 +55,13 @@ def split_texts(calib: list[str], evaluation: list[str] | None, where: Path) -> 
 def text_feeds(pre: TextPreprocessor, texts: list[str]) -> list[dict[str, np.ndarray]]:
     """One feed per text, padded to its bucket: what the runtime builds for each."""
     return [pre.encode(text) for text in texts]
+
+
+def selection_texts(calib: list[str]) -> tuple[list[str], list[str]]:
+    """(calibration, selection): the last third of the calibration texts decides which int8 recipe (and
+    SmoothQuant alpha) ships, so the evaluation texts only score the choice and never make it. With too
+    few texts to spare a third, the selection is the calibration texts themselves."""
+    if len(calib) < 3 * MIN_EVAL_TEXTS:
+        return calib, calib
+    cut = len(calib) - len(calib) // 3
+    return calib[:cut], calib[cut:]

@@ -108,8 +108,11 @@ class TransformerShape:
 class RecipeResult:
     recipe: Recipe
     path: Path | None
-    scores: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)  # on the evaluation texts: reported, gated
     passed: bool = False
+    # on the calibration texts set aside for choosing (text_calibration.selection_texts): what chooses
+    selection: dict[str, float] = field(default_factory=dict)
+    selected: bool = False
     latency_ms: float | None = None
     bytes: int = 0
     error: str | None = None
@@ -121,6 +124,8 @@ class RecipeResult:
             "latency_ms_p50": self.latency_ms,
             "bytes": self.bytes,
             **{k: round(v, 5) for k, v in self.scores.items()},
+            "selection": {k: round(v, 5) for k, v in self.selection.items()},
+            "selection_passed": self.selected,
             **({"error": self.error} if self.error else {}),
         }
 
@@ -494,9 +499,14 @@ def try_recipes(
     gate: Callable[[dict[str, float]], bool],
     recipes: tuple[Recipe, ...] = RECIPES,
     note: Callable[[str], None] = lambda text: None,
+    selection: Feeds | None = None,
 ) -> tuple[np.ndarray, list[RecipeResult]]:
-    """Build and score every recipe against fp32 on `evaluation`: (fp32 outputs, results in order)."""
+    """Build every recipe and score it against fp32 on `selection` (what chooses; default the
+    calibration feeds) and on `evaluation` (what is reported and gated): (fp32 outputs on `evaluation`,
+    results in order)."""
     reference = run_all(fp32, evaluation)
+    choosing = selection if selection is not None else calib
+    chooser = run_all(fp32, choosing)
     fused_cache: dict[str, Path] = {}
     results = []
     for recipe in recipes:
@@ -508,5 +518,8 @@ def try_recipes(
             results.append(RecipeResult(recipe, None, error=str(exc)))
             continue
         scores = scorer(reference, run_all(path, evaluation))
-        results.append(RecipeResult(recipe, path, scores, gate(scores), bytes=path.stat().st_size))
+        chosen = scorer(chooser, run_all(path, choosing))
+        results.append(
+            RecipeResult(recipe, path, scores, gate(scores), chosen, gate(chosen), bytes=path.stat().st_size)
+        )
     return reference, results

@@ -107,10 +107,10 @@ def minilm_folder(cache_dir: Path) -> Path:
 
 
 def tiny_bert_folder(
-    folder: Path, tokenizer_json: Path, *, classifier_labels: list[str] | None = None
+    folder: Path, tokenizer_json: Path, *, classifier_labels: list[str] | None = None, layers: int = 2
 ) -> Path:
-    """A randomly initialised 2-layer BERT (hidden 32) saved as a Hugging Face folder with a real
-    tokenizer.json: converts in seconds. With `classifier_labels`, a sequence classifier with id2label."""
+    """A randomly initialised BERT (2 layers unless told, hidden 32) saved as a Hugging Face folder with a
+    real tokenizer.json: converts in seconds. With `classifier_labels`, a sequence classifier with id2label."""
     import shutil
 
     import torch
@@ -120,7 +120,7 @@ def tiny_bert_folder(
         return folder
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=128,
     )  # fmt: skip
     if classifier_labels:
