@@ -11,6 +11,11 @@
    mid-run: the share each served and what went unanswered.
 
     python benchmarks/serve_bench.py [--package PKG] [--blocks 3] [--block-seconds 8] [--rate 50] [--seconds 60]
+    python benchmarks/serve_bench.py --text [--package PKG] [--rate 20] [--seconds 60]
+
+`--text`: only (2), with `{"text": ...}` requests (unseen English sentences) to a text package (default:
+all-MiniLM-L6-v2 converted once with `edge-convert` into $EDGE_CACHE/serve_bench), and the RSS of the
+process the daemon runs in (this one, beside the MQTT client) before the daemon and at the end.
 
 The package needs a dynamic batch axis (`edge-convert` exports one); default: EfficientNet-Lite0 int8
 converted once into $EDGE_CACHE/serve_bench (a few minutes).
@@ -198,22 +203,52 @@ def batching(package: Path, tmp: Path, port: int, blocks: int, seconds: float, p
     )
 
 
-def requests(package: Path, tmp: Path, port: int, rate: float, seconds: float, profile: str) -> None:
-    import cv2
+def ensure_text_package(cache: Path) -> Path:
+    """all-MiniLM-L6-v2 int8 (the recipe the gate picks), converted once."""
+    from tests.assets_text import calib_eval_sentences, minilm_folder, write_lines
+
+    package = cache / "serve_bench" / "minilm-int8"
+    if (package / "manifest.json").is_file():
+        return package
+    calib, evaluation = calib_eval_sentences(300, 200)
+    command = [
+        sys.executable, "-m", "converters.cli", str(minilm_folder(cache)), "--out", str(package),
+        "--task", "embedding", "--calib", str(write_lines(cache / "serve_bench" / "calib.txt", calib)),
+        "--eval", str(write_lines(cache / "serve_bench" / "eval.txt", evaluation)), "-q",
+    ]  # fmt: skip
+    print(f"converting once: {' '.join(command)}", flush=True)
+    subprocess.run(command, cwd=REPO, check=False)  # exit 1 (gate missed) still writes the package
+    return package
+
+
+def _rss_mib() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process in MiB."""
+    fields = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def requests(
+    package: Path,
+    tmp: Path,
+    port: int,
+    rate: float,
+    seconds: float,
+    profile: str,
+    bodies: list[tuple[bytes, str | None]] | None = None,
+) -> None:
+    """`bodies`: (payload, MQTT 5 content type or None for JSON); default JPEG photo crops."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
     from edge.config import DaemonConfig
     from edge.daemon import Daemon
-    from edge.demo import write_photo_crops
 
-    crops = sorted(write_photo_crops(tmp / "crops", 32, seed=3).glob("*.png"))
-    bodies = []
-    for path in crops:
-        ok, data = cv2.imencode(".jpg", cv2.imread(str(path)), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        assert ok
-        bodies.append(data.tobytes())
+    if bodies is None:
+        bodies = [(body, "image/jpeg") for body in _jpeg_crops(tmp)]
+    rss_before, _ = _rss_mib()
     config = DaemonConfig.model_validate(
         {
             "device_id": "serve-bench",
@@ -263,12 +298,14 @@ def requests(package: Path, tmp: Path, port: int, rate: float, seconds: float, p
             time.sleep(max(0.0, due - time.perf_counter()))
             props = Properties(PacketTypes.PUBLISH)
             props.ResponseTopic = topic
-            props.ContentType = "image/jpeg"
+            body, content_type = bodies[index % len(bodies)]
+            if content_type is not None:
+                props.ContentType = content_type
             correlation = f"r{index}".encode()
             props.CorrelationData = correlation
             with lock:
                 sent[correlation] = time.perf_counter()
-            app.publish("edge/serve-bench/infer", bodies[index % len(bodies)], qos=1, properties=props)
+            app.publish("edge/serve-bench/infer", body, qos=1, properties=props)
         deadline = time.monotonic() + 30
         while len(replies) < count and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -283,6 +320,10 @@ def requests(package: Path, tmp: Path, port: int, rate: float, seconds: float, p
         f"requests: {len(sent)} sent at {rate:g}/s over {seconds:g} s, {len(replies)} answered, "
         f"{len(sent) - len(set(sent) & set(replies))} lost, {len(unmatched)} unmatched, {len(errors)} errors; "
         f"request->reply p50 {_pct(waits, 50):.1f} ms, p99 {_pct(waits, 99):.1f} ms"
+    )
+    rss, peak = _rss_mib()
+    print(
+        f"RSS of the process serving (daemon + MQTT client): {rss_before:.0f} MiB before the daemon, {rss:.0f} MiB at the end, peak {peak:.0f} MiB"
     )
 
 
@@ -449,6 +490,24 @@ def pool(package: Path, tmp: Path, port: int, rate: float, seconds: float, profi
     )
 
 
+def text_requests(args: argparse.Namespace, cache: Path) -> int:
+    from tests.assets_text import calib_eval_sentences
+    from tests.broker import Mosquitto
+
+    package = args.package or ensure_text_package(cache)
+    _, unseen = calib_eval_sentences(10, 800)
+    bodies: list[tuple[bytes, str | None]] = [(json.dumps({"text": t}).encode(), None) for t in unseen[400:]]
+    print(f"host: {cpu_flags()}; package {package}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="edge-serve-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        broker = Mosquitto(tmp / "broker", persistence=False).start()
+        try:
+            requests(package, tmp, broker.port, args.rate, args.seconds, args.profile, bodies)
+        finally:
+            broker.stop()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -462,11 +521,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--skip-requests", action="store_true")
     parser.add_argument("--skip-batching", action="store_true")
+    parser.add_argument("--text", action="store_true", help="text requests to a text package (see above)")
     args = parser.parse_args()
 
     from edge.package import load_package
     from tests.broker import Mosquitto
 
+    if args.text:
+        return text_requests(args, cache)
     package = args.package or ensure_package(cache)
     shape = load_package(package).manifest.inputs[0].shape
     if isinstance(shape[0], int):
