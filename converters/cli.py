@@ -193,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     if result.report is not None:
         summary += f"; report {result.report}"
     print(summary)
+    teacher = (result.manifest.pruning or {}).get("teacher")
+    if not result.gate_passed and isinstance(teacher, dict) and not teacher.get("passed", True):
+        print(
+            "edge-convert: error: accuracy gate failed: the layer-pruned int8 model against the full one: "
+            f"{teacher.get('int8')}, wanted {teacher.get('thresholds')} (distil longer or on more texts)",
+            file=sys.stderr,
+        )
+        return EXIT_GATE_FAILED
     if not result.gate_passed and "thresholds" in gate:
         wanted = ", ".join(f"{k} >= {v}" for k, v in gate["thresholds"].items())
         print(f"edge-convert: error: accuracy gate failed: no int8 recipe reaches {wanted}", file=sys.stderr)

@@ -315,7 +315,7 @@ def _float_model(
             note("the source graph")
             return fp32, {
                 "exporter": "none (ONNX source)",
-                "pooling_appended": model.onnx.name != "model.onnx",
+                "pooling_appended": model.pooling is not None,  # a per-token output, pooled here
             }
         max_diff = export_text_onnx(model.huggingface, example, fp32)
         note(f"max |onnx - torch| {max_diff:.2g}")

@@ -190,6 +190,7 @@ def test_a_transformer_onnx_with_its_tokenizer_converts_to_a_text_package(
         "attention_mask",
     ]
     assert manifest["metrics"]["pooling"] == "mean" and manifest["outputs"][0]["shape"] == ["batch", 32]
+    assert manifest["metrics"]["export"] == {"exporter": "none (ONNX source)", "pooling_appended": True}
     tokenizer = AutoTokenizer.from_pretrained(str(tiny4))
     bert = BertModel.from_pretrained(str(tiny4)).eval()
     with open_model(out) as model:
