@@ -612,6 +612,19 @@ class Daemon:
             self._publish(session, job, result, timings, 1, outputs)
         if not batched:
             return
+        if session.stateful:
+            # each source its own stream, in order; a new session (a model swap) starts with no state
+            for job in batched:
+                frame = job.frame
+                try:
+                    if frame.restart:
+                        session.reset_state(frame.uri)
+                    result, timings = session.infer(frame.data, stream=frame.uri)
+                except Exception as exc:
+                    self._failed(job, exc)
+                    continue
+                self._publish(session, job, result, timings, 1)
+            return
         try:
             served = session.infer_batch([job.frame.data for job in batched])
         except Exception as exc:

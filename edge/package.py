@@ -95,6 +95,22 @@ class Artifact(_Model):
         return value
 
 
+class ConstantInput(_Model):
+    """An input that is not the data: fed the same value every run (`edge-convert --const NAME=VALUE`),
+    broadcast to the input's shape and dtype."""
+
+    name: str
+    value: float
+
+
+class StateLink(_Model):
+    """Recurrent state (`edge-convert --state IN:OUT`): output `output` of one run is input `input` of the
+    next run on the same stream; zeros at the start of a stream."""
+
+    input: str
+    output: str
+
+
 class Golden(_Model):
     inputs: str
     outputs: str
@@ -127,6 +143,8 @@ class Manifest(_Model):
     metrics: dict[str, Any] = Field(default_factory=dict)
     golden: Golden | None = None
     profile: str | None = None
+    constants: list[ConstantInput] = Field(default_factory=list)
+    state: list[StateLink] = Field(default_factory=list)
     # Monotonic counter in the signed manifest, so a device can refuse rollbacks to older packages.
     sequence: int = Field(default=0, ge=0)
 
@@ -141,6 +159,28 @@ class Manifest(_Model):
         if isinstance(post, dict) and "type" not in post:
             return {**data, "postprocess": {**post, "type": data["task"]}}
         return data
+
+    @model_validator(mode="after")
+    def _constants_and_state_name_tensors(self) -> Manifest:
+        inputs = {spec.name for spec in self.inputs}
+        outputs = {spec.name for spec in self.outputs}
+        for const in self.constants:
+            if const.name not in inputs:
+                raise ValueError(f"constants: '{const.name}' is not an input (inputs: {sorted(inputs)})")
+        for link in self.state:
+            if link.input not in inputs:
+                raise ValueError(f"state: '{link.input}' is not an input (inputs: {sorted(inputs)})")
+            if link.output not in outputs:
+                raise ValueError(f"state: '{link.output}' is not an output (outputs: {sorted(outputs)})")
+        if not self.data_inputs:
+            raise ValueError("every input is a constant or state: the model has no data input")
+        return self
+
+    @property
+    def data_inputs(self) -> list[TensorSpec]:
+        """The inputs a caller feeds: neither constants nor recurrent state."""
+        fed = {c.name for c in self.constants} | {link.input for link in self.state}
+        return [spec for spec in self.inputs if spec.name not in fed]
 
     @field_serializer("postprocess")
     def _postprocess_as_written(self, config: TaskConfig) -> dict[str, object]:

@@ -19,6 +19,7 @@ import logging
 import queue
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,11 @@ class SensorPreprocessor:
         return np.ascontiguousarray(data.reshape(self.shape).astype(self.dtype, copy=False))
 
 
+def _concrete(shape: Sequence[int | str]) -> list[int]:
+    """A tensor shape with symbolic dimensions as 1 (one stream, batch of one)."""
+    return [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+
+
 def as_text(data: Array | str) -> str | None:
     """The text in a str or a 0-d object array holding one (a text source's frame), else None."""
     if isinstance(data, str):
@@ -100,6 +106,9 @@ class ModelSession:
     # every loaded copy of the backend (`loaded` first): one per daemon worker, each run takes a free one
     replicas: queue.Queue[LoadedModel] = field(default_factory=queue.Queue, repr=False)
     _all: list[LoadedModel] = field(default_factory=list, repr=False)
+    # recurrent state per stream (a source's name): the outputs the manifest's `state` links carry
+    _states: dict[str, dict[str, Array]] = field(default_factory=dict, repr=False)
+    _state_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.add_replica(self.loaded)
@@ -143,14 +152,70 @@ class ModelSession:
         """The self-check run at load time (None: the package has no golden data)."""
         return self.loaded.golden
 
-    def infer(self, data: Array | str, color: ColorOrder = "BGR") -> tuple[Result, StageTimings]:
+    @property
+    def data_spec(self) -> TensorSpec:
+        """The input a frame, window or text becomes (the others are constants or recurrent state)."""
+        fed = self._fed_names
+        return next(spec for spec in self.input_specs if spec.name not in fed)
+
+    @property
+    def _fed_names(self) -> set[str]:
+        manifest = self.package.manifest
+        return {c.name for c in manifest.constants} | {link.input for link in manifest.state}
+
+    @property
+    def stateful(self) -> bool:
+        return bool(self.package.manifest.state)
+
+    def reset_state(self, stream: str | None = None) -> None:
+        """Forget the recurrent state of one stream (None: of every stream); its next run starts at zeros.
+        The daemon calls it when a source restarts; a reload builds a new session, so state starts over."""
+        with self._state_lock:
+            if stream is None:
+                self._states.clear()
+            else:
+                self._states.pop(stream, None)
+
+    def _with_fed_inputs(self, feeds: dict[str, Array], stream: str) -> dict[str, Array]:
+        """The data feeds plus every constant and the stream's state (zeros at its start)."""
+        manifest = self.package.manifest
+        specs = {spec.name: spec for spec in self.input_specs}
+        with self._state_lock:
+            carried = self._states.get(stream, {})
+        for const in manifest.constants:
+            spec = specs[const.name]
+            feeds.setdefault(const.name, np.full(_concrete(spec.shape), const.value, np.dtype(spec.dtype)))
+        for link in manifest.state:
+            spec = specs[link.input]
+            if link.input not in feeds:
+                state = carried.get(link.input)
+                feeds[link.input] = (
+                    state if state is not None else np.zeros(_concrete(spec.shape), np.dtype(spec.dtype))
+                )
+        return feeds
+
+    def _keep_state(self, outputs: list[Array], stream: str) -> None:
+        links = self.package.manifest.state
+        if not links:
+            return
+        position = {spec.name: i for i, spec in enumerate(self.loaded.output_specs)}
+        carried = {link.input: outputs[position[link.output]] for link in links}
+        with self._state_lock:
+            self._states[stream] = carried
+
+    def infer(
+        self, data: Array | str, color: ColorOrder = "BGR", stream: str = ""
+    ) -> tuple[Result, StageTimings]:
         """One frame, sensor window or text through the whole model: the payload's `result` and the
-        timings. A text source's frame is a 0-d object array holding the line (`edge.sources.text`)."""
+        timings. A text source's frame is a 0-d object array holding the line (`edge.sources.text`).
+        `stream` names whose recurrent state this run continues (a source's name)."""
         t0 = time.perf_counter()
         feeds, geometry = self._feeds_for(data, color)
+        feeds = self._with_fed_inputs(feeds, stream)
         t1 = time.perf_counter()
         with self._backend() as backend:
             outputs = backend.run(feeds)
+        self._keep_state(outputs, stream)
         t2 = time.perf_counter()
         result = self.decoder(outputs, geometry)
         t3 = time.perf_counter()
@@ -168,7 +233,12 @@ class ModelSession:
         """Several frames or windows in one backend call (when the package has a dynamic batch axis;
         otherwise one call each): a result per item, in order, each equal to what `infer` gives it.
         Every item's timings carry the whole call's inference time: that is what each one waited."""
-        if len(batch) == 1 or not self.batchable or any(as_text(data) is not None for data in batch):
+        if (
+            len(batch) == 1
+            or not self.batchable
+            or self.stateful
+            or any(as_text(data) is not None for data in batch)
+        ):
             # texts are padded to their own length bucket: one call each
             return [self.infer(data, color) for data in batch]
         t0 = time.perf_counter()
@@ -191,16 +261,21 @@ class ModelSession:
             results.append((result, StageTimings(pre_ms, infer_ms, (time.perf_counter() - t3) * 1e3)))
         return results
 
-    def infer_feeds(self, feeds: Mapping[str, Array]) -> tuple[Result, StageTimings]:
-        """Ready tensors by input name (multi-input and sensor models): no pre-processing."""
-        _, result, timings = self.run_feeds(feeds)
+    def infer_feeds(self, feeds: Mapping[str, Array], stream: str = "") -> tuple[Result, StageTimings]:
+        """Ready tensors by input name (multi-input and sensor models): no pre-processing. Constants and
+        state not given are filled in (state carried per `stream`)."""
+        _, result, timings = self.run_feeds(feeds, stream)
         return result, timings
 
-    def run_feeds(self, feeds: Mapping[str, Array]) -> tuple[list[Array], Result, StageTimings]:
+    def run_feeds(
+        self, feeds: Mapping[str, Array], stream: str = ""
+    ) -> tuple[list[Array], Result, StageTimings]:
         """`infer_feeds`, keeping the model's raw outputs too (an Open Inference Protocol answer)."""
         t1 = time.perf_counter()
+        full = self._with_fed_inputs(dict(feeds), stream)
         with self._backend() as backend:
-            outputs = backend.run(dict(feeds))
+            outputs = backend.run(full)
+        self._keep_state(outputs, stream)
         t2 = time.perf_counter()
         result = self.decoder(outputs, None)
         return outputs, result, StageTimings(0.0, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
@@ -211,7 +286,7 @@ class ModelSession:
         text = as_text(data)
         if text is not None:
             return self._text_feeds(text), None
-        name = self.input_specs[0].name
+        name = self.data_spec.name
         if data.dtype == np.uint8 and data.ndim in (2, 3) and self.image_pre is not None:
             # The pre-processor takes OpenCV's BGR; a gray frame has no order to swap.
             frame = data[..., ::-1] if color == "RGB" and data.ndim == 3 and data.shape[2] == 3 else data
@@ -232,13 +307,16 @@ class ModelSession:
             if self.text_pre is not None:
                 for length in self.text_pre.lengths:  # every bucket: a first text of each length is not slow
                     with self._backend() as backend:
-                        backend.run(self.text_pre.encode("warm up", length=length))
+                        backend.run(self._with_fed_inputs(self.text_pre.encode("warm up", length=length), ""))
             elif self.image_pre is not None:
                 self.infer(np.zeros((self.image_pre.height, self.image_pre.width, 3), np.uint8))
             elif self.sensor_pre is not None:
-                spec = self.input_specs[0]
+                spec = self.data_spec
+                # a stream of its own, forgotten after: warm-up must not leave state behind
+                feeds = {spec.name: np.zeros(self.sensor_pre.shape, self.sensor_pre.dtype)}
                 with self._backend() as backend:
-                    backend.run({spec.name: np.zeros(self.sensor_pre.shape, self.sensor_pre.dtype)})
+                    backend.run(self._with_fed_inputs(feeds, "\0warm-up"))
+        self.reset_state()
 
     def close(self) -> None:
         for loaded in self._all:
@@ -274,13 +352,11 @@ def open_session(
             log.warning("package %s has no golden data: served without a self-check", package.root)
         # The manifest's spec carries resize/colour/mean/std; the backend's own view of its inputs
         # only knows names, shapes and dtypes.
-        spec = loaded.input_specs[0]
+        fed = {c.name for c in package.manifest.constants} | {s.input for s in package.manifest.state}
+        data_specs = [spec for spec in loaded.input_specs if spec.name not in fed]
+        spec = data_specs[0]
         image_pre = None
-        if (
-            len(loaded.input_specs) == 1
-            and len(spec.shape) == 4
-            and (spec.layout or "NCHW") in ("NCHW", "NHWC")
-        ):
+        if len(data_specs) == 1 and len(spec.shape) == 4 and (spec.layout or "NCHW") in ("NCHW", "NHWC"):
             image_pre = ImagePreprocessor.from_spec(spec)
         text = package.manifest.text
         text_pre = (
@@ -290,7 +366,7 @@ def open_session(
         )
         sensor_pre = (
             None
-            if image_pre is not None or text_pre is not None or len(loaded.input_specs) > 1
+            if image_pre is not None or text_pre is not None or len(data_specs) > 1
             else SensorPreprocessor(spec)
         )
         session = ModelSession(
@@ -366,6 +442,10 @@ class Model:
             arrays = [x for x in inputs if isinstance(x, np.ndarray)]
             return [result for result, _ in self.session.infer_batch(arrays, color="RGB")]
         return [self.infer(x) for x in inputs]
+
+    def reset_state(self) -> None:
+        """Start the recurrent state over (stateful packages carry it from one `infer` to the next)."""
+        self.session.reset_state()
 
     def _input_summary(self) -> str:
         return ", ".join(f"'{spec.name}' {spec.shape} {spec.dtype}" for spec in self.inputs)

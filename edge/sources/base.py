@@ -22,6 +22,8 @@ class Frame:
     captured_at: float  # time.time() at capture (payload)
     captured_mono: float  # time.monotonic() at capture (latencies)
     uri: str  # the source's public uri: never carries credentials
+    # the first window of a new stream (opened, reconnected, looped over): recurrent state starts over
+    restart: bool = False
 
 
 @runtime_checkable

@@ -185,6 +185,7 @@ class SensorSource(ReaderThreadSource):
         super().__init__()
         self.config = config
         self.uri = config.uri
+        self._restart_next = True
         self.kind = uri_kind(config.uri)
         self.sample_format: str = config.format
         self.channels = config.channels
@@ -239,6 +240,7 @@ class SensorSource(ReaderThreadSource):
             self._counts[key] += amount
 
     def _new_windower(self) -> SampleWindower:
+        self._restart_next = True  # new samples, not the continuation of the last ones
         return SampleWindower(self.sample_format, self.channels, self.config.window, self.config.hop_samples)
 
     def _emit(self, windows: list[np.ndarray]) -> None:
@@ -250,7 +252,8 @@ class SensorSource(ReaderThreadSource):
                 self._index += 1
                 index = self._index
                 self._counts["frames_in"] += 1
-            self._slot.put(Frame(data, index, captured_at, captured_mono, self.uri))
+                restart, self._restart_next = self._restart_next, False
+            self._slot.put(Frame(data, index, captured_at, captured_mono, self.uri, restart))
 
     def _trailing(self, windower: SampleWindower) -> None:
         if windower.leftover_bytes:
