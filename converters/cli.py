@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from converters.stateful import parse_const, parse_state
 from edge.errors import EdgeError
 
 EXIT_GATE_FAILED = 1
@@ -106,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace a non-package directory at --out (otherwise refused)",
     )
+    parser.add_argument(
+        "--const",
+        action="append",
+        default=[],
+        type=parse_const,
+        metavar="NAME=VALUE",
+        help="an input fed a constant, e.g. sr=16000 (repeatable)",
+    )
+    parser.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        type=parse_state,
+        metavar="IN:OUT",
+        help="recurrent state: output OUT of one run is input IN of the next, zeros at start (repeatable)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     return parser
 
@@ -159,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         calibration_method=args.calib_method,
         quiet=args.quiet,
         force=args.force,
+        constants=args.const,
+        state=args.state,
     )
     try:
         result = convert(options)

@@ -22,10 +22,12 @@ from edge.errors import ConfigError, EdgeError, PackageError
 from edge.package import (
     MANIFEST,
     Artifact,
+    ConstantInput,
     Golden,
     Manifest,
     Package,
     Quantization,
+    StateLink,
     TensorSpec,
     describe_file,
     load_package,
@@ -81,6 +83,8 @@ class PackageSpec:
     profile: str | None = None
     extra_files: dict[str, Path] = field(default_factory=dict)  # package-relative name -> file (report)
     text: TextConfig | None = None  # text models: the tokenizer (one of extra_files) and its padding
+    constants: list[ConstantInput] = field(default_factory=list)
+    state: list[StateLink] = field(default_factory=list)
 
 
 def measure_latency_ms(
@@ -263,6 +267,8 @@ def write_package(
             ),
             profile=spec.profile,
             text=spec.text,
+            constants=spec.constants,
+            state=spec.state,
             sequence=int(time.time()) if sequence is None else sequence,
         )
         write_manifest(root, manifest, sign_key=private_key)

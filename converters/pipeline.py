@@ -41,8 +41,9 @@ from converters.packaging import (
     write_package,
 )
 from converters.sources import LoadedSource, load_source, resolve_callable
+from converters.stateful import check_fed_inputs, complete_feeds
 from edge.errors import ConfigError, EdgeError
-from edge.package import Manifest, Quantization, TensorSpec
+from edge.package import ConstantInput, Manifest, Quantization, StateLink, TensorSpec
 from edge.profiles import DeviceProfile, resolve_profile
 from edge.tasks.base import Decoder, DecoderContext, TaskConfig
 from edge.tasks.classification import ClassificationConfig
@@ -91,6 +92,8 @@ class ConvertOptions:
     max_calibration_samples: int = 128
     quiet: bool = False
     force: bool = False  # replace a non-package directory at `out`
+    constants: list[ConstantInput] = field(default_factory=list)  # --const NAME=VALUE
+    state: list[StateLink] = field(default_factory=list)  # --state IN:OUT
 
 
 @dataclass
@@ -286,6 +289,8 @@ def _convert(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResu
             metrics=metrics,
             profile=run.profile.name,
             extra_files={"report": report_dir} if report_dir is not None else {},
+            constants=options.constants,
+            state=options.state,
         ),
     )
     return ConvertResult(
@@ -340,8 +345,16 @@ def _load(options: ConvertOptions, work: Path, stages: Stages) -> RunContext:
         )
         if source.kind == "torch":
             _check_torch_accepts(source.module, inputs)
-        calib = load_samples(options.calib, inputs, "--calib", labels) if options.calib else None
-        evaluation_set = load_samples(options.eval, inputs, "--eval", labels) if options.eval else None
+        data_inputs = _data_inputs(options, source, inputs)
+        calib = load_samples(options.calib, data_inputs, "--calib", labels) if options.calib else None
+        evaluation_set = load_samples(options.eval, data_inputs, "--eval", labels) if options.eval else None
+        if source.path is not None and (options.constants or options.state):
+            # consecutive samples are one stream: each gets the state the fp32 model carries to it
+            for samples in (calib, evaluation_set):
+                if samples is not None:
+                    samples.feeds = complete_feeds(
+                        source.path, samples.feeds, inputs, options.constants, options.state
+                    )
     calib_feeds: list[Feed] = []
     if source.kind == "tflite":
         evaluation_set = calib if calib is not None else evaluation_set
@@ -366,6 +379,15 @@ def _load(options: ConvertOptions, work: Path, stages: Stages) -> RunContext:
         work=work,
         stages=stages,
     )
+
+
+def _data_inputs(options: ConvertOptions, source: LoadedSource, inputs: list[TensorSpec]) -> list[TensorSpec]:
+    """The inputs calibration files hold: all but `--const` and `--state` ones (checked against the model)."""
+    if not options.constants and not options.state:
+        return inputs
+    if source.kind != "onnx":
+        raise ConfigError(f"--const/--state need an .onnx SOURCE, not a {source.kind} one")
+    return check_fed_inputs(inputs, source.outputs, options.constants, options.state)
 
 
 def _check_torch_accepts(module: torch.nn.Module, inputs: list[TensorSpec]) -> None:

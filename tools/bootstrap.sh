@@ -34,6 +34,7 @@ command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 command -v strace >/dev/null 2>&1 || missing+=(strace)
 command -v faketime >/dev/null 2>&1 || missing+=(faketime)  # clock-jump fault scenario
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the fleet page test's headless browser
+command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)  # real speech for the voice-activity test
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: apt-get install ${missing[*]}" >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
