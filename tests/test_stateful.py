@@ -14,6 +14,8 @@ from onnx import TensorProto, helper
 from edge import open_model
 from edge.errors import PackageError
 from edge.package import load_package
+from tests.broker import Mosquitto
+from tests.daemon_helpers import running_daemon, subscribed
 
 PROFILE = "x86-64-avx2"
 
@@ -123,3 +125,68 @@ def test_manifest_refuses_constants_and_state_that_name_no_tensor(
     manifest_path.write_text(json.dumps(data))
     with pytest.raises(PackageError, match=message):
         load_package(package)
+
+
+def test_the_daemon_carries_state_per_source_and_resets_it_when_the_source_restarts(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """A looping file: each pass is a new stream, so the totals climb 2, 4, 6 and start over at 2."""
+    from edge.config import DaemonConfig
+
+    package = accumulator_package(tmp_path / "pkg")
+    data = tmp_path / "ones.f32"
+    data.write_bytes(np.ones(12, "<f4").tobytes())  # three windows of four samples
+    config = DaemonConfig.model_validate(
+        {
+            "device_id": "acc-1",
+            "profile": PROFILE,
+            "model": str(package),
+            "source": {"type": "sensor", "uri": str(data), "format": "f32le", "channels": 1, "window": 4,
+                       "loop": True, "realtime": False},
+            "mqtt": {"host": "127.0.0.1", "port": mosquitto.port, "qos": 1, "topic_prefix": "edge"},
+            "outbox": {"path": str(tmp_path / "outbox.db")},
+            "metrics": None,
+        }
+    )  # fmt: skip
+    with subscribed(mosquitto.port, "edge/acc-1/predictions", client_id="acc-sub") as sub:
+        with running_daemon(config):
+            assert sub.wait_for(lambda ms: len(ms) >= 9, 30), len(sub.payloads())
+        got = {m["source"]["frame"]: _total(m["result"])[0] for m in sub.payloads()}
+    assert [got[i] for i in range(9)] == [2.0, 4.0, 6.0] * 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--const", "gian=2"], "--const gian: not an input of the model"),
+        (["--const", "gain"], "--const gain: expected NAME=VALUE"),
+        (["--const", "gain=two"], "--const gain=two: VALUE 'two' is not a number"),
+        (["--state", "h"], "--state h: expected IN:OUT"),
+        (["--state", "hh:h_out"], "--state hh:h_out: 'hh' is not an input"),
+        (["--state", "h:total2"], "--state h:total2: 'total2' is not an output"),
+        (["--const", "h=0", "--state", "h:h_out"], "--state h:h_out: 'h' is already fed"),
+        (["--const", "x=1", "--const", "gain=1", "--state", "h:h_out"], "every input is fed"),
+    ],
+)
+def test_const_and_state_options_get_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    from converters.cli import main
+
+    model = accumulator_package(tmp_path / "src") / "model.onnx"
+    assert main([str(model), "--out", str(tmp_path / "out"), "--task", "raw", "-q", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_state_output_that_does_not_fit_its_input_is_refused(tmp_path: Path) -> None:
+    from converters.stateful import check_fed_inputs, parse_state
+    from edge.errors import ConfigError
+    from edge.package import TensorSpec
+
+    inputs = [TensorSpec(name="x", shape=[1, 4]), TensorSpec(name="h", shape=[1, 1, 128])]
+    outputs = [TensorSpec(name="h_out", shape=[1, 64])]
+    with pytest.raises(ConfigError, match=r"--state h:h_out: output \[1, 64\] float32 does not fit input"):
+        check_fed_inputs(inputs, outputs, [], [parse_state("h:h_out")])
+    symbolic = [TensorSpec(name="h_out", shape=[1, "n", 128])]  # akiki's h_out has a symbolic middle dim
+    assert [s.name for s in check_fed_inputs(inputs, symbolic, [], [parse_state("h:h_out")])] == ["x"]
