@@ -40,7 +40,8 @@ class Subject:
 
 
 def bench_feeds(model: Any) -> dict[str, np.ndarray]:
-    """The first golden sample when the package has one, else seeded random data of the right shape."""
+    """The first golden sample when the package has one, else seeded random data of the right shape
+    (constants at their value, recurrent state at zeros)."""
     package = model.package
     specs = model.backend.inputs
     golden = package.manifest.golden
@@ -51,10 +52,16 @@ def bench_feeds(model: Any) -> dict[str, np.ndarray]:
             return {s.name: np.ascontiguousarray(arrays[s.name][: _batch(s.shape)]) for s in specs}
     rng = np.random.default_rng(0)
     feeds = {}
+    constants = {c.name: c.value for c in package.manifest.constants}
+    state = {link.input for link in package.manifest.state}
     for spec in specs:
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
         dtype = np.dtype(spec.dtype)
-        if dtype.kind in "iu":
+        if spec.name in constants:  # what the runtime feeds it, not noise
+            feeds[spec.name] = np.full(shape, constants[spec.name], dtype)
+        elif spec.name in state:  # a stream's first run
+            feeds[spec.name] = np.zeros(shape, dtype)
+        elif dtype.kind in "iu":
             info = np.iinfo(dtype)
             feeds[spec.name] = rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
         else:

@@ -190,3 +190,18 @@ def test_a_state_output_that_does_not_fit_its_input_is_refused(tmp_path: Path) -
         check_fed_inputs(inputs, outputs, [], [parse_state("h:h_out")])
     symbolic = [TensorSpec(name="h_out", shape=[1, "n", 128])]  # akiki's h_out has a symbolic middle dim
     assert [s.name for s in check_fed_inputs(inputs, symbolic, [], [parse_state("h:h_out")])] == ["x"]
+
+
+def test_bench_feeds_constants_their_value_and_state_zeros(tmp_path: Path) -> None:
+    from edge.backends import load_model
+    from edge.bench import bench_feeds
+    from edge.profiles import resolve_profile
+
+    package = load_package(accumulator_package(tmp_path / "pkg"))  # no golden: feeds from the specs
+    model = load_model(package, resolve_profile(PROFILE).profile)
+    try:
+        feeds = bench_feeds(model)
+        assert feeds["gain"].tolist() == [2.0] and not feeds["h"].any() and feeds["x"].any()
+        model.run(feeds)
+    finally:
+        model.close()
