@@ -48,7 +48,7 @@ def test_vad_package_runs_on_a_wav_through_the_daemon_with_its_state_carried(
     # what the daemon reads back from the 16-bit WAV, so the Python API below sees the same samples
     pcm = np.clip(np.round(clip.samples * 32768), -32768, 32767) / 32768
     windows = _windows(pcm)
-    # int8 first, as the profile asks; the gate decides (DESIGN.md 4: recurrent models suffer from int8)
+    # int8 first, as the profile asks; the gate decides (recurrent models often lose too much at int8)
     int8 = _convert(tmp_path, windows, "--profile", "x86-64-avx2")
     if int8.returncode != 0:
         assert int8.returncode == 1 and "accuracy gate" in int8.stderr, int8.stderr
