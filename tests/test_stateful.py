@@ -205,3 +205,33 @@ def test_bench_feeds_constants_their_value_and_state_zeros(tmp_path: Path) -> No
         model.run(feeds)
     finally:
         model.close()
+
+
+def test_convert_records_constants_and_state_and_calibrates_with_them(tmp_path: Path) -> None:
+    """`.npz` samples hold only `x`; the converter feeds `gain` and carries `h` through them in order,
+    so the golden data it records is the accumulated stream, and the package serves it."""
+    from converters.cli import main
+
+    model = accumulator_package(tmp_path / "src") / "model.onnx"
+    np.savez(tmp_path / "calib.npz", x=np.ones((8, 4), np.float32))
+    text = (Path(__file__).resolve().parent.parent / "device_profiles" / f"{PROFILE}.yaml").read_text()
+    profile = tmp_path / f"{PROFILE}-fp32.yaml"
+    profile.write_text(
+        text.replace("precision: int8", "precision: fp32").replace(
+            f"name: {PROFILE}", f"name: {PROFILE}-fp32"
+        )
+    )
+    out = tmp_path / "pkg"
+    code = main([str(model), "--out", str(out), "--task", "raw", "--profile", str(profile), "-q",
+                 "--calib", str(tmp_path / "calib.npz"), "--const", "gain=3", "--state", "h:h_out"])  # fmt: skip
+    assert code == 0
+    manifest = load_package(out).manifest
+    assert [(c.name, c.value) for c in manifest.constants] == [("gain", 3.0)]
+    assert [(s.input, s.output) for s in manifest.state] == [("h", "h_out")]
+    with np.load(out / "golden" / "inputs.npz") as golden:
+        carried = golden["h"][:, 0]
+        assert golden["gain"].ravel().tolist() == [3.0] * len(carried)
+    # each golden sample's state is what the samples before it accumulated (3 per window), not zeros
+    assert carried.any() and all(value % 3 == 0 for value in carried)
+    with open_model(out, profile=PROFILE) as served:
+        assert _total(served.infer(np.ones((4, 1), np.float32))) == [3.0] * 4
