@@ -234,7 +234,7 @@ class ModelSession:
                     with self._backend() as backend:
                         backend.run(self.text_pre.encode("warm up", length=length))
             elif self.image_pre is not None:
-                self.infer(np.zeros((self.image_pre.height, self.image_pre.width, 3), np.uint8))
+                self.infer(np.zeros((*self.image_pre.example_hw, 3), np.uint8))
             elif self.sensor_pre is not None:
                 spec = self.input_specs[0]
                 with self._backend() as backend:
