@@ -158,7 +158,7 @@ def main(argv: list[str]) -> int:
     cache = cache_dir()
     model, charset = fetch_model(cache)
     calib = write_folder(cache / "lines" / "calib", text_lines(64, seed=1, photos=PHOTOS[:4]))
-    eval_dir = write_folder(cache / "lines" / "eval", text_lines(48, seed=2, photos=PHOTOS[4:]))
+    eval_dir = write_folder(cache / "lines" / "eval", text_lines(96, seed=2, photos=PHOTOS[4:]))
     repo = Path(__file__).resolve().parents[1]
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
