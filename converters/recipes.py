@@ -8,7 +8,7 @@ The recipes, fastest expected first:
    asks for (MinMax by default), weights per output channel, bias correction;
 2. the other calibration methods: Percentile (99.999 %) and Entropy (KL) clip activation outliers that
    MinMax keeps; their histograms are collected one sample at a time on at most HISTOGRAM_SAMPLES samples
-   (DESIGN.md: held all at once they took ~4 GB for 64 samples of a small CNN);
+   (held all at once they took ~4 GB for 64 samples of a small CNN);
 3. `qdq-minmax-per-tensor`: one scale per weight tensor (a model whose channels share a range may
    round better so);
 4. `<best so far>+float-sensitive`: the best-scoring recipe above with its most sensitive weighted nodes
