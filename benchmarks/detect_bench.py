@@ -181,13 +181,20 @@ def bench_detector(package: Path, frames: int, blocks: int = 3, runs: int = 15) 
                 sess.run(None, {name: tensor})
                 times[precision].append((time.perf_counter() - start) * 1e3)
     p50 = {p: round(float(np.median(t)), 2) for p, t in times.items()}
+    shipped = manifest.artifacts[
+        0
+    ].precision  # what the recipe search shipped: int8, or fp16 as a last resort
+    quantization = manifest.artifacts[0].quantization
     return {
         "package": str(package),
         "frames": frames,
+        "recipe": manifest.metrics.get(
+            "recipe", quantization.model_dump().get("recipe") if quantization else None
+        ),
         "boxes_fp32": sum(len(d[0]) for d in decoded["fp32"]),
-        "map50_int8_vs_fp32": round(average_precision(decoded["fp32"], decoded["int8"]), 4),
+        f"map50_{shipped}_vs_fp32": round(average_precision(decoded["fp32"], decoded[shipped]), 4),
         "latency_p50_ms": p50,
-        "latency_ratio_int8_fp32": round(p50["int8"] / p50["fp32"], 3),
+        f"latency_ratio_{shipped}_fp32": round(p50[shipped] / p50["fp32"], 3),
     }
 
 
@@ -199,7 +206,9 @@ def main() -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="pipeline runs (the host is shared: each run's p99 is shown)"
     )
-    parser.add_argument("--detector", type=Path, metavar="PKG", help="a package with fp32 and int8 ONNX")
+    parser.add_argument(
+        "--detector", type=Path, metavar="PKG", help="a package with fp32 and int8 (or fp16) ONNX"
+    )
     parser.add_argument("--detector-frames", type=int, default=32)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -233,10 +242,11 @@ def main() -> int:
         )
     det = report.get("detector")
     if isinstance(det, dict):
+        shipped = next(k for k in det if k.startswith("map50_")).split("_")[1]
         print(
-            f"detector {det['package']}: int8 mAP@0.5 vs fp32 {det['map50_int8_vs_fp32']} on {det['frames']} "
-            f"unseen frames ({det['boxes_fp32']} fp32 boxes); p50 {det['latency_p50_ms']} ms, "
-            f"int8/fp32 {det['latency_ratio_int8_fp32']}x"
+            f"detector {det['package']} (recipe {det['recipe']}): {shipped} mAP@0.5 vs fp32 "
+            f"{det[f'map50_{shipped}_vs_fp32']} on {det['frames']} unseen frames ({det['boxes_fp32']} fp32 "
+            f"boxes); p50 {det['latency_p50_ms']} ms, {shipped}/fp32 {det[f'latency_ratio_{shipped}_fp32']}x"
         )
     return 0
 

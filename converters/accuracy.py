@@ -10,6 +10,8 @@ Scores are in 0..1 where 1.0 means "as good as the reference"; the drop is in po
 - raw outputs: 1 - mean cosine similarity of the outputs (SNR in dB reported too);
 - detection: 1 - box mAP@0.5 of the candidate's detections against fp32's, both decoded by the runtime's
   own decoder for the package's `postprocess` (edge.tasks);
+- text recognition: the character error rate of the candidate's decoded texts against fp32's (edit
+  distance over fp32's characters, CTC-decoded by the runtime's decoder), i.e. 1 - CER in points;
 - `--metric FILE.py:fn`: 1 - fn(reference, candidate).
 """
 
@@ -208,6 +210,41 @@ def detection(reference: Outputs, candidate: Outputs, decoder: Decoder) -> Evalu
     return Evaluation("box_map50_vs_fp32", 100 * (1 - box_map), evaluation.details)
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest insertions, deletions and substitutions that turn `a` into `b`."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def decoded_text(result: Result) -> str:
+    text = result.get("text")
+    if not isinstance(text, str):
+        raise EdgeError(f"text-recognition gate: the decoder gave a '{result.get('type')}' result, no text")
+    return text
+
+
+def text_recognition(reference: Outputs, candidate: Outputs, decoder: Decoder) -> Evaluation:
+    """1 - character error rate of the candidate's texts against fp32's, both decoded by the package's
+    own decoder (CTC greedy with the charset): what a device would publish."""
+    truth = [decoded_text(decoder(sample, None)) for sample in reference]
+    read = [decoded_text(decoder(sample, None)) for sample in candidate]
+    errors = sum(edit_distance(t, r) for t, r in zip(truth, read, strict=True))
+    characters = sum(len(t) for t in truth)
+    accuracy = 1.0 - errors / characters if characters else float(all(not r for r in read))
+    details = {
+        "char_accuracy_vs_fp32": accuracy,
+        "exact_match_vs_fp32": float(np.mean([t == r for t, r in zip(truth, read, strict=True)])),
+        "characters": characters,
+        "samples": len(truth),
+    }
+    return Evaluation("char_accuracy_vs_fp32", 100 * (1 - accuracy), details)
+
+
 def evaluate(
     task: str,
     reference: Outputs,
@@ -227,6 +264,10 @@ def evaluate(
         if decoder is None:
             raise ValueError("the detection gate decodes with the package's decoder: pass decoder=")
         return detection(reference, candidate, decoder)
+    if task == "text-recognition":
+        if decoder is None:
+            raise ValueError("the text-recognition gate decodes with the package's decoder: pass decoder=")
+        return text_recognition(reference, candidate, decoder)
     return raw(reference, candidate)
 
 

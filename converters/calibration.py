@@ -3,10 +3,18 @@
 Images go through `edge.processing.preprocess.ImagePreprocessor` built from the very input spec written
 into the manifest, so the model is calibrated on exactly what the device will feed it. An `.npz` holds
 ready tensors keyed by input name, samples stacked on the first axis; each sample is fed as a batch of one.
+Samples of different shapes (a dimension the model leaves symbolic, such as a text line's width) cannot
+be stacked: then the `.npz` holds one array per sample and input, keyed `NAME[0]`, `NAME[1]`, ... (each
+with or without its batch axis of one).
+
+A symbolic dimension other than the batch stays symbolic in the manifest: the samples fix it one by one.
+An image input may leave its width (or its height) symbolic, not both: the runtime scales a frame to the
+fixed side and lets the other follow the frame's aspect ratio.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +26,8 @@ from edge.package import TensorSpec
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 # An .npz key that carries ground-truth class indices instead of a model input.
 LABELS_KEY = "labels"
+# An .npz key holding one sample of one input: `NAME[i]`.
+SAMPLE_KEY = re.compile(r"^(?P<name>.+)\[(?P<index>\d+)\]$")
 
 
 @dataclass
@@ -104,16 +114,17 @@ def resolve_input_specs(
         fixed: list[int | str] = [
             d if isinstance(d, int) else 1 if axis == 0 else d for axis, d in enumerate(shape)
         ]
-        if any(not isinstance(d, int) for d in fixed):
-            raise ConfigError(
-                f"input '{spec.name}' has dynamic dims {_fmt(shape)}; give them with --input-shape"
-            )
         # An image is a 4-D tensor with 1 (gray) or 3 (colour) channels where its layout puts them: the
         # runtime builds its image pre-processing for it. Any other 4-D tensor is fed as it is ("any").
         four_d = len(fixed) == 4 and spec.dtype in ("float32", "uint8", "int8")
         spec_layout = layout or (_guess_layout(fixed) if four_d else None)
         channels = _channels(fixed, spec_layout) if four_d else None
         is_image = channels in (1, 3)
+        if is_image and not any(isinstance(d, int) for d in _height_width(fixed, spec_layout)):
+            raise ConfigError(
+                f"input '{spec.name}' has dynamic dims {_fmt(shape)}; an image needs its height or its "
+                "width fixed: give them with --input-shape"
+            )
         if four_d and not is_image and layout is None:
             spec_layout = "any"
         if is_image:
@@ -139,7 +150,21 @@ def resolve_input_specs(
 
 def _channels(shape: list[int | str], layout: str | None) -> int | None:
     axis = {"NCHW": 1, "NHWC": 3}.get(layout or "")
-    return None if axis is None else int(shape[axis])
+    return None if axis is None or not isinstance(shape[axis], int) else int(shape[axis])
+
+
+def _height_width(shape: list[int | str], layout: str | None) -> list[int | str]:
+    return list(shape[2:4]) if layout == "NCHW" else list(shape[1:3])
+
+
+def fits(sample_shape: tuple[int, ...], spec: TensorSpec) -> bool:
+    """Whether a batch-of-one sample fits the spec: every fixed dimension equal, symbolic ones any size."""
+    if len(sample_shape) != len(spec.shape):
+        return False
+    return all(
+        not isinstance(want, int) or have == (1 if axis == 0 else want)
+        for axis, (have, want) in enumerate(zip(sample_shape, spec.shape, strict=True))
+    )
 
 
 def _check_per_channel(values: list[float] | None, option: str, name: str, channels: int) -> None:
@@ -222,12 +247,19 @@ def load_npz(path: Path, specs: list[TensorSpec], option: str) -> SampleSet:
     except Exception as exc:
         raise ConfigError(f"{option} {path}: not a readable .npz: {str(exc).splitlines()[0]}") from exc
     wanted = {s.name for s in specs}
+    per_sample: dict[str, dict[int, np.ndarray]] = {}
+    for key in list(arrays):
+        match = SAMPLE_KEY.match(key)
+        if match and match["name"] in wanted and key not in wanted:
+            per_sample.setdefault(match["name"], {})[int(match["index"])] = arrays.pop(key)
+    if per_sample:
+        return _npz_per_sample(path, specs, option, arrays, per_sample)
     unknown = sorted(set(arrays) - wanted - {LABELS_KEY})
     missing = sorted(wanted - set(arrays))
     if missing or unknown:
         raise ConfigError(
-            f"{option} {path}: keys must be the model's input names {sorted(wanted)}; "
-            f"missing {missing}, unexpected {unknown}"
+            f"{option} {path}: keys must be the model's input names {sorted(wanted)} (or NAME[i], one "
+            f"array per sample); missing {missing}, unexpected {unknown}"
         )
     counts = {name: arrays[name].shape[0] if arrays[name].ndim else 0 for name in wanted}
     if len(set(counts.values())) != 1 or not next(iter(counts.values())):
@@ -237,19 +269,74 @@ def load_npz(path: Path, specs: list[TensorSpec], option: str) -> SampleSet:
     count = next(iter(counts.values()))
     for spec in specs:
         array = arrays[spec.name]
-        if array.dtype != np.dtype(spec.dtype):
-            raise ConfigError(
-                f"{option} {path}: '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}"
-            )
-        sample_shape = [1, *array.shape[1:]]
-        expected = [int(d) for d in spec.shape]
-        if sample_shape != expected and list(array.shape[1:]) != expected[1:]:
+        _check_dtype(path, option, spec, array)
+        if not fits((1, *array.shape[1:]), spec):
             raise ConfigError(
                 f"{option} {path}: '{spec.name}' samples have shape {list(array.shape[1:])}, the model "
-                f"expects {expected[1:]} (stack samples on the first axis)"
+                f"expects {_fmt(spec.shape[1:])} (stack samples on the first axis, or give samples of "
+                "different shapes as NAME[0], NAME[1], ...)"
             )
     feeds = [{s.name: np.ascontiguousarray(arrays[s.name][i : i + 1]) for s in specs} for i in range(count)]
-    labels = None
+    return SampleSet(
+        feeds=feeds,
+        labels=_npz_labels(arrays, wanted, count),
+        sources=[f"{path.name}[{i}]" for i in range(count)],
+    )
+
+
+def _npz_per_sample(
+    path: Path,
+    specs: list[TensorSpec],
+    option: str,
+    rest: dict[str, np.ndarray],
+    per_sample: dict[str, dict[int, np.ndarray]],
+) -> SampleSet:
+    """Samples given one array each, `NAME[i]`: every input needs the same indexes 0..n-1."""
+    wanted = {s.name for s in specs}
+    unknown = sorted(set(rest) - {LABELS_KEY})
+    missing = sorted(wanted - set(per_sample))
+    if missing or unknown:
+        raise ConfigError(
+            f"{option} {path}: with one array per sample every key is NAME[i] for the model's inputs "
+            f"{sorted(wanted)}; missing {missing}, unexpected {unknown}"
+        )
+    count = len(per_sample[specs[0].name])
+    for spec in specs:
+        indexes = sorted(per_sample[spec.name])
+        if indexes != list(range(count)):
+            gap = next((i for i in range(count) if i not in per_sample[spec.name]), count)
+            raise ConfigError(
+                f"{option} {path}: '{spec.name}' samples must be numbered {spec.name}[0] to "
+                f"{spec.name}[{count - 1}] like '{specs[0].name}'s; {spec.name}[{gap}] is missing"
+            )
+    feeds: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
+    for spec in specs:
+        for index, array in per_sample[spec.name].items():
+            _check_dtype(path, option, spec, array, f"{spec.name}[{index}]")
+            sample = array if array.ndim == len(spec.shape) else array[None]
+            if not fits(sample.shape, spec):
+                raise ConfigError(
+                    f"{option} {path}: '{spec.name}[{index}]' has shape {list(array.shape)}, the model "
+                    f"expects {_fmt(spec.shape)} (symbolic dims may differ per sample)"
+                )
+            feeds[index][spec.name] = np.ascontiguousarray(sample)
+    return SampleSet(
+        feeds=feeds,
+        labels=_npz_labels(rest, wanted, count),
+        sources=[f"{path.name}[{i}]" for i in range(count)],
+    )
+
+
+def _check_dtype(
+    path: Path, option: str, spec: TensorSpec, array: np.ndarray, key: str | None = None
+) -> None:
+    if array.dtype != np.dtype(spec.dtype):
+        raise ConfigError(
+            f"{option} {path}: '{key or spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}"
+        )
+
+
+def _npz_labels(arrays: dict[str, np.ndarray], wanted: set[str], count: int) -> list[int] | None:
     if LABELS_KEY in arrays and LABELS_KEY not in wanted:
-        labels = [int(v) for v in arrays[LABELS_KEY].reshape(-1)[:count]]
-    return SampleSet(feeds=feeds, labels=labels, sources=[f"{path.name}[{i}]" for i in range(count)])
+        return [int(v) for v in arrays[LABELS_KEY].reshape(-1)[:count]]
+    return None

@@ -42,14 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eval", type=Path, metavar="PATH", help="held-out samples (default: last 25%% of --calib)"
     )
-    parser.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line")
+    parser.add_argument(
+        "--labels", type=Path, metavar="FILE", help="class names, one per line; or a .json list (a charset)"
+    )
     parser.add_argument("--input-shape", type=parse_shape, metavar="1,3,224,224")
     parser.add_argument("--mean", type=lambda t: parse_floats(t, "--mean"), metavar="127,127,127")
     parser.add_argument("--std", type=lambda t: parse_floats(t, "--std"), metavar="128,128,128")
     parser.add_argument("--layout", choices=["NCHW", "NHWC"])
     parser.add_argument("--color", choices=["RGB", "BGR"])
     parser.add_argument(
-        "--task", choices=["classification", "detection", "raw", "embedding", "text-classification"]
+        "--task",
+        choices=[
+            "classification",
+            "detection",
+            "raw",
+            "embedding",
+            "text-classification",
+            "text-recognition",
+        ],
     )
     parser.add_argument(
         "--postprocess",
@@ -207,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "drop_points" in gate:
         summary += f"; {gate.get('metric')} drop {gate.get('drop_points')} points"
+    if "recipes" in metrics and "thresholds" not in gate:
+        summary += f"; recipe {metrics['recipe']} ({len(metrics['recipes'])} tried)"
     if result.excluded_nodes:
         summary += f"; {len(result.excluded_nodes)} node(s) kept in float"
     if result.report is not None:

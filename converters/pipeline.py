@@ -49,9 +49,12 @@ from edge.tasks.base import Decoder, DecoderContext, TaskConfig
 from edge.tasks.classification import ClassificationConfig
 from edge.tasks.detection import YoloConfig
 from edge.tasks.raw import RawConfig
+from edge.tasks.text_recognition import TextRecognitionConfig
 
 if TYPE_CHECKING:
     import torch
+
+    from converters.recipes import Trial
 
 log = logging.getLogger(__name__)
 HELD_OUT_FRACTION = 0.25
@@ -231,6 +234,7 @@ class Shipped:
     quantization: Quantization | None = None
     sensitivity: dict[str, float] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)
+    recipes: list[Trial] = field(default_factory=list)  # every recipe the search tried, in order
 
 
 @dataclass(frozen=True)
@@ -406,8 +410,12 @@ def _check_torch_accepts(module: torch.nn.Module, inputs: list[TensorSpec]) -> N
 
 
 def _read_labels(path: Path | None) -> list[str] | None:
+    """One name per line, stripped, blank lines skipped; or a `.json` list of strings kept exactly (a
+    recognizer's charset: its CTC blank '' and ' ' are classes too)."""
     if path is None:
         return None
+    if path.suffix == ".json":
+        return _read_json_labels(path)
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
@@ -418,12 +426,38 @@ def _read_labels(path: Path | None) -> list[str] | None:
     return labels
 
 
-def _output_specs(path: Path, sample_outputs: list[np.ndarray]) -> list[TensorSpec]:
+def _read_json_labels(path: Path) -> list[str]:
+    import json
+
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"--labels {path}: cannot read a JSON list: {exc}") from exc
+    if not isinstance(labels, list) or not labels or not all(isinstance(v, str) for v in labels):
+        raise ConfigError(f"--labels {path}: expected a non-empty JSON list of strings")
+    broken = next((i for i, v in enumerate(labels) if f"<{v}>".splitlines() != [f"<{v}>"]), None)
+    if broken is not None:
+        raise ConfigError(f"--labels {path}: entry {broken} holds a line break (labels.txt is one per line)")
+    return labels
+
+
+def _output_specs(path: Path, outputs: accuracy.Outputs) -> list[TensorSpec]:
+    """Each output's shape as measured on the samples; a dimension that differs between samples (it
+    follows a variable-width input) keeps the model's own name for it, else `{output}_{axis}`."""
     sess = accuracy.session(path, 1)
-    return [
-        TensorSpec(name=o.name, shape=list(value.shape), dtype=str(value.dtype))
-        for o, value in zip(sess.get_outputs(), sample_outputs, strict=True)
-    ]
+    specs = []
+    for position, o in enumerate(sess.get_outputs()):
+        value = outputs[0][position]
+        declared = [str(d) if isinstance(d, str) else None for d in o.shape]
+        names = declared if len(declared) == value.ndim else [None] * value.ndim
+        shape: list[int | str] = [
+            int(size)
+            if all(sample[position].shape[axis] == size for sample in outputs)
+            else names[axis] or f"{o.name}_{axis}"
+            for axis, size in enumerate(value.shape)
+        ]
+        specs.append(TensorSpec(name=o.name, shape=shape, dtype=str(value.dtype)))
+    return specs
 
 
 def _guess_task(outputs: list[TensorSpec]) -> str:
@@ -439,6 +473,8 @@ def _postprocess(task: str, given: TaskConfig | None = None) -> TaskConfig:
         return ClassificationConfig(type="classification", softmax=True, top_k=5)
     if task == "detection":
         return YoloConfig(type="detection", score_threshold=accuracy.CONFIDENT, iou_threshold=0.5)
+    if task == "text-recognition":
+        return TextRecognitionConfig(type="text-recognition")
     return RawConfig(type="raw")
 
 
@@ -584,7 +620,7 @@ def _check_fp32(run: RunContext, floats: FloatModels) -> Baseline:
     feeds = run.evaluation_set.feeds
     with run.stages.stage("check fp32"):
         reference_outputs = accuracy.run_onnx(floats.reference_path, feeds)
-        outputs = _output_specs(floats.reference_path, reference_outputs[0])
+        outputs = _output_specs(floats.reference_path, reference_outputs)
         task = run.options.task or _guess_task(outputs)
         postprocess = _postprocess(task, run.options.postprocess)
         decoder = postprocess.decoder(DecoderContext.from_specs(run.inputs, outputs, run.labels))
@@ -670,53 +706,62 @@ def _fp16_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> Ship
 
 
 def _quantize_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> Shipped:
-    from converters.quantize import prepare_for_quantization, quantize_model
+    """The recipe search (converters.recipes): the first recipe, in order of expected speed, that passes
+    the gate ships; every recipe tried goes into `metrics.recipes`."""
+    from converters import recipes
+    from converters.quantize import prepare_for_quantization
 
-    options, scheme, work = run.options, run.profile.quantization, run.work
-    cache = work / "calibration.json"
-    feeds = run.calib_feeds
+    options, scheme, feeds = run.options, run.profile.quantization, run.calib_feeds
 
-    def attempt(exclude: list[str], tag: str) -> accuracy.Candidate:
-        path = work / f"model.int8.{tag}.onnx"
-        quantize_model(prepared, path, feeds, scheme, options.calibration_method, exclude, cache)
-        return accuracy.Candidate(
-            path, run.score(baseline, accuracy.run_onnx(path, run.evaluation_set.feeds))
+    def score(path: Path) -> accuracy.Evaluation:
+        return run.score(baseline, accuracy.run_onnx(path, run.evaluation_set.feeds))
+
+    with run.stages.stage(f"quantize int8 (recipe search, {len(feeds)} samples)") as note:
+        prepared = prepare_for_quantization(fp32_path, run.work)
+        trials = recipes.search(
+            prepared,
+            fp32_path,
+            feeds,
+            run.evaluation_set.feeds,
+            scheme,
+            score,
+            options.max_drop,
+            run.work,
+            first_method=options.calibration_method,
+            note=note,
         )
-
-    with run.stages.stage(f"quantize int8 ({options.calibration_method}, {len(feeds)} samples)") as note:
-        prepared = prepare_for_quantization(fp32_path, work)
-        chosen = attempt([], "all")
-        note(f"{chosen.evaluation.metric} drop {chosen.evaluation.drop_points:.2f} points")
-    sensitivity: dict[str, float] = {}
-    excluded: list[str] = []
-    if not run.passes(chosen.evaluation):
-        with run.stages.stage("sensitivity + exclusion search") as note:
-            search = accuracy.search_exclusions(
-                prepared.path,
-                prepared.node_names,
-                chosen,
-                attempt,
-                max_drop=options.max_drop,
-                feeds=run.evaluation_set.feeds,
-                work_dir=work,
-                note=note,
+        chosen = trials[-1]
+        if not chosen.passed or chosen.path is None or chosen.evaluation is None:
+            tried = "; ".join(
+                f"{t.name} {t.evaluation.drop_points:.2f}" if t.evaluation else f"{t.name}: {t.error}"
+                for t in trials
             )
-            chosen, excluded, sensitivity = search.chosen, search.excluded, search.sensitivity
+            raise accuracy.GateError(
+                f"accuracy gate: no recipe is within --max-drop {options.max_drop} points of "
+                f"{baseline.fp32_eval.metric}: {tried}"
+            )
+        note(f"{chosen.name}: {chosen.evaluation.metric} drop {chosen.evaluation.drop_points:.2f} points")
+    if chosen.recipe.fp16:
+        return Shipped("fp16", chosen.path, chosen.evaluation, recipes=trials)
     quantization = Quantization.model_validate(
         {
             "scheme": scheme.scheme,
             "activations": scheme.activations,
             "weights": scheme.weights,
-            "per_channel": scheme.per_channel,
+            "per_channel": chosen.recipe.per_channel,
             "reduce_range": scheme.reduce_range,
-            "bias_correction": True,  # quantize_model's default, used by every attempt above
-            "calibration": {"method": options.calibration_method, "samples": len(feeds)},
-            "excluded_nodes": excluded,
+            "bias_correction": True,  # quantize_model's default, used by every recipe
+            "calibration": {"method": chosen.recipe.method, "samples": chosen.samples},
+            "excluded_nodes": chosen.excluded,
+            "recipe": chosen.name,
+            "quantized_op_types": list(chosen.recipe.op_types) if chosen.recipe.op_types else "all",
             "opset": {"source": prepared.opset_before, "quantized": prepared.opset_after},
             "folded_constants": prepared.folded_constants,
         }
     )
-    return Shipped("int8", chosen.path, chosen.evaluation, quantization, sensitivity, excluded)
+    return Shipped(
+        "int8", chosen.path, chosen.evaluation, quantization, chosen.sensitivity, chosen.excluded, trials
+    )
 
 
 def _export_tflite(run: RunContext, baseline: Baseline, model: torch.nn.Module | None) -> TfliteResult | None:
@@ -795,18 +840,31 @@ def _measure(
             paths[shipped.precision] = shipped.path
         if floats.changed:
             paths["pruned_fp32"] = floats.fp32_path
-        latency = measure_latency_ms(paths, run.evaluation_set.feeds[0])
+        # every recipe the search built, timed in the same interleaved run (`metrics.recipes`)
+        tried = {f"recipe:{t.name}": t.path for t in shipped.recipes if t.path is not None}
+        latency = measure_latency_ms({**paths, **tried}, run.evaluation_set.feeds[0])
+        for trial in shipped.recipes:
+            if trial.path is not None:
+                trial.latency_ms = latency.pop(f"recipe:{trial.name}")["p50"]
         sizes = {key: path.stat().st_size for key, path in paths.items()}
         if shipped.path is not None:
             ratio = latency[shipped.precision]["p50"] / latency["fp32"]["p50"]
             note(f"{shipped.precision}/fp32 latency {ratio:.2f}x")
-        golden_feeds = run.evaluation_set.feeds[:GOLDEN_SAMPLES]
+        golden_feeds = _golden_feeds(run.evaluation_set.feeds)
         golden_outputs = accuracy.run_onnx(shipped_path, golden_feeds)
         others = [accuracy.run_onnx(floats.fp32_path, golden_feeds)] if shipped.path is not None else []
         if tflite is not None:  # the .tflite is checked against the same golden outputs at load
             others.append(tflite.outputs[:GOLDEN_SAMPLES])
         tolerance = golden_tolerance(golden_outputs, others)
     return Measurements(latency, sizes, GoldenSet(golden_feeds, golden_outputs, tolerance))
+
+
+def _golden_feeds(feeds: list[Feed]) -> list[Feed]:
+    """Up to GOLDEN_SAMPLES evaluation samples of the first one's shapes: the golden file stacks them, so
+    samples of a variable width cannot all go in."""
+    first = {name: value.shape for name, value in feeds[0].items()} if feeds else {}
+    same = [feed for feed in feeds if {name: value.shape for name, value in feed.items()} == first]
+    return same[:GOLDEN_SAMPLES]
 
 
 def _finite(details: dict[str, float]) -> dict[str, float | None]:
@@ -850,6 +908,9 @@ def _metrics(
         metrics["export"] = floats.export
     if tflite is not None:
         metrics[f"tflite_{tflite.artifact.precision}"] = tflite.metrics
+    if shipped.recipes:
+        metrics["recipe"] = shipped.recipes[-1].name
+        metrics["recipes"] = [trial.to_dict() for trial in shipped.recipes]
     metrics["stage_seconds"] = {record.name: round(record.seconds, 2) for record in run.stages.records}
     metrics["gate"] = {
         "precision": precision,

@@ -70,7 +70,12 @@ class QuantizeResult:
 
 
 class SampleReader:
-    """`CalibrationDataReader` over a list of feeds (constructed lazily to keep onnxruntime import local)."""
+    """`CalibrationDataReader` over a list of feeds (constructed lazily to keep onnxruntime import local).
+
+    `set_range` lets ORT collect the samples a slice at a time (its `CalibStridedMinMax` loop, which
+    works for every calibrator): samples of different shapes (a variable-width input) cannot be stacked
+    into one array per tensor, and histograms merged per sample hold one sample's activations at a time
+    instead of all of them."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
         self._feeds = feeds
@@ -79,8 +84,17 @@ class SampleReader:
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
 
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._iter = iter(self._feeds[start_index:end_index])
+
     def __len__(self) -> int:
         return len(self._feeds)
+
+
+def shapes_vary(feeds: list[dict[str, np.ndarray]]) -> bool:
+    """Whether the samples differ in shape (a symbolic dimension the calibration set fixes per sample)."""
+    first = {name: value.shape for name, value in feeds[0].items()} if feeds else {}
+    return any({name: value.shape for name, value in feed.items()} != first for feed in feeds[1:])
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -196,27 +210,30 @@ def quantize_model(
     exclude: list[str] | None = None,
     cache_path: Path | None = None,
     bias_correction: bool = True,
+    op_types: list[str] | None = None,
 ) -> QuantizeResult:
+    """`op_types`: quantize only these op types (None: every op ORT's QDQ quantizer takes)."""
     import onnx
 
     if not feeds:
         raise QuantizeError("no calibration samples (give --calib)")
     if method in ("percentile", "entropy"):
         log.warning(
-            "%s calibration keeps activation histograms in memory (~4 GB for 64 samples of a small CNN)",
+            "%s calibration keeps activation histograms in memory (merged one sample at a time; "
+            "collected all at once they took ~4 GB for 64 samples of a small CNN)",
             method,
         )
     # The second pass of bias correction must reuse the first pass's ranges: keep them in a cache file.
     cache = cache_path or out_path.with_name(out_path.stem + ".calibration.json")
     if cache_path is None:
         cache.unlink(missing_ok=True)  # never reuse ranges from an earlier run into the same path
-    _quantize_static(prepared.path, out_path, feeds, scheme, method, exclude, cache)
+    _quantize_static(prepared.path, out_path, feeds, scheme, method, exclude, cache, op_types)
     corrected: list[str] = []
     if bias_correction:
         corrected_path = out_path.with_name(out_path.stem + ".bias-corrected.onnx")
         corrected = correct_biases(prepared.path, out_path, feeds, corrected_path)
         if corrected:
-            _quantize_static(corrected_path, out_path, feeds, scheme, method, exclude, cache)
+            _quantize_static(corrected_path, out_path, feeds, scheme, method, exclude, cache, op_types)
         corrected_path.unlink(missing_ok=True)
     if cache_path is None:
         cache.unlink(missing_ok=True)
@@ -234,6 +251,7 @@ def _quantize_static(
     method: CalibrationMethodName,
     exclude: list[str] | None,
     cache: Path,
+    op_types: list[str] | None = None,
 ) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -243,7 +261,12 @@ def _quantize_static(
         "percentile": CalibrationMethod.Percentile,
         "entropy": CalibrationMethod.Entropy,
     }
-    extra: dict[str, bool] = {"ActivationSymmetric": scheme.activations == "int8", "WeightSymmetric": True}
+    extra: dict[str, bool | int] = {
+        "ActivationSymmetric": scheme.activations == "int8",
+        "WeightSymmetric": True,
+    }
+    if method != "minmax" or shapes_vary(feeds):
+        extra["CalibStridedMinMax"] = 1  # one sample per collection (SampleReader.set_range)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -257,6 +280,7 @@ def _quantize_static(
                 activation_type=types[scheme.activations],
                 weight_type=types[scheme.weights],
                 nodes_to_exclude=list(exclude or []),
+                op_types_to_quantize=op_types,
                 calibrate_method=methods[method],
                 extra_options=extra,
                 calibration_cache_path=str(cache),

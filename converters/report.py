@@ -115,6 +115,20 @@ def write_report(
         lines.append(
             f"| {key} | {_fmt(fp32_eval.details.get(key))} | {_fmt(shipped_eval.details.get(key))} |"
         )
+    tried = metrics.get("recipes") or []
+    if tried:  # the recipe search: every recipe tried, in order, the last one shipped if it passed
+        lines += [
+            "",
+            "| recipe tried | passed | drop points | latency p50 ms | size MB |",
+            "|---|---|---|---|---|",
+        ]
+        for trial in tried:
+            size = trial.get("bytes") or 0
+            lines.append(
+                f"| {trial['recipe']} | {'yes' if trial.get('passed') else 'no'} | "
+                f"{_fmt(trial.get('drop_points', trial.get('error')))} | {_fmt(trial.get('latency_ms_p50'))} | "
+                f"{size / 1e6:.2f} |"
+            )
     lines += ["", "| conversion stage | seconds |", "|---|---|"]
     lines += [f"| {stage.name} | {stage.seconds:.1f} |" for stage in stages]
     if pruning:

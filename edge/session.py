@@ -309,7 +309,7 @@ class ModelSession:
                     with self._backend() as backend:
                         backend.run(self._with_fed_inputs(self.text_pre.encode("warm up", length=length), ""))
             elif self.image_pre is not None:
-                self.infer(np.zeros((self.image_pre.height, self.image_pre.width, 3), np.uint8))
+                self.infer(np.zeros((*self.image_pre.example_hw, 3), np.uint8))
             elif self.sensor_pre is not None:
                 spec = self.data_spec
                 # a stream of its own, forgotten after: warm-up must not leave state behind

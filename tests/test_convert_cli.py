@@ -86,6 +86,7 @@ def test_onnx_to_signed_package(tmp_path: Path, photos: Path, capsys: pytest.Cap
     report = out / "report" / "report.md"
     text = report.read_text()
     assert "Gate: **passed**" in text
+    assert f"| {manifest.metrics['recipe']} | yes |" in text  # the recipe search's table
     for image in ("latency_size.png", "stages.png", "agreement.png"):
         assert (out / "report" / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out

@@ -88,6 +88,12 @@ def _split(array: np.ndarray, batch: int) -> list[np.ndarray]:
     return [array[i : i + batch] for i in range(0, array.shape[0], batch)]
 
 
+def _parts(array: np.ndarray, count: int) -> list[np.ndarray]:
+    if array.ndim == 0 or count <= 0 or array.shape[0] % count:
+        return [array]
+    return list(np.split(array, count))
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     na, nb = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
@@ -122,8 +128,10 @@ def run_golden(
     refs_all = _by_spec(load_npz(outputs_path), output_specs, outputs_path)
     batch = _batch_size(input_specs[0])
     feed_batches = [_split(a, batch) for a in feeds_all]
-    ref_batches = [_split(a, batch) for a in refs_all]
     count = len(feed_batches[0])
+    # Outputs are cut into as many equal parts as there are input batches: an output whose batch is not
+    # its first axis (a CTC recognizer's [T, N, C]) is stacked along that first axis all the same.
+    ref_batches = [_parts(a, count) for a in refs_all]
     if any(len(b) != count for b in feed_batches + ref_batches):
         raise PackageError(f"{inputs_path}: golden inputs and outputs hold different numbers of samples")
 

@@ -2,6 +2,9 @@
 
 The converter calibrates with exactly this code, so the runtime feeds the model what it was calibrated on.
 Frames arrive as OpenCV gives them: HxWx3 uint8 BGR (or HxW grayscale).
+
+A spec may leave the width (or the height) symbolic, as a text-line recognizer does: the frame is then
+scaled to the fixed side and the other side follows its aspect ratio (`VARIABLE` in `width`/`height`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ class Letterbox:
     pad_y: float
     width: int
     height: int
+
+
+VARIABLE = -1  # a side the spec leaves symbolic: it follows the frame's aspect ratio
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,9 @@ class ImagePreprocessor:
                 f"{spec.shape} ({layout})"
             )
         _, c, h, w = shape if layout == "NCHW" else (shape[0], shape[3], shape[1], shape[2])
-        if h <= 0 or w <= 0 or c not in (1, 3):
+        if (h <= 0 and w <= 0) or c not in (1, 3):
             raise ConfigError(
-                f"input '{spec.name}': fixed height/width and 1 or 3 channels needed, got {spec.shape}"
+                f"input '{spec.name}': a fixed height or width and 1 or 3 channels needed, got {spec.shape}"
             )
         mean = np.asarray(spec.mean if spec.mean is not None else [0.0] * c, np.float32)
         std = np.asarray(spec.std if spec.std is not None else [1.0] * c, np.float32)
@@ -72,11 +78,25 @@ class ImagePreprocessor:
             zero_point=spec.zero_point,
         )
 
+    @property
+    def example_hw(self) -> tuple[int, int]:
+        """A frame size this input takes (a variable side four times the fixed one): for a warm-up run."""
+        if self.width == VARIABLE:
+            return self.height, 4 * self.height
+        if self.height == VARIABLE:
+            return self.width, self.width
+        return self.height, self.width
+
     def fit(self, frame: np.ndarray) -> tuple[np.ndarray, Letterbox]:
         """Resize per the spec to (height, width); returns the image and the geometry used."""
         import cv2
 
         fh, fw = frame.shape[:2]
+        if self.width == VARIABLE or self.height == VARIABLE:
+            scale = self.height / fh if self.width == VARIABLE else self.width / fw
+            rw, rh = max(1, round(fw * scale)), max(1, round(fh * scale))
+            out = cv2.resize(frame, (rw, rh), interpolation=cv2.INTER_AREA)
+            return out, Letterbox(rw / fw, rh / fh, 0.0, 0.0, fw, fh)
         if self.resize == "stretch":
             out = cv2.resize(frame, (self.width, self.height), interpolation=cv2.INTER_AREA)
             return out, Letterbox(self.width / fw, self.height / fh, 0.0, 0.0, fw, fh)
