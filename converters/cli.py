@@ -14,6 +14,42 @@ EXIT_GATE_FAILED = 1
 EXIT_ERROR = 2
 
 
+AUTO = -1.0  # `--prune auto`
+
+
+def parse_prune(text: str) -> float:
+    if text.strip().lower() == "auto":
+        return AUTO
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a ratio in [0, 1) or 'auto', got {text!r}") from exc
+
+
+def parse_positive(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{option} must be > 0, got {text!r}")
+    return value
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '20m', '1h', '1h30m' or plain seconds -> seconds."""
+    import re
+
+    cleaned = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", cleaned):
+        return float(cleaned)
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", cleaned)
+    if not cleaned or parts is None:
+        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 20m or 1h, got {text!r}")
+    hours, minutes, seconds = (float(part) if part else 0.0 for part in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     from converters.calibration import parse_floats, parse_shape
 
@@ -66,9 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON|@FILE.json",
         help='the manifest\'s post-processing, e.g. \'{"type": "detection", "format": "yolox"}\' (sets --task)',
     )
-    parser.add_argument("--prune", type=float, default=0.0, metavar="RATIO", help="channel ratio to remove")
+    parser.add_argument(
+        "--prune",
+        type=parse_prune,
+        default=0.0,
+        metavar="RATIO|auto",
+        help="channel ratio to remove; auto: the fastest within --max-drop (see --target-speedup)",
+    )
+    parser.add_argument(
+        "--target-speedup",
+        type=lambda t: parse_positive(t, "--target-speedup"),
+        metavar="X",
+        help="search the pruning ratio for a model X times faster than fp32 (int8 latency measured here) "
+        "that passes --max-drop, or the closest",
+    )
     parser.add_argument("--prune-mode", choices=["structured", "unstructured"], default="structured")
-    parser.add_argument("--distill-steps", type=int, default=0, metavar="N")
+    parser.add_argument("--distill-steps", type=int, default=0, metavar="N", help="at most N steps")
+    parser.add_argument(
+        "--distill-time",
+        type=parse_duration,
+        metavar="20m",
+        help="distillation's time budget (90s, 20m, 1h; 0: off); default with pruning: 10m",
+    )
     parser.add_argument(
         "--distill-lr",
         type=float,
@@ -169,13 +224,15 @@ def main(argv: list[str] | None = None) -> int:
         color=args.color,
         task=args.task or (postprocess.type if postprocess is not None else None),
         postprocess=postprocess,
-        prune=args.prune,
+        prune=0.0 if args.prune == AUTO else args.prune,
         prune_mode=args.prune_mode,
         distill_steps=args.distill_steps,
         distill_lr=args.distill_lr,
         prune_layers=args.prune_layers,
         distill_budget_s=args.distill_budget_s,
         tokenizer=args.tokenizer,
+        distill_time=args.distill_time,
+        target_speedup=args.target_speedup if args.target_speedup else (0.0 if args.prune == AUTO else None),
         formats=args.formats,
         max_drop=args.max_drop,
         metric=args.metric,

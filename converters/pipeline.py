@@ -58,6 +58,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 HELD_OUT_FRACTION = 0.25
+DEFAULT_DISTILL_SECONDS = 600.0  # distillation's budget when pruning is asked for and none is given
+MAX_DISTILL_STEPS = 100_000  # the step cap when only a time budget is set
+
+DISTILL_PATIENCE = 4  # checkpoints without a better held-out loss before a budgeted run stops early
 Feed = dict[str, np.ndarray]  # one sample: input name -> a batch of one
 Note = Callable[[str], None]  # sets the text beside a stage's progress line
 
@@ -84,6 +88,8 @@ class ConvertOptions:
     prune_layers: float = 0.0  # transformers: share of encoder layers dropped, then distilled
     distill_budget_s: float = 300.0  # transformers: wall time distillation may take after --prune-layers
     tokenizer: Path | None = None  # a transformer .onnx SOURCE: its tokenizer.json
+    distill_time: float | None = None  # seconds; None: DEFAULT_DISTILL_SECONDS when pruning, else none
+    target_speedup: float | None = None  # --target-speedup / --prune auto (0: fastest within --max-drop)
     formats: list[str] | None = None
     max_drop: float = 1.0
     metric: str | None = None
@@ -330,7 +336,8 @@ def _load(options: ConvertOptions, work: Path, stages: Stages) -> RunContext:
         metric_fn = resolve_callable(options.metric, "--metric") if options.metric else None
         labels = _read_labels(options.labels)
         source = load_source(options.source, options.weights)
-        if source.kind != "torch" and (options.prune > 0 or options.distill_steps > 0):
+        asks_torch = options.target_speedup is not None or (options.distill_time or 0) > 0
+        if source.kind != "torch" and (options.prune > 0 or options.distill_steps > 0 or asks_torch):
             raise ConfigError(
                 f"--prune/--distill-steps need a torch factory SOURCE, not a .{source.kind} file"
             )
@@ -481,24 +488,87 @@ def _postprocess(task: str, given: TaskConfig | None = None) -> TaskConfig:
 # Float models: [prune -> distill] -> export ONNX -> check fp32 ----------------------------------------------
 
 
+@dataclass(frozen=True)
+class DistillRecipe:
+    """What distillation trains with (measured on EfficientNet-Lite0 and the digits CNN, issue 18)."""
+
+    temperature: float = 1.0  # T=1 follows top-1; T=4 spent the student on the 1000-class tail
+    strong_augment: bool = True  # wide crops, colour, cutmix: 13 photos must look like many
+    raw_share: float = 0.5  # half of each batch un-augmented: the digits lost 3 points without it
+    feature_weight: float = 0.0
+    held_out_views: int = 2  # augmented views of each held-out sample: a steadier checkpoint choice
+
+
+DISTILL_RECIPE = DistillRecipe()
+
+
+@dataclass(frozen=True)
+class DistillPlan:
+    """How long distillation runs: `steps` at most and, when set, `budget_s` seconds at most."""
+
+    steps: int
+    budget_s: float | None
+    default: bool  # the budget is DEFAULT_DISTILL_SECONDS because pruning was asked for without one
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps > 0
+
+    def describe(self) -> str:
+        if self.budget_s is None:
+            return f"{self.steps} steps"
+        budget = f"budget {_duration(self.budget_s)}"
+        if self.steps < MAX_DISTILL_STEPS:
+            budget += f", at most {self.steps} steps"
+        return budget + (" (the default with pruning; --distill-time to change)" if self.default else "")
+
+
+def distill_plan(options: ConvertOptions) -> DistillPlan:
+    """`--distill-steps N` and/or `--distill-time T`; when pruning without either, the default budget;
+    `--distill-time 0` turns distillation off."""
+    budget = options.distill_time
+    if budget is not None and budget <= 0:
+        return DistillPlan(0, None, False)
+    pruning = options.prune > 0 or options.target_speedup is not None
+    if budget is None and options.distill_steps == 0 and pruning:
+        return DistillPlan(MAX_DISTILL_STEPS, DEFAULT_DISTILL_SECONDS, True)
+    if budget is not None:
+        return DistillPlan(options.distill_steps or MAX_DISTILL_STEPS, budget, False)
+    return DistillPlan(options.distill_steps, None, False)
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest:02d}s" if minutes else f"{rest}s"
+
+
 def _float_models(run: RunContext) -> FloatModels:
     if run.source.kind != "torch":
         assert run.source.path is not None
         return FloatModels(run.source.path, run.source.path)
     teacher = run.source.module
     student, pruning = teacher, None
-    if run.options.prune > 0:
-        student, pruning = _prune(run, teacher)
-    if run.options.distill_steps > 0:
-        student = _distill(run, student, teacher, pruning)
+    plan = distill_plan(run.options)
+    if run.options.target_speedup is not None:
+        from converters.prune_search import search_pruning
+
+        student, pruning = search_pruning(run, teacher, plan)
+    else:
+        if run.options.prune > 0:
+            student, pruning = _prune(run, teacher)
+        if plan.enabled:
+            student = _distill(run, student, teacher, pruning, plan)
     return dataclasses.replace(_export_onnx(run, teacher, student), pruning=pruning)
 
 
-def _prune(run: RunContext, teacher: torch.nn.Module) -> tuple[torch.nn.Module, Json]:
+def _prune(
+    run: RunContext, teacher: torch.nn.Module, ratio: float | None = None
+) -> tuple[torch.nn.Module, Json]:
     import torch
 
     options, feeds, channel_multiple = run.options, run.calib_feeds, run.profile.pruning.channel_multiple
-    with run.stages.stage(f"prune {options.prune_mode} {options.prune}") as note:
+    ratio = options.prune if ratio is None else ratio
+    with run.stages.stage(f"prune {options.prune_mode} {ratio}") as note:
         try:
             from converters.prune import prune_model
         except ImportError as exc:
@@ -513,7 +583,7 @@ def _prune(run: RunContext, teacher: torch.nn.Module) -> tuple[torch.nn.Module, 
         result = prune_model(
             copy.deepcopy(teacher),
             example,
-            options.prune,
+            ratio,
             options.prune_mode,
             round_to=channel_multiple,
             calibration=calibration,
@@ -539,11 +609,15 @@ def _prune(run: RunContext, teacher: torch.nn.Module) -> tuple[torch.nn.Module, 
 
 
 def _distill(
-    run: RunContext, student: torch.nn.Module, teacher: torch.nn.Module, pruning: Json | None
+    run: RunContext,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    pruning: Json | None,
+    plan: DistillPlan,
 ) -> torch.nn.Module:
     """Train `student` towards `teacher` on the calibration feeds; records what it did in `pruning`."""
     options, feeds = run.options, run.calib_feeds
-    with run.stages.stage(f"distill {options.distill_steps} steps") as note:
+    with run.stages.stage(f"distill ({plan.describe()})") as note:
         try:
             from converters.distill import distill
         except ImportError as exc:
@@ -554,7 +628,7 @@ def _distill(
             student = copy.deepcopy(teacher)
 
         def on_step(step: int, loss: float) -> None:
-            note(f"step {step}/{options.distill_steps} loss {loss:.4f}")
+            note(f"step {step + 1} loss {loss:.4f}")
 
         names = list(feeds[0])
         samples = [feed[names[0]] if len(names) == 1 else tuple(feed[n] for n in names) for feed in feeds]
@@ -563,14 +637,25 @@ def _distill(
             student,
             teacher,
             samples,
-            options.distill_steps,
+            plan.steps,
             lr=options.distill_lr,
             on_step=on_step,
             keep_zeros=unstructured,
+            temperature=DISTILL_RECIPE.temperature,
+            strong_augment=DISTILL_RECIPE.strong_augment,
+            raw_share=DISTILL_RECIPE.raw_share,
+            feature_weight=DISTILL_RECIPE.feature_weight,
+            held_out_views=DISTILL_RECIPE.held_out_views,
+            budget_s=plan.budget_s,
+            patience=DISTILL_PATIENCE if plan.budget_s is not None else None,
         )
         if pruning is not None:
             pruning["distillation"] = {
-                "steps": options.distill_steps,
+                "steps": result.steps,
+                "max_steps": plan.steps,
+                "budget_s": plan.budget_s,
+                "default_budget": plan.default,
+                "stopped": result.stopped,
                 "lr": options.distill_lr,
                 "samples": len(feeds),
                 "seconds": round(float(result.seconds), 1),
@@ -579,6 +664,8 @@ def _distill(
                 # the checkpoint kept: the one best on calibration samples it never trained on
                 "best_step": result.best_step,
                 "held_out_loss": {str(step): round(loss, 6) for step, loss in result.held_out},
+                "feature_layers": len(result.feature_layers),
+                "recipe": dataclasses.asdict(DISTILL_RECIPE),
             }
             if unstructured:
                 # The distiller holds pruned weights at zero; measured, not assumed.
@@ -662,13 +749,14 @@ def _float_model_failure(run: RunContext, floats: FloatModels, baseline: Baselin
     head += f"points of {evaluation.metric} (--max-drop {options.max_drop}) before any compression; "
     if removed:
         cost = f"{pruning['mode']} pruning at {pruning['ratio']} costs it: prune less"
-        if options.distill_steps > 0:
-            return head + f"{cost} or distill longer than {options.distill_steps} steps"
-        return head + f"{cost} or distill the pruned model (--distill-steps)"
+        plan = distill_plan(options)
+        if plan.enabled:
+            return head + f"{cost} or distill longer than {plan.describe()} (--distill-time)"
+        return head + f"{cost} or distill the pruned model (--distill-time, --distill-steps)"
     if floats.changed:  # distilled, with nothing pruned
         nothing = "pruning removed nothing" if pruning else "nothing was pruned"
         return head + (
-            f"{nothing}: distillation ({options.distill_steps} steps, --distill-lr {options.distill_lr}) "
+            f"{nothing}: distillation ({distill_plan(options).describe()}, --distill-lr {options.distill_lr}) "
             "moved the float model away from the reference; distill fewer steps or at a lower --distill-lr"
         )
     head += "nothing was pruned or distilled: the float model is the reference itself, "

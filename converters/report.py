@@ -153,11 +153,17 @@ def write_report(
         lines += [f"- {note}" for note in pruning.get("notes", [])]
         distillation = pruning.get("distillation") or {}
         if distillation.get("steps"):
+            budget = distillation.get("budget_s")
             lines.append(
                 f"Distillation: {distillation['steps']} steps on {distillation.get('samples')} samples in "
-                f"{distillation.get('seconds')} s, loss {distillation.get('loss_first')} -> "
-                f"{distillation.get('loss_last')}."
+                f"{distillation.get('seconds')} s"
+                + (f" (budget {budget:g} s, stopped by {distillation.get('stopped')})" if budget else "")
+                + f", loss {distillation.get('loss_first')} -> {distillation.get('loss_last')}; kept the "
+                f"checkpoint of step {distillation.get('best_step')} (best on held-out samples)."
             )
+        search = pruning.get("search")
+        if search:
+            lines += _search_section(search, out_dir, images)
     if excluded:
         lines += ["", f"Kept in float ({len(excluded)}): " + ", ".join(f"`{n}`" for n in excluded)]
     for title, image in images:
@@ -165,6 +171,56 @@ def write_report(
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report
+
+
+def _search_section(search: dict[str, Any], out_dir: Path, images: list[tuple[str, str]]) -> list[str]:
+    """The pruning search: every ratio tried, its int8 speed measured here and its agreement, as a table
+    and as the curve of speed against agreement."""
+    import matplotlib.pyplot as plt
+
+    target = search.get("target_speedup")
+    lines = [
+        "",
+        "## Pruning search",
+        "",
+        f"Target: {f'{target:g}x faster than fp32' if target else 'the fastest model'} within --max-drop; "
+        f"chosen ratio **{search.get('chosen')}**." + (f" {search['note']}." if search.get("note") else ""),
+        "",
+        "| ratio | MACs | int8 latency x fp32 | speed-up | int8 agreement, not distilled | distilled: "
+        "agreement (confident) | drop points | gate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    points = search.get("points", [])
+    for p in points:
+        distilled = (
+            f"{p['agreement']:.3f} ({_fmt(p.get('agreement_confident'))})"
+            if p.get("agreement") is not None
+            else "-"
+        )
+        gate = "-" if p.get("passed") is None else ("pass" if p["passed"] else "miss")
+        lines.append(
+            f"| {p['ratio']} | x{p['macs_ratio']:.2f} | {p['latency_ratio']:.2f} | {p['speedup']:.2f}x | "
+            f"{p['agreement_raw']:.3f} | {distilled} | {_fmt(p.get('drop_points'))} | {gate} |"
+        )
+    if points:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        ax.plot([p["speedup"] for p in points], [p["agreement_raw"] for p in points], "x:", color="grey",
+                label="int8, not distilled")  # fmt: skip
+        tried = [p for p in points if p.get("agreement") is not None]
+        ax.plot([p["speedup"] for p in tried], [p["agreement"] for p in tried], "o", label="distilled + int8")
+        for p in points:
+            ax.annotate(f"p{p['ratio']:g}", (p["speedup"], p["agreement_raw"]), fontsize=8,
+                        textcoords="offset points", xytext=(3, -10))  # fmt: skip
+        if target:
+            ax.axvline(target, color="#cc3311", linestyle="--", label=f"target {target:g}x")
+        ax.set_xlabel("speed-up vs fp32 (int8, measured here)")
+        ax.set_ylabel("top-1 agreement with fp32")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("Pruning search: speed against agreement")
+        _save(fig, out_dir / "search.png", "Pruning search curve", images)
+    return lines
 
 
 def _fmt(value: Any) -> str:

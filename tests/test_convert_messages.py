@@ -55,7 +55,20 @@ def _gate_error(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_structured_pruning_report_has_no_unstructured_caveat(tmp_path: Path, factory: Path) -> None:
-    assert _convert(tmp_path, f"{factory}:wide", "--prune", "0.5", "--max-drop", "100", "--report") == 0
+    assert (
+        _convert(
+            tmp_path,
+            f"{factory}:wide",
+            "--prune",
+            "0.5",
+            "--distill-time",
+            "0",
+            "--max-drop",
+            "100",
+            "--report",
+        )
+        == 0
+    )
     pruning = load_package(tmp_path / "pkg").manifest.pruning
     assert pruning is not None and "gzip_ratio" not in pruning and "sparsity" not in pruning
     report = (tmp_path / "pkg" / "report" / "report.md").read_text()
@@ -65,7 +78,8 @@ def test_structured_pruning_report_has_no_unstructured_caveat(tmp_path: Path, fa
 
 def test_unstructured_pruning_report_keeps_its_caveat(tmp_path: Path, factory: Path) -> None:
     code = _convert(
-        tmp_path, f"{factory}:wide", "--prune", "0.5", "--prune-mode", "unstructured", "--max-drop", "100",
+        tmp_path, f"{factory}:wide", "--prune", "0.5", "--prune-mode", "unstructured", "--distill-time", "0",
+        "--max-drop", "100",
         "--report",
     )  # fmt: skip
     assert code == 0
@@ -76,7 +90,8 @@ def test_unstructured_pruning_report_keeps_its_caveat(tmp_path: Path, factory: P
 def test_structured_pruning_that_removes_nothing_says_so(tmp_path: Path, factory: Path) -> None:
     # 64 channels asked to lose 5 % keep 64 once rounded up to x86-64-avx2's multiple of 16.
     code = _convert(
-        tmp_path, f"{factory}:wide", "--prune", "0.05", "--profile", "x86-64-avx2", "--max-drop", "100",
+        tmp_path, f"{factory}:wide", "--prune", "0.05", "--profile", "x86-64-avx2", "--distill-time", "0",
+        "--max-drop", "100",
         "--report",
     )  # fmt: skip
     assert code == 0
@@ -92,11 +107,24 @@ def test_structured_pruning_that_removes_nothing_says_so(tmp_path: Path, factory
 def test_float_gate_after_pruning_says_prune_less(
     tmp_path: Path, factory: Path, metrics: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _convert(tmp_path, f"{factory}:wide", "--prune", "0.5", "--metric", f"{metrics}:exact") == 1
+    assert (
+        _convert(
+            tmp_path,
+            f"{factory}:wide",
+            "--prune",
+            "0.5",
+            "--distill-time",
+            "0",
+            "--metric",
+            f"{metrics}:exact",
+        )
+        == 1
+    )
     line = _gate_error(capsys)
     assert "the pruned float model drops" in line
     assert (
-        "structured pruning at 0.5 costs it: prune less or distill the pruned model (--distill-steps)" in line
+        "structured pruning at 0.5 costs it: prune less or distill the pruned model "
+        "(--distill-time, --distill-steps)" in line
     )
 
 

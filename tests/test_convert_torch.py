@@ -257,6 +257,8 @@ def test_pruned_channel_counts_follow_the_device_profile(
         str(profile_path),
         "--prune",
         "0.4",
+        "--distill-time",
+        "0",
         "--max-drop",
         "100",
         capsys=capsys,

@@ -207,3 +207,67 @@ def test_distilling_never_leaves_the_student_worse_than_it_was(digits: dict) -> 
             prune_model(teacher, torch.from_numpy(x_test[:1]), 0.3, "structured").model, teacher, x_test
         )[0]
     )
+
+
+class StochasticDepth(torch.nn.Module):
+    """A block that drops its residual branch in train mode through a plain function (no Dropout module),
+    as EfficientNet's drop_connect does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.conv(x)
+        if self.training:
+            branch = branch * (torch.rand(x.shape[0], 1, 1, 1) > 0.5)
+        return self.head(branch.mean(dim=(2, 3)))
+
+
+def test_the_student_trains_as_it_is_exported_without_functional_dropout() -> None:
+    """Train mode would switch on stochastic depth written as a function; the student trains in eval
+    mode, so two students with identical weights see identical outputs at every step (losses equal)."""
+    torch.manual_seed(0)
+    teacher = StochasticDepth().eval()
+    samples = [torch.randn(4, 1, 8, 8) for _ in range(4)]
+    seen: list[bool] = []
+
+    class Watching(StochasticDepth):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(self.training)
+            return super().forward(x)
+
+    student = Watching()
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        student.conv.weight.mul_(0.5)
+    result = distill(student, teacher, samples, steps=6, batch_size=4, held_out=0)
+    assert seen and not any(seen)
+    assert result.losses[0] > 0
+
+
+def test_a_time_budget_ends_training_and_patience_stops_early(digits: dict) -> None:
+    teacher, x_test = digits["teacher"], digits["x_test"]
+    pruned = prune_model(teacher, torch.from_numpy(x_test[:1]), 0.3, "structured").model
+    result = distill(pruned, teacher, [digits["calib"]], steps=100_000, batch_size=32, budget_s=4.0)
+    assert result.stopped == "budget" and 1 < result.steps < 100_000
+    assert result.seconds < 4.0 + 5.0  # the last step and checkpoint after the budget at most
+    assert result.best_step > 0  # the budgeted schedule trains (its warm-up is 5 % of the time)
+    assert len(result.held_out) >= 3 and result.held_out[-1][0] == result.steps
+
+    # a student equal to its teacher cannot improve: patience ends it long before the step count
+    import copy
+
+    same = distill(copy.deepcopy(teacher), teacher, [digits["calib"]], steps=400, batch_size=32, patience=2)
+    assert same.stopped == "patience" and same.steps <= 120 and same.best_step == 0
+
+
+def test_feature_loss_matches_blocks_that_keep_their_shape() -> None:
+    torch.manual_seed(0)
+    teacher = TwoHeads().eval()
+    student = TwoHeads()
+    samples = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+    result = distill(student, teacher, samples, steps=10, lr=3e-3, batch_size=4, feature_weight=1.0)
+    assert result.feature_layers == ["trunk.0", "trunk.1"]
+    assert not student.trunk[0]._forward_hooks  # hooks removed
