@@ -117,23 +117,12 @@ def search(
 ) -> list[Trial]:
     """Try the recipes in order until one passes; returns every trial (the last one passed, unless none
     did). A recipe that cannot be built is recorded with its error and the search goes on."""
+    run = _Search(prepared, fp32_path, calib, evaluation_feeds, scheme, score, max_drop, work, note)
     trials: list[Trial] = []
     for recipe in order if order is not None else recipes(first_method):
         note(recipe.name)
         try:
-            trial = _build(
-                recipe,
-                trials,
-                prepared,
-                fp32_path,
-                calib,
-                evaluation_feeds,
-                scheme,
-                score,
-                max_drop,
-                work,
-                note,
-            )
+            trial = run.build(recipe, trials)
         except EdgeError as exc:
             trial = Trial(recipe, recipe.name, None, error=str(exc).splitlines()[0])
         if trial.evaluation is not None:
@@ -144,104 +133,85 @@ def search(
     return trials
 
 
-def _build(
-    recipe: CnnRecipe,
-    earlier: list[Trial],
-    prepared: PreparedModel,
-    fp32_path: Path,
-    calib: Feeds,
-    evaluation_feeds: Feeds,
-    scheme: QuantizationScheme,
-    score: Score,
-    max_drop: float,
-    work: Path,
-    note: Callable[[str], None],
-) -> Trial:
-    if recipe.fp16:
-        path = work / "model.fp16.onnx"
-        convert_fp16(fp32_path, path)
-        return Trial(recipe, recipe.name, path, score(path), bytes=path.stat().st_size)
-    if recipe.float_sensitive:
-        return _float_sensitive(
-            recipe, earlier, prepared, calib, evaluation_feeds, scheme, score, max_drop, work, note
+@dataclass(frozen=True)
+class _Search:
+    """What every trial of one search shares."""
+
+    prepared: PreparedModel
+    fp32_path: Path
+    calib: Feeds
+    evaluation_feeds: Feeds
+    scheme: QuantizationScheme
+    score: Score
+    max_drop: float
+    work: Path
+    note: Callable[[str], None]
+
+    def build(self, recipe: CnnRecipe, earlier: list[Trial]) -> Trial:
+        if recipe.fp16:
+            path = self.work / "model.fp16.onnx"
+            convert_fp16(self.fp32_path, path)
+            return Trial(recipe, recipe.name, path, self.score(path), bytes=path.stat().st_size)
+        if recipe.float_sensitive:
+            return self._float_sensitive(recipe, earlier)
+        feeds = self.calib[:HISTOGRAM_SAMPLES] if recipe.method != "minmax" else self.calib
+        path = self._quantize(recipe, feeds, [], "all")
+        return Trial(
+            recipe, recipe.name, path, self.score(path), bytes=path.stat().st_size, samples=len(feeds)
         )
-    feeds = calib[:HISTOGRAM_SAMPLES] if recipe.method != "minmax" else calib
-    path = _quantize(recipe, prepared, feeds, scheme, work, [], "all")
-    return Trial(recipe, recipe.name, path, score(path), bytes=path.stat().st_size, samples=len(feeds))
 
-
-def _quantize(
-    recipe: CnnRecipe,
-    prepared: PreparedModel,
-    feeds: Feeds,
-    scheme: QuantizationScheme,
-    work: Path,
-    exclude: list[str],
-    tag: str,
-) -> Path:
-    ops = "+".join(recipe.op_types) if recipe.op_types else "all"
-    path = work / f"model.int8.{recipe.name}.{tag}.onnx"
-    quantize_model(
-        prepared,
-        path,
-        feeds,
-        scheme.model_copy(update={"per_channel": recipe.per_channel}),
-        recipe.method,
-        exclude,
-        work
-        / f"calibration.{recipe.method}.{ops}.json",  # activation ranges: shared by same-calibration recipes
-        op_types=list(recipe.op_types) if recipe.op_types else None,
-    )
-    return path
-
-
-def _float_sensitive(
-    recipe: CnnRecipe,
-    earlier: list[Trial],
-    prepared: PreparedModel,
-    calib: Feeds,
-    evaluation_feeds: Feeds,
-    scheme: QuantizationScheme,
-    score: Score,
-    max_drop: float,
-    work: Path,
-    note: Callable[[str], None],
-) -> Trial:
-    """The best full-int8 trial so far with its most sensitive nodes kept in float."""
-    built = [t for t in earlier if t.path is not None and t.evaluation is not None and not t.recipe.fp16]
-    if not built:
-        raise EdgeError("float-sensitive: no int8 recipe was built to start from")
-    start = min(built, key=lambda t: t.evaluation.drop_points if t.evaluation else float("inf"))
-    base = start.recipe
-    feeds = calib[: start.samples] if start.samples else calib
-    name = f"{base.name}+float-sensitive"
-
-    def requantize(exclude: list[str], tag: str) -> accuracy.Candidate:
-        path = _quantize(base, prepared, feeds, scheme, work, exclude, f"float-{tag}")
-        return accuracy.Candidate(path, score(path))
-
-    assert start.path is not None and start.evaluation is not None
-    try:
-        found = accuracy.search_exclusions(
-            prepared.path,
-            prepared.node_names,
-            accuracy.Candidate(start.path, start.evaluation),
-            requantize,
-            max_drop=max_drop,
-            feeds=evaluation_feeds,
-            work_dir=work,
-            note=note,
+    def _quantize(self, recipe: CnnRecipe, feeds: Feeds, exclude: list[str], tag: str) -> Path:
+        ops = "+".join(recipe.op_types) if recipe.op_types else "all"
+        path = self.work / f"model.int8.{recipe.name}.{tag}.onnx"
+        quantize_model(
+            self.prepared,
+            path,
+            feeds,
+            self.scheme.model_copy(update={"per_channel": recipe.per_channel}),
+            recipe.method,
+            exclude,
+            self.work
+            / f"calibration.{recipe.method}.{ops}.json",  # activation ranges: shared by same-calibration recipes
+            op_types=list(recipe.op_types) if recipe.op_types else None,
         )
-    except accuracy.GateError as exc:
-        return Trial(recipe, name, None, error=str(exc).removeprefix("accuracy gate: "))
-    path = found.chosen.path
-    return Trial(
-        CnnRecipe(name, base.method, base.per_channel, True, base.op_types),
-        name,
-        path,
-        found.chosen.evaluation,
-        bytes=path.stat().st_size,
-        excluded=found.excluded,
-        sensitivity=found.sensitivity,
-        samples=len(feeds),
-    )
+        return path
+
+    def _float_sensitive(self, recipe: CnnRecipe, earlier: list[Trial]) -> Trial:
+        """The best full-int8 trial so far with its most sensitive nodes kept in float."""
+        built = [t for t in earlier if t.path is not None and t.evaluation is not None and not t.recipe.fp16]
+        if not built:
+            raise EdgeError("float-sensitive: no int8 recipe was built to start from")
+        start = min(built, key=lambda t: t.evaluation.drop_points if t.evaluation else float("inf"))
+        base = start.recipe
+        feeds = self.calib[: start.samples] if start.samples else self.calib
+        name = f"{base.name}+float-sensitive"
+
+        def requantize(exclude: list[str], tag: str) -> accuracy.Candidate:
+            path = self._quantize(base, feeds, exclude, f"float-{tag}")
+            return accuracy.Candidate(path, self.score(path))
+
+        assert start.path is not None and start.evaluation is not None
+        try:
+            found = accuracy.search_exclusions(
+                self.prepared.path,
+                self.prepared.node_names,
+                accuracy.Candidate(start.path, start.evaluation),
+                requantize,
+                max_drop=self.max_drop,
+                feeds=self.evaluation_feeds,
+                work_dir=self.work,
+                note=self.note,
+            )
+        except accuracy.GateError as exc:
+            return Trial(recipe, name, None, error=str(exc).removeprefix("accuracy gate: "))
+        path = found.chosen.path
+        return Trial(
+            CnnRecipe(name, base.method, base.per_channel, True, base.op_types),
+            name,
+            path,
+            found.chosen.evaluation,
+            bytes=path.stat().st_size,
+            excluded=found.excluded,
+            sensitivity=found.sensitivity,
+            samples=len(feeds),
+        )
