@@ -52,12 +52,8 @@ def cache_dir() -> Path:
     return path
 
 
-def fetch_model(cache: Path | None = None) -> Path:
-    """`common_det.onnx` out of the ddddocr wheel (downloaded once with pip, never installed)."""
-    cache = cache or cache_dir()
-    model = cache / "common_det.onnx"
-    if model.is_file():
-        return model
+def wheel(cache: Path) -> Path:
+    """The ddddocr wheel in `cache`, downloaded once with pip (never installed)."""
     wheels = sorted(cache.glob(f"ddddocr-{VERSION}-*.whl"))
     if not wheels:
         subprocess.run(
@@ -67,14 +63,23 @@ def fetch_model(cache: Path | None = None) -> Path:
             timeout=600,
         )
         wheels = sorted(cache.glob(f"ddddocr-{VERSION}-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as wheel:
+    return wheels[0]
+
+
+def fetch_model(cache: Path | None = None) -> Path:
+    """`common_det.onnx` out of the ddddocr wheel (downloaded once with pip, never installed)."""
+    cache = cache or cache_dir()
+    model = cache / "common_det.onnx"
+    if model.is_file():
+        return model
+    with zipfile.ZipFile(wheel(cache)) as archive:
         tmp = model.with_suffix(".tmp")
-        tmp.write_bytes(wheel.read("ddddocr/common_det.onnx"))
+        tmp.write_bytes(archive.read("ddddocr/common_det.onnx"))
         tmp.replace(model)
     return model
 
 
-def _photo(name: str) -> np.ndarray:
+def photo(name: str) -> np.ndarray:
     from skimage import data
 
     image = np.asarray(getattr(data, name)())
@@ -97,16 +102,16 @@ def text_frames(count: int, seed: int, photos: tuple[str, ...] = PHOTOS) -> list
         cv2.FONT_HERSHEY_COMPLEX,
         cv2.FONT_HERSHEY_TRIPLEX,
     )
-    sources = [_photo(name) for name in photos]
+    sources = [photo(name) for name in photos]
     frames = []
     for i in range(count):
-        photo = sources[i % len(sources)]
-        h, w = photo.shape[:2]
+        picture = sources[i % len(sources)]
+        h, w = picture.shape[:2]
         side = int(min(h, w) * rng.uniform(0.6, 1.0))
         y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
         height = int(SIZE * rng.uniform(0.6, 1.0))
         frame = cv2.resize(
-            photo[y0 : y0 + side, x0 : x0 + side], (SIZE, height), interpolation=cv2.INTER_AREA
+            picture[y0 : y0 + side, x0 : x0 + side], (SIZE, height), interpolation=cv2.INTER_AREA
         )
         frame = np.ascontiguousarray(frame)
         for _ in range(int(rng.integers(1, 5))):
@@ -133,10 +138,10 @@ def moving_text_clip(count: int, word: str = "GATE 42", step: int = 6, blank: in
     then `blank` frames of the photo alone (the characters leave)."""
     import cv2
 
-    photo = cv2.resize(_photo("coffee"), (SIZE, 312), interpolation=cv2.INTER_AREA)
+    background = cv2.resize(photo("coffee"), (SIZE, 312), interpolation=cv2.INTER_AREA)
     frames = []
     for i in range(count + blank):
-        frame = photo.copy()
+        frame = background.copy()
         if i < count:
             x = 20 + step * i
             cv2.rectangle(frame, (x - 6, 110), (x + 250, 175), (255, 255, 255), -1)

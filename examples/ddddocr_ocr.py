@@ -32,31 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = "1.6.1"
+if __package__ in (None, ""):  # run as a script: the detector example beside it is `examples.ddddocr_det`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.ddddocr_det import PHOTOS, cache_dir, photo, wheel
+
 HEIGHT = 64
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry", "hubble_deep_field")
 ALPHABET = "abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 MAX_DROP = 2.0
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get("EDGE_CACHE", Path.home() / ".cache" / "edge-runtime"))
-    path = root / "ddddocr"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _wheel(cache: Path) -> Path:
-    wheels = sorted(cache.glob(f"ddddocr-{VERSION}-*.whl"))
-    if not wheels:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", f"ddddocr=={VERSION}", "-d", str(cache)],
-            check=True,
-            capture_output=True,
-            timeout=600,
-        )
-        wheels = sorted(cache.glob(f"ddddocr-{VERSION}-*.whl"))
-    return wheels[0]
 
 
 def fetch_model(cache: Path | None = None) -> tuple[Path, Path]:
@@ -69,11 +51,11 @@ def fetch_model(cache: Path | None = None) -> tuple[Path, Path]:
     model, charset = cache / "common.onnx", cache / "charset.json"
     if model.is_file() and charset.is_file():
         return model, charset
-    with zipfile.ZipFile(_wheel(cache)) as wheel:
+    with zipfile.ZipFile(wheel(cache)) as archive:
         tmp = model.with_suffix(".tmp")
-        tmp.write_bytes(wheel.read("ddddocr/common.onnx"))
+        tmp.write_bytes(archive.read("ddddocr/common.onnx"))
         tmp.replace(model)
-        source = wheel.read("ddddocr/charsets.py").decode("utf-8")
+        source = archive.read("ddddocr/charsets.py").decode("utf-8")
     for statement in ast.parse(source).body:
         if isinstance(statement, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == "CHARSET_BETA" for t in statement.targets
@@ -86,17 +68,6 @@ def fetch_model(cache: Path | None = None) -> tuple[Path, Path]:
     return model, charset
 
 
-def _photo(name: str) -> np.ndarray:
-    from skimage import data
-
-    image = np.asarray(getattr(data, name)())
-    if image.ndim == 2:
-        image = np.stack([image] * 3, axis=-1)
-    if image.dtype != np.uint8:
-        image = (255 * (image - image.min()) / max(float(np.ptp(image)), 1e-9)).astype(np.uint8)
-    return np.ascontiguousarray(image[..., :3][..., ::-1])  # RGB -> BGR, as OpenCV holds it
-
-
 def text_lines(count: int, seed: int, photos: tuple[str, ...] = PHOTOS) -> list[tuple[np.ndarray, str]]:
     """`count` (BGR line image, its text): a random word of 4-8 characters drawn with a random Hershey font,
     scale and colour onto a strip of a real photo (sometimes on a plain label); heights 40-96 px, so
@@ -105,10 +76,10 @@ def text_lines(count: int, seed: int, photos: tuple[str, ...] = PHOTOS) -> list[
 
     rng = np.random.default_rng(seed)
     fonts = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_TRIPLEX)
-    sources = [_photo(name) for name in photos]
+    sources = [photo(name) for name in photos]
     lines = []
     for i in range(count):
-        photo = sources[i % len(sources)]
+        picture = sources[i % len(sources)]
         word = "".join(ALPHABET[int(k)] for k in rng.integers(0, len(ALPHABET), int(rng.integers(4, 9))))
         font = fonts[int(rng.integers(len(fonts)))]
         scale = float(rng.uniform(1.2, 2.4))
@@ -116,9 +87,9 @@ def text_lines(count: int, seed: int, photos: tuple[str, ...] = PHOTOS) -> list[
         (tw, th), base = cv2.getTextSize(word, font, scale, thick)
         pad_x, pad_y = int(rng.integers(6, 24)), int(rng.integers(6, 16))
         width, height = tw + 2 * pad_x, th + base + 2 * pad_y
-        h, w = photo.shape[:2]
+        h, w = picture.shape[:2]
         y0, x0 = int(rng.integers(0, h - height)), int(rng.integers(0, w - width))
-        line = np.ascontiguousarray(photo[y0 : y0 + height, x0 : x0 + width])
+        line = np.ascontiguousarray(picture[y0 : y0 + height, x0 : x0 + width])
         background = float(line.mean())
         ink = (20, 20, 20) if background > 110 else (235, 235, 235)
         if rng.random() < 0.4:  # a plain label, in the opposite brightness of the ink
