@@ -217,34 +217,13 @@ def test_an_onnx_with_a_fixed_sequence_or_no_tokenizer_is_refused(
 ) -> None:
     calib = texts[0]
     fixed = _export_last_hidden_state(tiny4, tmp_path / "fixed", fixed_sequence=True)
+
+    def attempt(**options: object) -> None:
+        convert(ConvertOptions(source=str(fixed), out=tmp_path / "o", calib=calib, quiet=True, **options))  # type: ignore[arg-type]
+
     with pytest.raises(ConfigError, match="fixed sequence length 8"):
-        convert(
-            ConvertOptions(
-                source=str(fixed),
-                out=tmp_path / "o",
-                calib=calib,
-                tokenizer=tiny4 / "tokenizer.json",
-                quiet=True,
-            )
-        )
+        attempt(tokenizer=tiny4 / "tokenizer.json")
     with pytest.raises(ConfigError, match="--tokenizer .*missing.json: file not found"):
-        convert(
-            ConvertOptions(
-                source=str(fixed),
-                out=tmp_path / "o",
-                calib=calib,
-                tokenizer=tmp_path / "missing.json",
-                quiet=True,
-            )
-        )
+        attempt(tokenizer=tmp_path / "missing.json")
     with pytest.raises(ConfigError, match="--prune-layers: .* is an ONNX graph"):
-        convert(
-            ConvertOptions(
-                source=str(fixed),
-                out=tmp_path / "o",
-                calib=calib,
-                tokenizer=tiny4 / "tokenizer.json",
-                prune_layers=0.5,
-                quiet=True,
-            )
-        )
+        attempt(tokenizer=tiny4 / "tokenizer.json", prune_layers=0.5)
