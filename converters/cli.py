@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--distill-time",
         type=parse_duration,
         metavar="20m",
-        help="distillation's time budget (90s, 20m, 1h; 0: off); default with pruning: 10m",
+        help="distillation's time budget (90s, 20m, 1h; 0: off); default with --prune: 10m, with --prune-layers: 5m",
     )
     parser.add_argument(
         "--distill-lr",
@@ -137,13 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="RATIO",
         help="transformers: drop this share of the encoder layers, then distil from the full model",
-    )
-    parser.add_argument(
-        "--distill-budget-s",
-        type=float,
-        default=300.0,
-        metavar="S",
-        help="transformers: wall time for distillation after --prune-layers (default 300)",
     )
     parser.add_argument(
         "--tokenizer", type=Path, metavar="FILE", help="tokenizer.json of a transformer .onnx SOURCE"
@@ -229,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
         distill_steps=args.distill_steps,
         distill_lr=args.distill_lr,
         prune_layers=args.prune_layers,
-        distill_budget_s=args.distill_budget_s,
         tokenizer=args.tokenizer,
         distill_time=args.distill_time,
         target_speedup=args.target_speedup if args.target_speedup else (0.0 if args.prune == AUTO else None),

@@ -86,9 +86,9 @@ class ConvertOptions:
     distill_steps: int = 0
     distill_lr: float = 1e-4
     prune_layers: float = 0.0  # transformers: share of encoder layers dropped, then distilled
-    distill_budget_s: float = 300.0  # transformers: wall time distillation may take after --prune-layers
     tokenizer: Path | None = None  # a transformer .onnx SOURCE: its tokenizer.json
-    distill_time: float | None = None  # seconds; None: DEFAULT_DISTILL_SECONDS when pruning, else none
+    # seconds; None: DEFAULT_DISTILL_SECONDS when pruning (TEXT_DISTILL_SECONDS after --prune-layers), else none
+    distill_time: float | None = None
     target_speedup: float | None = None  # --target-speedup / --prune auto (0: fastest within --max-drop)
     formats: list[str] | None = None
     max_drop: float = 1.0

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from converters.pipeline import ConvertOptions, ConvertResult, Stages
 
 LATENCY_THREADS = 2
+TEXT_DISTILL_SECONDS = 300.0  # --prune-layers without --distill-time (the budget this path has always had)
 
 
 def convert_text(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResult:
@@ -322,6 +323,10 @@ def _float_model(
     return fp32, {"exporter": "torchscript", "opset": 17, "max_abs_diff": max_diff}
 
 
+def _distill_seconds(options: ConvertOptions) -> float:
+    return TEXT_DISTILL_SECONDS if options.distill_time is None else options.distill_time
+
+
 def _prune_layers(
     options: ConvertOptions,
     model: TextModel,
@@ -345,7 +350,7 @@ def _prune_layers(
             pre,
             texts,
             options.prune_layers,
-            budget_s=options.distill_budget_s,
+            budget_s=_distill_seconds(options),
             max_steps=options.distill_steps,
             lr=options.distill_lr,
             on_step=lambda step, loss: note(f"step {step} loss {loss:.4f}"),
@@ -355,7 +360,7 @@ def _prune_layers(
         student = work / "model.fp32.onnx"
         max_diff = export_text_onnx(result.source, example, student)
         note(f"max |onnx - torch| {max_diff:.2g}")
-    record: Json = result.record(options.prune_layers, options.distill_lr, options.distill_budget_s)
+    record: Json = result.record(options.prune_layers, options.distill_lr, _distill_seconds(options))
     return student, record, {"exporter": "torchscript", "opset": 17, "max_abs_diff": max_diff}
 
 
