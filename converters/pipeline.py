@@ -195,6 +195,7 @@ class RunContext:
             self.evaluation_set.labels,
             self.metric_fn,
             decoder=baseline.decoder,
+            detection_gate=baseline.detection_gate,
         )
 
     def passes(self, evaluation: accuracy.Evaluation) -> bool:
@@ -226,6 +227,7 @@ class Baseline:
     task: str
     postprocess: TaskConfig  # what goes into the manifest; the gate decodes with the same decoder
     decoder: Decoder
+    detection_gate: accuracy.DetectionGate | None  # detection: how the gate reads boxes
     fp32_eval: accuracy.Evaluation  # the float model to compress, against the reference
 
 
@@ -710,12 +712,22 @@ def _check_fp32(run: RunContext, floats: FloatModels) -> Baseline:
         outputs = _output_specs(floats.reference_path, reference_outputs)
         task = run.options.task or _guess_task(outputs)
         postprocess = _postprocess(task, run.options.postprocess)
-        decoder = postprocess.decoder(DecoderContext.from_specs(run.inputs, outputs, run.labels))
+        context = DecoderContext.from_specs(run.inputs, outputs, run.labels)
+        decoder, detection_gate = (
+            postprocess.decoder(context),
+            accuracy.DetectionGate.of(postprocess, context),
+        )
         fp32_outputs = accuracy.run_onnx(floats.fp32_path, feeds) if floats.changed else reference_outputs
         fp32_eval = accuracy.evaluate(
-            task, reference_outputs, fp32_outputs, run.evaluation_set.labels, run.metric_fn, decoder=decoder
+            task,
+            reference_outputs,
+            fp32_outputs,
+            run.evaluation_set.labels,
+            run.metric_fn,
+            decoder=decoder,
+            detection_gate=detection_gate,
         )
-    return Baseline(reference_outputs, outputs, task, postprocess, decoder, fp32_eval)
+    return Baseline(reference_outputs, outputs, task, postprocess, decoder, detection_gate, fp32_eval)
 
 
 # Compressed models: the profile's precision behind the gate, [TFLite] -------------------------------------

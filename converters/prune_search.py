@@ -168,7 +168,9 @@ class _Gate:
         specs = _output_specs(reference_path, self.reference)
         self.task = run.options.task or _guess_task(specs)
         context = DecoderContext.from_specs(run.inputs, specs, run.labels)
-        self.decoder: Decoder = _postprocess(self.task, run.options.postprocess).decoder(context)
+        postprocess = _postprocess(self.task, run.options.postprocess)
+        self.decoder: Decoder = postprocess.decoder(context)
+        self.detection_gate = accuracy.DetectionGate.of(postprocess, context)
 
     def score(self, path: Path) -> accuracy.Evaluation:
         outputs = accuracy.run_onnx(path, self.run.evaluation_set.feeds)
@@ -179,6 +181,7 @@ class _Gate:
             self.run.evaluation_set.labels,
             self.run.metric_fn,
             decoder=self.decoder,
+            detection_gate=self.detection_gate,
         )
 
 

@@ -217,16 +217,16 @@ def quantize_model(
 
     if not feeds:
         raise QuantizeError("no calibration samples (give --calib)")
-    if method in ("percentile", "entropy"):
+    # The second pass of bias correction must reuse the first pass's ranges: keep them in a cache file.
+    cache = cache_path or out_path.with_name(out_path.stem + ".calibration.json")
+    if cache_path is None:
+        cache.unlink(missing_ok=True)  # never reuse ranges from an earlier run into the same path
+    if method in ("percentile", "entropy") and not cache.exists():  # cached ranges need no histograms
         log.warning(
             "%s calibration keeps activation histograms in memory (merged one sample at a time; "
             "collected all at once they took ~4 GB for 64 samples of a small CNN)",
             method,
         )
-    # The second pass of bias correction must reuse the first pass's ranges: keep them in a cache file.
-    cache = cache_path or out_path.with_name(out_path.stem + ".calibration.json")
-    if cache_path is None:
-        cache.unlink(missing_ok=True)  # never reuse ranges from an earlier run into the same path
     _quantize_static(prepared.path, out_path, feeds, scheme, method, exclude, cache, op_types)
     corrected: list[str] = []
     if bias_correction:

@@ -13,7 +13,7 @@ fetches the wheel once (`pip download --no-deps ddddocr==1.6.1` into $EDGE_CACHE
 installed), writes the frames as image folders and runs
 
     edge-convert common_det.onnx --out /tmp/ddddocr-det.pkg --calib calib --eval eval \
-        --mean 0,0,0 --std 1,1,1 --color BGR --max-drop 5 \
+        --mean 0,0,0 --std 1,1,1 --color BGR --max-drop 3 \
         --postprocess '{"type": "detection", "format": "yolox", "strides": [8, 16, 32], ...}'
 """
 
@@ -162,7 +162,7 @@ def write_folder(folder: Path, frames: list[np.ndarray]) -> Path:
 def convert_command(model: Path, out: Path, calib: Path, eval_dir: Path) -> list[str]:
     return [
         sys.executable, "-m", "converters.cli", str(model), "--out", str(out), "--calib", str(calib),
-        "--eval", str(eval_dir), "--mean", "0,0,0", "--std", "1,1,1", "--color", "BGR", "--max-drop", "5",
+        "--eval", str(eval_dir), "--mean", "0,0,0", "--std", "1,1,1", "--color", "BGR", "--max-drop", "3",
         "--postprocess", json.dumps(POSTPROCESS), "--formats", "onnx", "-q",
     ]  # fmt: skip
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from converters.accuracy import (
+    BORDERLINE,
+    DetectionGate,
     average_precision,
     classification,
     cosine,
@@ -25,7 +27,8 @@ from converters.cli import main
 from edge.errors import ConfigError
 from edge.package import Manifest, load_package
 from edge.tasks import make_decoder
-from edge.tasks.base import Decoder
+from edge.tasks.base import Decoder, DecoderContext
+from edge.tasks.detection import YoloConfig
 from tests.assets_models import photo_crops, write_photo_folder
 
 
@@ -152,6 +155,62 @@ def test_fp32_detector_passes_its_own_gate_and_a_candidate_that_loses_boxes_does
     # class 0: every kept box right but half of them lost (AP 0.5); class 1: every box wrong (AP 0)
     assert worse.details["map50_vs_fp32"] == pytest.approx(0.25)
     assert worse.drop_points == pytest.approx(75.0)
+
+
+def _gate(threshold: float) -> DetectionGate:
+    context = DecoderContext(input_hw=(32, 32), output_names=("head",))
+    gate = DetectionGate.of(
+        YoloConfig(type="detection", score_threshold=threshold, iou_threshold=0.5), context
+    )
+    assert gate is not None
+    return gate
+
+
+def test_the_gate_forgives_borderline_scores_but_not_boxes_that_fade(tmp_path: Path) -> None:
+    """fp32's own box at 0.32 that int8 scores 0.28 is too close to call; scores that all sink under the
+    threshold are lost boxes, which a threshold-free (ranked) mAP would not see."""
+    feeds = _photo_feeds(6)
+    gate = _gate(0.3)
+    borderline = HEAD.copy()
+    borderline[2, 4] = 0.3 + BORDERLINE / 2  # fp32's third box, just over the threshold
+    reference = run_onnx(tiny_detector(tmp_path / "fp32.onnx", borderline), feeds)
+    itself = gate.evaluate(reference, reference)
+    assert itself.drop_points == 0.0
+    assert itself.details["map50_at_threshold"] == itself.details["map50_ranked"] == 1.0
+
+    flipped = borderline.copy()
+    flipped[2, 4] = 0.3 - BORDERLINE / 2  # int8 puts it just under: the device would not publish it
+    near = gate.evaluate(reference, run_onnx(tiny_detector(tmp_path / "near.onnx", flipped), feeds))
+    assert near.details["map50_vs_fp32"] == 1.0 and near.drop_points == 0.0
+    assert near.details["map50_at_threshold"] < 1.0  # cut hard, the flip would count as a miss
+
+    faded = borderline.copy()
+    faded[:3, 4:] *= 0.25  # every score falls well under the threshold, the ranking stays
+    lost = gate.evaluate(reference, run_onnx(tiny_detector(tmp_path / "faded.onnx", faded), feeds))
+    assert lost.details["map50_vs_fp32"] == 0.0 and lost.drop_points == 100.0
+    assert lost.details["map50_ranked"] > 0.99  # what COCO-style ranking alone would have passed
+
+
+def test_borderline_band_counts_clear_boxes_only() -> None:
+    box = np.array([[0.0, 0.0, 10.0, 10.0]])
+    clear = (box, np.array([0.9]), np.array([0]))
+    found = (box, np.array([0.27]), np.array([0]))  # in the band under the threshold 0.3: still found
+    assert average_precision([clear], [found], band=(0.25, 0.35)) == 1.0
+    assert average_precision([clear], [found]) == 1.0  # no band: any score ranks
+    missed = (box, np.array([0.2]), np.array([0]))
+    assert average_precision([clear], [missed], band=(0.25, 0.35)) == 0.0
+    unsure = (box, np.array([0.32]), np.array([0]))  # fp32 itself is borderline: nothing to find or miss
+    nothing = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
+    assert average_precision([unsure, clear], [nothing, clear], band=(0.25, 0.35)) == 1.0
+    stray = (np.array([[20.0, 20.0, 30.0, 30.0]]), np.array([0.5]), np.array([0]))
+    assert (
+        average_precision(
+            [clear],
+            [(np.concatenate([box, stray[0]]), np.array([0.9, 0.95]), np.array([0, 0]))],
+            band=(0.25, 0.35),
+        )
+        == 0.5
+    )
 
 
 def test_detection_gate_needs_the_package_decoder() -> None:
