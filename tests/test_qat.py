@@ -153,38 +153,60 @@ def test_manifest_and_report_record_the_qat_run(converted: dict[str, Any]) -> No
     assert f"qat {record['steps']} steps" in converted["qat_stdout"]
 
 
-def test_qat_weight_rounding_is_the_one_onnx_runtime_applies(converted: dict[str, Any]) -> None:
-    """The per-channel symmetric int8 weights QAT trains against, computed from the float model's weights
-    (BatchNorm folded by the exporter), equal the ones ORT's quantizer wrote into the post-training
-    int8 model of the same float model."""
-    root = converted["ptq"].root
-    floats = {
-        t.name: numpy_helper.to_array(t) for t in onnx.load(str(root / "model.fp32.onnx")).graph.initializer
-    }
-    quantized = onnx.load(str(root / "model.int8.onnx"))
+@pytest.mark.parametrize("profile", ["x86-64-vnni", "x86-64-avx2", "raspberry-pi-5"])
+def test_qat_simulates_the_integers_and_ranges_onnx_runtime_uses(
+    converted: dict[str, Any], digits: dict[str, Path], tmp_path: Path, profile: str
+) -> None:
+    """uint8/int8 activations, full-range and 7-bit (reduce_range) weights: the weights QAT trains against
+    (from the exported float weights, BatchNorm folded) are the ones ORT's quantizer writes, and the
+    activation ranges QAT measures on the calibration samples give the scales and zero points ORT's
+    MinMax calibration gives on the same samples."""
+    from converters.qat import _fake_quantized
+    from converters.quantize import prepare_for_quantization, quantize_model
+    from converters.sources import load_source
+
+    scheme = resolve_profile(profile).profile.quantization
+    fp32 = converted["ptq"].root / "model.fp32.onnx"
+    with np.load(digits["calib"]) as arrays:
+        calib = arrays[digits_cnn.INPUT_NAME]
+    int8 = tmp_path / "model.int8.onnx"
+    feeds = [{digits_cnn.INPUT_NAME: calib[i : i + 1]} for i in range(len(calib))]
+    quantize_model(prepare_for_quantization(fp32, tmp_path), int8, feeds, scheme)
+
+    floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(fp32)).graph.initializer}
+    quantized = onnx.load(str(int8))
     tensors = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
-    dequantized = {
-        node.output[0]: (node.input[0], node.input[1])
-        for node in quantized.graph.node
-        if node.op_type == "DequantizeLinear" and node.input[0] in tensors and tensors[node.input[0]].ndim > 1
-    }
-    scheme = resolve_profile(PROFILE).profile.quantization
-    compared = 0
+    weights = 0
     for node in quantized.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or node.input[1] not in dequantized:
+        if node.op_type != "DequantizeLinear" or not node.input[0].endswith(".weight_quantized"):
             continue
-        q_name, scale_name = dequantized[node.input[1]]
-        float_name = q_name.removesuffix("_quantized")
-        weight = torch.from_numpy(floats[float_name].copy())
+        weight = torch.from_numpy(floats[node.input[0].removesuffix("_quantized")].copy())
         layer = torch.nn.Linear(*weight.shape[::-1]) if weight.ndim == 2 else torch.nn.Conv2d(1, 1, 1)
         layer.weight = torch.nn.Parameter(weight)
         with torch.no_grad():
             trained_against = _QuantizedLayer(layer, scheme)._rounded_weight().numpy()
-        scale = tensors[scale_name].reshape(-1, *[1] * (weight.ndim - 1))
-        ort = tensors[q_name].astype(np.float32) * scale
-        assert np.allclose(trained_against, ort, rtol=0, atol=1e-6 * float(np.abs(ort).max())), float_name
-        compared += 1
-    assert compared == sum(isinstance(m, QUANTIZED_TYPES) for m in digits_cnn.make_model().modules())
+        scale = tensors[node.input[1]].reshape(-1, *[1] * (weight.ndim - 1))
+        ort = tensors[node.input[0]].astype(np.float32) * scale
+        assert np.abs(trained_against - ort).max() <= 1e-6 * np.abs(ort).max(), node.input[0]
+        weights += 1
+    assert weights == sum(isinstance(m, QUANTIZED_TYPES) for m in digits_cnn.make_model().modules())
+
+    model = load_source(f"{digits['factory']}:build").module
+    with _fake_quantized(model, scheme) as simulated:
+        simulated.calibrate((torch.from_numpy(calib),))
+        ours = [quant.grid.scale_zero(quant.lower, quant.upper) for quant in simulated.ranges]
+    activations = [
+        (float(tensors[node.input[1]]), int(tensors[node.input[2]]))
+        for node in quantized.graph.node
+        if node.op_type == "QuantizeLinear" and node.input[0] not in tensors
+    ]
+    assert len(activations) >= 8  # the input, five ReLU outputs, pooled features, logits (and pools)
+    for scale, zero in activations:
+        assert any(abs(float(s) - scale) <= 1e-4 * scale and int(z) == zero for s, z in ours), (
+            scale,
+            zero,
+            sorted((float(s), int(z)) for s, z in ours),
+        )
 
 
 def _tiny_onnx(path: Path) -> Path:
