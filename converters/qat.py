@@ -319,6 +319,8 @@ def quantization_aware_finetune(
         raise QatConfigError(f"--qat: learning rate must be > 0, got {lr!r}")
     if not 0 <= observe_share < 1:
         raise QatConfigError(f"--qat: observe_share must be in [0, 1), got {observe_share!r}")
+    if model is teacher:  # the wrappers would fake-quantize the targets too
+        raise QatConfigError("--qat: fine-tune a copy of the teacher, not the teacher itself")
     started = time.perf_counter()
     everything = stack_samples(samples)
     pool, check = split_held_out(everything, held_out, seed, held_out_views, strong_augment)
