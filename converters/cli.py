@@ -132,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Adam learning rate for distillation (default 1e-4: higher undoes a pretrained student)",
     )
     parser.add_argument(
+        "--qat",
+        action="store_true",
+        help="quantization-aware fine-tuning before int8 (torch factory SOURCE): when post-training int8 "
+        "loses points",
+    )
+    parser.add_argument(
+        "--qat-time",
+        type=parse_duration,
+        metavar="2m",
+        help="--qat's time budget (90s, 2m; default 2m)",
+    )
+    parser.add_argument(
         "--prune-layers",
         type=float,
         default=0.0,
@@ -224,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         prune_layers=args.prune_layers,
         tokenizer=args.tokenizer,
         distill_time=args.distill_time,
+        qat=args.qat,
+        qat_time=args.qat_time,
         target_speedup=args.target_speedup if args.target_speedup else (0.0 if args.prune == AUTO else None),
         formats=args.formats,
         max_drop=args.max_drop,
@@ -268,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         summary += f"; {gate.get('metric')} drop {gate.get('drop_points')} points"
     if "recipes" in metrics and "thresholds" not in gate:
         summary += f"; recipe {metrics['recipe']} ({len(metrics['recipes'])} tried)"
+    qat = metrics.get("qat")
+    if isinstance(qat, dict):
+        summary += (
+            f"; qat {qat.get('steps')} steps, held-out int8 loss {qat.get('held_out_loss_before')} -> "
+            f"{qat.get('held_out_loss_after')}"
+        )
     if result.excluded_nodes:
         summary += f"; {len(result.excluded_nodes)} node(s) kept in float"
     if result.report is not None:

@@ -98,7 +98,7 @@ def distill(
         raise DistillConfigError(f"distill batch_size must be >= 1, got {batch_size!r}")
     if budget_s is not None and not (math.isfinite(budget_s) and budget_s > 0):
         raise DistillConfigError(f"--distill-time: expected a positive duration, got {budget_s!r} s")
-    pool = _stack_samples(samples)
+    pool = stack_samples(samples)
     started = time.perf_counter()
     losses: list[float] = []
     if steps == 0:
@@ -106,15 +106,7 @@ def distill(
         return DistillResult(model=student, losses=losses, seconds=0.0)
 
     teacher.eval()  # its parameters are left as they are: it runs under no_grad only
-    total = pool[0].shape[0]
-    kept_aside = int(total * held_out) if total >= 5 and held_out > 0 else 0
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 1))
-    check = tuple(tensor[order[:kept_aside]] for tensor in pool) if kept_aside else ()
-    pool = tuple(tensor[order[kept_aside:]] for tensor in pool) if kept_aside else pool
-    if check and held_out_views > 0:
-        views = torch.Generator().manual_seed(seed + 2)
-        extra = [_augment(check, views, strong_augment) for _ in range(held_out_views)]
-        check = tuple(torch.cat([part, *(view[i] for view in extra)]) for i, part in enumerate(check))
+    pool, check = split_held_out(pool, held_out, seed, held_out_views, strong_augment)
     count = pool[0].shape[0]
     batch = min(batch_size, count) if not augment else batch_size
     scores: list[tuple[int, float]] = []
@@ -130,7 +122,7 @@ def distill(
         masks = _zero_masks(trainable) if keep_zeros else []
         optimizer = torch.optim.Adam(trainable, lr=lr)
         features = _FeaturePairs(student, teacher, pool) if feature_weight > 0 else None
-        teacher_check = _teacher_outputs(teacher, check) if check else []
+        teacher_check = teacher_outputs(teacher, check) if check else []
         warmup = max(1, steps // 20)
 
         def progress(step: int) -> float:
@@ -144,7 +136,7 @@ def distill(
             nonlocal best, since_best
             if not check:
                 return
-            score = _held_out_loss(student, teacher_check, check, temperature)
+            score = held_out_loss(student, teacher_check, check, temperature)
             scores.append((step, score))
             if score < best[0]:
                 best, since_best = (score, step, copy.deepcopy(student.state_dict())), 0
@@ -164,7 +156,7 @@ def distill(
                 index = torch.randint(0, count, (batch,), generator=generator)
                 inputs = tuple(tensor[index] for tensor in pool)
                 if augment:
-                    inputs = _augment_share(inputs, generator, strong_augment, raw_share)
+                    inputs = augment_share(inputs, generator, strong_augment, raw_share)
                 with torch.no_grad():
                     targets = flatten_outputs(teacher(*inputs))
                     wanted = features.take_teacher() if features is not None else []
@@ -209,7 +201,28 @@ def distill(
     )
 
 
-def _teacher_outputs(teacher: Any, inputs: tuple[Any, ...]) -> list[Any]:
+def split_held_out(
+    pool: tuple[Any, ...], share: float, seed: int, views: int, strong_augment: bool
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(training pool, held-out check) from stacked samples: `share` of them (none with fewer than 5)
+    set aside in a seeded order, plus `views` fixed augmented views of each held-out sample."""
+    import torch
+
+    total = pool[0].shape[0]
+    kept_aside = int(total * share) if total >= 5 and share > 0 else 0
+    if not kept_aside:
+        return pool, ()
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 1))
+    check = tuple(tensor[order[:kept_aside]] for tensor in pool)
+    pool = tuple(tensor[order[kept_aside:]] for tensor in pool)
+    if views > 0:
+        generator = torch.Generator().manual_seed(seed + 2)
+        extra = [_augment(check, generator, strong_augment) for _ in range(views)]
+        check = tuple(torch.cat([part, *(view[i] for view in extra)]) for i, part in enumerate(check))
+    return pool, check
+
+
+def teacher_outputs(teacher: Any, inputs: tuple[Any, ...]) -> list[Any]:
     import torch
 
     with torch.no_grad():
@@ -291,7 +304,7 @@ def _blocks(model: Any) -> list[tuple[str, Any]]:
     return found
 
 
-def _held_out_loss(student: Any, wanted: list[Any], inputs: tuple[Any, ...], temperature: float) -> float:
+def held_out_loss(student: Any, wanted: list[Any], inputs: tuple[Any, ...], temperature: float) -> float:
     """The distillation loss on samples never trained on (the teacher's outputs `wanted` computed once)."""
     import torch
 
@@ -346,7 +359,7 @@ def is_classifier_output(outputs: list[Any]) -> bool:
     return len(outputs) == 1 and outputs[0].dim() == 2 and outputs[0].shape[1] > 1
 
 
-def _stack_samples(samples: Sequence[Any]) -> tuple[Any, ...]:
+def stack_samples(samples: Sequence[Any]) -> tuple[Any, ...]:
     """One tensor per model input, samples stacked along axis 0."""
     import numpy as np
     import torch
@@ -380,7 +393,7 @@ def _stack_samples(samples: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(stacked)
 
 
-def _augment_share(
+def augment_share(
     inputs: tuple[Any, ...], generator: torch.Generator, strong: bool, raw_share: float
 ) -> tuple[Any, ...]:
     """`_augment` on the batch, except its first `raw_share` which stays as the samples are."""

@@ -1,8 +1,9 @@
 """The `edge-convert` stages, in order, each shown with a rich progress line and timed for the report:
 
-load -> [prune -> distill] -> export ONNX -> check fp32 -> compress to the profile's precision (int8:
-quantize + exclusion search; fp16: half-precision weights with float32 I/O; fp32: as it is) -> accuracy
-gate -> [TFLite at the same precision] -> measure -> [report] -> package (checked the way edge-infer opens it).
+load -> [prune -> distill] -> [quantization-aware fine-tuning] -> export ONNX -> check fp32 -> compress
+to the profile's precision (int8: quantize + exclusion search; fp16: half-precision weights with float32
+I/O; fp32: as it is) -> accuracy gate -> [TFLite at the same precision] -> measure -> [report] -> package
+(checked the way edge-infer opens it).
 
 Metrics and report lines are labelled with the precision that was measured, never a fixed "int8".
 
@@ -62,6 +63,10 @@ DEFAULT_DISTILL_SECONDS = 600.0  # distillation's budget when pruning is asked f
 MAX_DISTILL_STEPS = 100_000  # the step cap when only a time budget is set
 
 DISTILL_PATIENCE = 4  # checkpoints without a better held-out loss before a budgeted run stops early
+DEFAULT_QAT_SECONDS = 120.0  # --qat's time budget without --qat-time
+QAT_NEEDS_TORCH = (
+    "--qat: quantization-aware fine-tuning needs a torch factory SOURCE (file.py:fn, pkg.module:fn)"
+)
 Feed = dict[str, np.ndarray]  # one sample: input name -> a batch of one
 Note = Callable[[str], None]  # sets the text beside a stage's progress line
 
@@ -89,6 +94,8 @@ class ConvertOptions:
     tokenizer: Path | None = None  # a transformer .onnx SOURCE: its tokenizer.json
     # seconds; None: DEFAULT_DISTILL_SECONDS when pruning (TEXT_DISTILL_SECONDS after --prune-layers), else none
     distill_time: float | None = None
+    qat: bool = False  # --qat: fine-tune under the profile's int8 rounding before quantizing
+    qat_time: float | None = None  # seconds; None: DEFAULT_QAT_SECONDS
     target_speedup: float | None = None  # --target-speedup / --prune auto (0: fastest within --max-drop)
     formats: list[str] | None = None
     max_drop: float = 1.0
@@ -209,13 +216,23 @@ class FloatModels:
 
     reference_path: Path
     fp32_path: Path
-    torch_model: torch.nn.Module | None = None  # the module behind `fp32_path`, for the TFLite export
+    # the module the TFLite export converts: behind `fp32_path`, or after QAT the one behind `qat_path`
+    torch_model: torch.nn.Module | None = None
     pruning: Json | None = None  # the manifest's `pruning` record
     export: Json | None = None  # exporter, opset, difference to torch
+    # --qat: the fine-tuned float model, exported only to be quantized; `fp32_path` stays the float model
+    # that is gated and shipped (QAT tunes weights for the int8 grid, not for float inference)
+    qat_path: Path | None = None
+    qat: Json | None = None  # what quantization-aware fine-tuning did (`metrics.qat`)
 
     @property
     def changed(self) -> bool:
         return self.fp32_path != self.reference_path
+
+    @property
+    def to_quantize(self) -> Path:
+        """The float model the int8 recipes start from."""
+        return self.qat_path if self.qat_path is not None else self.fp32_path
 
 
 @dataclass(frozen=True)
@@ -343,6 +360,7 @@ def _load(options: ConvertOptions, work: Path, stages: Stages) -> RunContext:
             raise ConfigError(
                 f"--prune/--distill-steps need a torch factory SOURCE, not a .{source.kind} file"
             )
+        _check_qat(options, source.kind, profile)
         expected_task = options.task or (
             "classification" if source.kind == "torch" else _guess_task(source.outputs)
         )
@@ -392,6 +410,23 @@ def _load(options: ConvertOptions, work: Path, stages: Stages) -> RunContext:
         work=work,
         stages=stages,
     )
+
+
+def _check_qat(options: ConvertOptions, kind: str, profile: DeviceProfile) -> None:
+    """--qat and --qat-time: a torch SOURCE, a profile that quantizes to int8, a positive budget."""
+    if options.qat_time is not None and not options.qat:
+        raise ConfigError("--qat-time: sets the budget of --qat; add --qat")
+    if not options.qat:
+        return
+    if kind != "torch":
+        raise ConfigError(f"{QAT_NEEDS_TORCH}, not a .{kind} file")
+    if options.qat_time is not None and options.qat_time <= 0:
+        raise ConfigError(f"--qat-time: expected a positive duration, got {options.qat_time:g} s")
+    precision = profile.quantization.precision
+    if precision != "int8":
+        raise ConfigError(
+            f"--qat: profile {profile.name} compresses to {precision}, not int8: nothing to train for"
+        )
 
 
 def _data_inputs(options: ConvertOptions, source: LoadedSource, inputs: list[TensorSpec]) -> list[TensorSpec]:
@@ -560,7 +595,10 @@ def _float_models(run: RunContext) -> FloatModels:
             student, pruning = _prune(run, teacher)
         if plan.enabled:
             student = _distill(run, student, teacher, pruning, plan)
-    return dataclasses.replace(_export_onnx(run, teacher, student), pruning=pruning)
+    if not run.options.qat:
+        return dataclasses.replace(_export_onnx(run, teacher, student), pruning=pruning)
+    tuned, qat = _qat(run, student, teacher)
+    return dataclasses.replace(_export_onnx(run, teacher, student, tuned), pruning=pruning, qat=qat)
 
 
 def _prune(
@@ -677,8 +715,87 @@ def _distill(
         return result.model.eval()
 
 
-def _export_onnx(run: RunContext, teacher: torch.nn.Module, student: torch.nn.Module) -> FloatModels:
-    """The teacher as the reference; the student beside it when pruning or distillation changed it."""
+@dataclass(frozen=True)
+class QatRecipe:
+    """What quantization-aware fine-tuning trains with; the loss and augmentation are distillation's."""
+
+    lr: float = 1e-4  # Adam; the model is trained already, QAT only nudges it onto the int8 grid
+    batch_size: int = 16
+    observe_share: float = 0.1  # of the steps (or budget) during which activation ranges move
+    max_steps: int = MAX_DISTILL_STEPS  # the cap when only the time budget is set
+
+
+QAT_RECIPE = QatRecipe()
+
+
+def _qat(run: RunContext, student: torch.nn.Module, teacher: torch.nn.Module) -> tuple[torch.nn.Module, Json]:
+    """Fine-tune the model to compress (pruned/distilled or the source itself) under the profile's int8
+    rounding towards the unchanged float teacher; the record goes into `metrics.qat`."""
+    from converters.qat import quantization_aware_finetune
+
+    options, feeds, scheme = run.options, run.calib_feeds, run.profile.quantization
+    budget = options.qat_time if options.qat_time is not None else DEFAULT_QAT_SECONDS
+    with run.stages.stage(f"quantization-aware fine-tuning (budget {_duration(budget)})") as note:
+        if student is teacher:
+            student = copy.deepcopy(teacher)
+
+        def on_step(step: int, loss: float) -> None:
+            note(f"step {step} loss {loss:.4f}")
+
+        names = list(feeds[0])
+        samples = [feed[names[0]] if len(names) == 1 else tuple(feed[n] for n in names) for feed in feeds]
+        result = quantization_aware_finetune(
+            student,
+            teacher,
+            samples,
+            scheme,
+            QAT_RECIPE.max_steps,
+            budget_s=budget,
+            lr=QAT_RECIPE.lr,
+            batch_size=QAT_RECIPE.batch_size,
+            temperature=DISTILL_RECIPE.temperature,
+            strong_augment=DISTILL_RECIPE.strong_augment,
+            raw_share=DISTILL_RECIPE.raw_share,
+            held_out_views=DISTILL_RECIPE.held_out_views,
+            patience=DISTILL_PATIENCE,
+            observe_share=QAT_RECIPE.observe_share,
+            on_step=on_step,
+        )
+        before, after = result.held_out_before, result.held_out_after
+        if before is not None and after is not None:
+            note(f"{result.steps} steps, held-out int8 loss {before:.4f} -> {after:.4f}")
+        record: Json = {
+            "steps": result.steps,
+            "budget_s": budget,
+            "stopped": result.stopped,
+            "seconds": round(result.seconds, 1),
+            "samples": len(feeds),
+            # the fake-quantized model's loss on calibration samples it never trained on
+            "held_out_loss_before": None if before is None else round(before, 6),
+            "held_out_loss_after": None if after is None else round(after, 6),
+            "best_step": result.best_step,
+            "held_out_loss": {str(step): round(loss, 6) for step, loss in result.held_out},
+            "layers": result.layers,
+            "observed_steps": result.observed_steps,
+            "scheme": {
+                "activations": scheme.activations,
+                "weights": scheme.weights,
+                "per_channel": scheme.per_channel,
+                "reduce_range": scheme.reduce_range,
+            },
+            "recipe": dataclasses.asdict(QAT_RECIPE),
+        }
+        return student.eval(), record
+
+
+def _export_onnx(
+    run: RunContext,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    tuned: torch.nn.Module | None = None,
+) -> FloatModels:
+    """The teacher as the reference; the student beside it when pruning or distillation changed it; the
+    quantization-aware fine-tuned model (`tuned`), exported the same way, for the int8 recipes."""
     reference_path = run.work / "reference.fp32.onnx"
     fp32_path = run.work / "model.fp32.onnx"
     with run.stages.stage("export onnx") as note:
@@ -702,7 +819,18 @@ def _export_onnx(run: RunContext, teacher: torch.nn.Module, student: torch.nn.Mo
             info["dynamic_batch"] = exported.dynamic_batch and student_export.dynamic_batch
         else:
             fp32_path = reference_path
-    return FloatModels(reference_path, fp32_path, torch_model=student, export=info)
+        qat_path = None
+        if tuned is not None:
+            qat_path = run.work / "model.qat.fp32.onnx"
+            tuned_export = export_onnx(tuned, run.calib_feeds, names, qat_path, exported.output_names)
+            info["dynamic_batch"] = info["dynamic_batch"] and tuned_export.dynamic_batch
+    return FloatModels(
+        reference_path,
+        fp32_path,
+        torch_model=tuned if tuned is not None else student,
+        export=info,
+        qat_path=qat_path,
+    )
 
 
 def _check_fp32(run: RunContext, floats: FloatModels) -> Baseline:
@@ -727,7 +855,16 @@ def _check_fp32(run: RunContext, floats: FloatModels) -> Baseline:
             decoder=decoder,
             detection_gate=detection_gate,
         )
-    return Baseline(reference_outputs, outputs, task, postprocess, decoder, detection_gate, fp32_eval)
+        baseline = Baseline(reference_outputs, outputs, task, postprocess, decoder, detection_gate, fp32_eval)
+        if floats.qat_path is not None and floats.qat is not None:
+            # not gated (its int8 version is), but said: how far QAT moved the float function
+            tuned = run.score(baseline, accuracy.run_onnx(floats.qat_path, feeds))
+            floats.qat["float_model"] = {
+                "metric": tuned.metric,
+                "drop_points": round(tuned.drop_points, 3),
+                **_finite(tuned.details),
+            }
+    return baseline
 
 
 # Compressed models: the profile's precision behind the gate, [TFLite] -------------------------------------
@@ -745,7 +882,7 @@ def _compress_and_gate(run: RunContext, baseline: Baseline, floats: FloatModels)
         return Shipped("fp32", None, fp32_eval)
     if precision == "fp16":
         return _fp16_and_gate(run, baseline, fp32_path)
-    return _quantize_and_gate(run, baseline, fp32_path)
+    return _quantize_and_gate(run, baseline, floats)
 
 
 def _float_model_failure(run: RunContext, floats: FloatModels, baseline: Baseline) -> str:
@@ -805,9 +942,10 @@ def _fp16_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> Ship
     return Shipped("fp16", path, evaluation)
 
 
-def _quantize_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> Shipped:
+def _quantize_and_gate(run: RunContext, baseline: Baseline, floats: FloatModels) -> Shipped:
     """The recipe search (converters.recipes): the first recipe, in order of expected speed, that passes
-    the gate ships; every recipe tried goes into `metrics.recipes`."""
+    the gate ships; every recipe tried goes into `metrics.recipes`. The int8 recipes quantize the QAT'd
+    model when --qat ran; the fp16 one always converts the float model (QAT's weights are for int8)."""
     from converters import recipes
     from converters.quantize import prepare_for_quantization
 
@@ -817,10 +955,10 @@ def _quantize_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> 
         return run.score(baseline, accuracy.run_onnx(path, run.evaluation_set.feeds))
 
     with run.stages.stage(f"quantize int8 (recipe search, {len(feeds)} samples)") as note:
-        prepared = prepare_for_quantization(fp32_path, run.work)
+        prepared = prepare_for_quantization(floats.to_quantize, run.work)
         trials = recipes.search(
             prepared,
-            fp32_path,
+            floats.fp32_path,
             feeds,
             run.evaluation_set.feeds,
             scheme,
@@ -838,7 +976,7 @@ def _quantize_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> 
             )
             raise accuracy.GateError(
                 f"accuracy gate: no recipe is within --max-drop {options.max_drop} points of "
-                f"{baseline.fp32_eval.metric}: {tried}"
+                f"{baseline.fp32_eval.metric}: {tried}{_qat_hint(run, floats)}"
             )
         note(f"{chosen.name}: {chosen.evaluation.metric} drop {chosen.evaluation.drop_points:.2f} points")
     if chosen.recipe.fp16:
@@ -862,6 +1000,17 @@ def _quantize_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> 
     return Shipped(
         "int8", chosen.path, chosen.evaluation, quantization, chosen.sensitivity, chosen.excluded, trials
     )
+
+
+def _qat_hint(run: RunContext, floats: FloatModels) -> str:
+    """What a failed int8 gate can still try: QAT for a torch SOURCE, or a longer one."""
+    if run.source.kind != "torch":
+        return ""
+    if floats.qat is None:
+        return "; a torch SOURCE can be fine-tuned for int8 first: add --qat"
+    budget = floats.qat.get("budget_s")
+    spent = f" in its {_duration(budget)} budget" if isinstance(budget, (int, float)) else ""
+    return f"; --qat ran {floats.qat.get('steps')} steps{spent}: a longer --qat-time may help"
 
 
 def _export_tflite(run: RunContext, baseline: Baseline, model: torch.nn.Module | None) -> TfliteResult | None:
@@ -1006,6 +1155,8 @@ def _metrics(
         metrics["agreement_top1"] = rounded.get("agreement_top1", 0.0)
     if floats.export is not None:
         metrics["export"] = floats.export
+    if floats.qat is not None:
+        metrics["qat"] = floats.qat
     if tflite is not None:
         metrics[f"tflite_{tflite.artifact.precision}"] = tflite.metrics
     if shipped.recipes:

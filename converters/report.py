@@ -164,6 +164,9 @@ def write_report(
         search = pruning.get("search")
         if search:
             lines += _search_section(search, out_dir, images)
+    qat = metrics.get("qat")
+    if qat:
+        lines += _qat_section(qat)
     if excluded:
         lines += ["", f"Kept in float ({len(excluded)}): " + ", ".join(f"`{n}`" for n in excluded)]
     for title, image in images:
@@ -171,6 +174,30 @@ def write_report(
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report
+
+
+def _qat_section(qat: dict[str, Any]) -> list[str]:
+    """`--qat`: what fine-tuning under the int8 rounding did, like the distillation line above."""
+    scheme = qat.get("scheme") or {}
+    grid = "per channel" if scheme.get("per_channel") else "per tensor"
+    lines = [
+        "",
+        "## Quantization-aware fine-tuning",
+        "",
+        f"{qat.get('steps')} steps on {qat.get('samples')} calibration samples in {qat.get('seconds')} s "
+        f"(budget {qat.get('budget_s'):g} s, stopped by {qat.get('stopped')}), {qat.get('layers')} Conv/Linear "
+        f"layers with {scheme.get('weights')} weights ({grid}) and {scheme.get('activations')} activations "
+        f"simulated; held-out loss of the simulated int8 model {_fmt(qat.get('held_out_loss_before'))} -> "
+        f"{_fmt(qat.get('held_out_loss_after'))}, kept the checkpoint of step {qat.get('best_step')} (best on "
+        "held-out samples). The int8 recipes above quantized this fine-tuned model.",
+    ]
+    tuned = qat.get("float_model")
+    if tuned:
+        lines.append(
+            f"The fine-tuned model run in float drops {tuned.get('drop_points')} points of {tuned.get('metric')}: "
+            "it is not shipped (model.fp32.onnx is the float model before fine-tuning)."
+        )
+    return lines
 
 
 def _search_section(search: dict[str, Any], out_dir: Path, images: list[tuple[str, str]]) -> list[str]:

@@ -59,7 +59,7 @@ TEXT_DISTILL_SECONDS = 300.0  # --prune-layers without --distill-time (the budge
 
 
 def convert_text(options: ConvertOptions, work: Path, stages: Stages) -> ConvertResult:
-    from converters.pipeline import ConvertResult
+    from converters.pipeline import QAT_NEEDS_TORCH, ConvertResult
 
     if options.prune > 0:
         raise ConfigError(
@@ -67,6 +67,8 @@ def convert_text(options: ConvertOptions, work: Path, stages: Stages) -> Convert
         )
     if options.distill_steps > 0 and options.prune_layers <= 0:
         raise ConfigError("--distill-steps: a transformer is distilled after --prune-layers RATIO")
+    if options.qat:
+        raise ConfigError(f"{QAT_NEEDS_TORCH}, not a transformer")
     if options.calib is None:
         raise ConfigError(f"{options.source}: a text model needs --calib texts.txt (one text per line)")
     with stages.stage("load") as note:

@@ -138,6 +138,8 @@ def test_distillation_without_pruning_leaves_the_float_model_passing(
     # passes and what fails is int8 against an exact metric: the message must not blame pruning.
     assert "no recipe is within --max-drop" in line
     assert "prune less" not in line
+    # a torch SOURCE whose int8 misses the gate is pointed at quantization-aware fine-tuning
+    assert line.endswith("a torch SOURCE can be fine-tuned for int8 first: add --qat")
 
 
 def test_float_gate_with_a_metric_that_fails_identical_outputs_blames_the_metric(
