@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
             "embedding",
             "text-classification",
             "text-recognition",
+            "voice-activity",
         ],
     )
     parser.add_argument(

@@ -51,6 +51,7 @@ from edge.tasks.classification import ClassificationConfig
 from edge.tasks.detection import YoloConfig
 from edge.tasks.raw import RawConfig
 from edge.tasks.text_recognition import TextRecognitionConfig
+from edge.tasks.voice_activity import VoiceActivityConfig
 
 if TYPE_CHECKING:
     import torch
@@ -519,6 +520,8 @@ def _postprocess(task: str, given: TaskConfig | None = None) -> TaskConfig:
         return YoloConfig(type="detection", score_threshold=accuracy.CONFIDENT, iou_threshold=0.5)
     if task == "text-recognition":
         return TextRecognitionConfig(type="text-recognition")
+    if task == "voice-activity":
+        return VoiceActivityConfig(type="voice-activity")
     return RawConfig(type="raw")
 
 

@@ -281,7 +281,7 @@ def test_the_union_is_derived_from_the_task_modules() -> None:
 
     assert set(task_keys()) == {
         "classification", "detection", "segmentation", "regression", "anomaly", "raw", "embedding",
-        "text-classification", "text-recognition",
+        "text-classification", "text-recognition", "voice-activity",
     }  # fmt: skip
     assert TASKS["regression"] is TASKS["anomaly"]  # one module serves both keys
     assert get_args(Manifest.model_fields["task"].annotation) == task_keys()  # the manifest's task choices
