@@ -513,3 +513,20 @@ def test_a_sink_started_before_its_broker_says_why_once_and_connects_when_it_com
             proc.kill()
             proc.wait(10)
         broker.stop()
+
+
+def test_the_fleet_summary_reads_every_result_a_person_would() -> None:
+    from edge.sink.fleet import summarize
+
+    assert (
+        summarize({"type": "classification", "top_k": [{"label": "tabby", "score": 0.714}]}) == "tabby 0.71"
+    )
+    detections = [{"label": "car"}, {"label": "person"}, {"label": "car"}]
+    assert summarize({"type": "detection", "detections": detections}) == "2 car, 1 person"
+    assert summarize({"type": "voice-activity", "speech": True, "probability": 0.931}) == "speech 0.93"
+    assert summarize({"type": "voice-activity", "speech": False, "probability": 0.1}) == "no speech 0.10"
+    assert summarize({"type": "text-recognition", "text": "GATE 42", "confidence": 0.9}) == "'GATE 42'"
+    assert summarize(json.dumps({"type": "embedding", "dims": 384, "vector": [], "normalized": True})) == (
+        "384-d vector"
+    )
+    assert summarize({"type": "raw", "outputs": []}) == "raw" and summarize("not json") == "?"

@@ -44,7 +44,8 @@ def _iso(value: Any) -> str | None:
 
 
 def summarize(result: Any) -> str:
-    """One line a person reads: the top label and score, or the detections by label."""
+    """One line a person reads: the top label and score, the detections by label, speech or not, the
+    recognised text, an embedding's size; other results by their type."""
     if isinstance(result, str):
         try:
             result = json.loads(result)
@@ -61,6 +62,12 @@ def summarize(result: Any) -> str:
         for item in result.get("detections") or []:
             labels[str(item.get("label"))] = labels.get(str(item.get("label")), 0) + 1
         return ", ".join(f"{n} {label}" for label, n in sorted(labels.items())) or "no detections"
+    if kind == "voice-activity" and "probability" in result:
+        return f"{'speech' if result.get('speech') else 'no speech'} {float(result['probability']):.2f}"
+    if kind == "text-recognition" and "text" in result:
+        return repr(str(result["text"]))
+    if kind == "embedding" and "dims" in result:
+        return f"{result['dims']}-d vector"
     return str(kind)
 
 
