@@ -92,11 +92,13 @@ def write_photo_crops(folder: Path, count: int, seed: int, size: int = 256) -> P
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python examples/efficientnet_lite0.py [OUT_DIR]`: convert with real photo crops, print the report."""
+    """`python examples/efficientnet_lite0.py [OUT_DIR [EDGE_CONVERT_OPTION ...]]`: convert with real photo
+    crops, print the report; options after OUT_DIR go to edge-convert (e.g. `--target-speedup 3 --qat`)."""
     from converters.cli import main as edge_convert
 
     args = sys.argv[1:] if argv is None else argv
     out = Path(args[0]) if args else Path("efficientnet-lite0.pkg")
+    extra = args[1:]
     cache = Path(os.environ.get("EDGE_CACHE", Path.home() / ".cache" / "edge-runtime"))
     calib = write_photo_crops(cache / "photos" / "calib-224", 64, seed=1)
     evaluation = write_photo_crops(cache / "photos" / "eval-224", 48, seed=2)
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = imagenet_labels(cache)
     if labels is not None:
         command += ["--labels", str(labels)]
-    code = edge_convert(command)
+    code = edge_convert(command + extra)
     report = out / "report" / "report.md"
     if code == 0 and report.is_file():
         print(report.read_text(encoding="utf-8"))
