@@ -49,7 +49,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from converters.distill import (
@@ -200,10 +199,9 @@ class _QuantizedLayer(nn.Module):
         mode = self.inputs.mode
         x = self.inputs(x)
         weight = self.layer.weight if mode == "calibrate" else self._rounded_weight()
-        if isinstance(self.layer, nn.Linear):
-            out = F.linear(x, weight, self.layer.bias)
-        else:
-            out = self.layer._conv_forward(x, weight, self.layer.bias)
+        # The layer's own forward with the rounded weight: subclasses pad or reshape there (EfficientNet's
+        # Conv2dStaticSamePadding pads before its convolution), which a bare F.conv2d would skip.
+        out = torch.func.functional_call(self.layer, {"weight": weight}, (x,), strict=False)
         return self.outputs(out) if self.outputs is not None else out
 
     def _rounded_weight(self) -> torch.Tensor:

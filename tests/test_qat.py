@@ -252,3 +252,38 @@ def test_qat_time_is_parsed_like_distill_time() -> None:
 def test_manifest_qat_record_is_json(converted: dict[str, Any]) -> None:
     raw = json.loads((converted["qat"].root / "manifest.json").read_text())
     assert raw["metrics"]["qat"] == converted["qat"].manifest.metrics["qat"]
+
+
+class _SamePaddedConv(torch.nn.Conv2d):
+    """Pads in its own forward, as EfficientNet's Conv2dStaticSamePadding does (no `padding` attribute)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 4, 1)
+        self.conv = _SamePaddedConv(4, 4, 3)
+        self.head = torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stem = self.stem(x)
+        return self.head((stem + self.conv(stem)).mean(dim=(2, 3)))  # the skip needs the padded size
+
+
+def test_qat_runs_a_layer_through_its_own_forward() -> None:
+    """A Conv subclass that pads in forward keeps its output size under fake-quant, so a skip connection
+    still adds up (EfficientNet-Lite0 failed here: 'size of tensor a (52) must match ... (54)')."""
+    from converters.qat import quantization_aware_finetune
+
+    torch.manual_seed(0)
+    teacher = _Residual().eval()
+    student = _Residual().eval()
+    student.load_state_dict(teacher.state_dict())
+    samples = [np.random.default_rng(i).normal(size=(1, 1, 8, 8)).astype(np.float32) for i in range(20)]
+    scheme = resolve_profile(PROFILE).profile.quantization
+    result = quantization_aware_finetune(student, teacher, samples, scheme, steps=4, batch_size=4)
+    assert result.steps == 4 and type(student.conv) is _SamePaddedConv  # unwrapped again
+    assert student(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
