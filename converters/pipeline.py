@@ -651,6 +651,13 @@ def _prune(
         return result.model.eval(), info
 
 
+def _training_samples(feeds: list[Feed]) -> list[np.ndarray | tuple[np.ndarray, ...]]:
+    """The calibration feeds as distillation and QAT take them: an array per sample, a tuple in input
+    order for a model with several inputs."""
+    names = list(feeds[0])
+    return [feed[names[0]] if len(names) == 1 else tuple(feed[n] for n in names) for feed in feeds]
+
+
 def _distill(
     run: RunContext,
     student: torch.nn.Module,
@@ -673,8 +680,7 @@ def _distill(
         def on_step(step: int, loss: float) -> None:
             note(f"step {step + 1} loss {loss:.4f}")
 
-        names = list(feeds[0])
-        samples = [feed[names[0]] if len(names) == 1 else tuple(feed[n] for n in names) for feed in feeds]
+        samples = _training_samples(feeds)
         unstructured = pruning is not None and pruning.get("mode") == "unstructured"
         result = distill(
             student,
@@ -745,8 +751,7 @@ def _qat(run: RunContext, student: torch.nn.Module, teacher: torch.nn.Module) ->
         def on_step(step: int, loss: float) -> None:
             note(f"step {step} loss {loss:.4f}")
 
-        names = list(feeds[0])
-        samples = [feed[names[0]] if len(names) == 1 else tuple(feed[n] for n in names) for feed in feeds]
+        samples = _training_samples(feeds)
         result = quantization_aware_finetune(
             student,
             teacher,
