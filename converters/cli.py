@@ -281,6 +281,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "drop_points" in gate:
         summary += f"; {gate.get('metric')} drop {gate.get('drop_points')} points"
+        shipped = metrics.get(str(precision), {})
+        if (
+            gate.get("metric") == "expected_top1_drop"
+            and isinstance(shipped, dict)
+            and "agreement_top1" in shipped
+        ):
+            # the expected drop forgives flips of unsure answers; how often the top-1 moved is said beside it
+            confident = shipped.get("agreement_top1_confident")  # None: no sample where fp32 is confident
+            summary += f" (top-1 agreement {shipped['agreement_top1']:.3f}" + (
+                f", {confident:.3f} where fp32 is confident)" if isinstance(confident, float) else ")"
+            )
     if "recipes" in metrics and "thresholds" not in gate:
         summary += f"; recipe {metrics['recipe']} ({len(metrics['recipes'])} tried)"
     qat = metrics.get("qat")

@@ -94,7 +94,7 @@ def measure_latency_ms(
     threads: int = 2,
     budget_s: float = 10.0,
 ) -> dict[str, dict[str, float]]:
-    """Median and p90 per model over `runs` (at least 5, fewer once `budget_s` is spent), sessions
+    """Median, p90 and fastest run per model over `runs` (at least 5, fewer once `budget_s` is spent), sessions
     interleaved in blocks of 5 so that load on the box hits all of them alike while no session runs
     beside another one's spinning thread pool (`edge.bench.interleaved_latency_ms`)."""
     from converters.accuracy import session
@@ -111,7 +111,11 @@ def measure_latency_ms(
         block=block,
     )
     return {
-        key: {"p50": round(float(np.median(v)), 3), "p90": round(float(np.percentile(v, 90)), 3)}
+        key: {
+            "p50": round(float(np.median(v)), 3),
+            "p90": round(float(np.percentile(v, 90)), 3),
+            "min": round(float(np.min(v)), 3),
+        }
         for key, v in samples.items()
     }
 

@@ -89,7 +89,9 @@ def test_onnx_to_signed_package(tmp_path: Path, photos: Path, capsys: pytest.Cap
     assert f"| {manifest.metrics['recipe']} | yes |" in text  # the recipe search's table
     for image in ("latency_size.png", "stages.png", "agreement.png"):
         assert (out / "report" / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "wrote" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    agreement = manifest.metrics["int8"]["agreement_top1"]
+    assert "wrote" in summary and f"(top-1 agreement {agreement:.3f}" in summary  # beside the expected drop
 
 
 def test_gate_excludes_the_sensitive_nodes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
