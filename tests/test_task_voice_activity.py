@@ -3,19 +3,17 @@ the package's threshold, read from an output chosen by index or name; its payloa
 
 from __future__ import annotations
 
-import hashlib
-import uuid
-
 import jsonschema
 import numpy as np
 import pytest
 
 from edge.errors import ConfigError
 from edge.package import Manifest
-from edge.publish.payload import build_prediction, prediction_schema
+from edge.publish.payload import prediction_schema
 from edge.tasks import make_decoder
 from edge.tasks.base import DecoderContext
 from edge.tasks.voice_activity import VoiceActivityConfig
+from tests.test_payload_schema import sample
 
 AKIKI_OUTPUTS = ("probability", "h_out")
 
@@ -73,16 +71,7 @@ def test_the_manifest_reads_it_and_the_payload_validates() -> None:
                 "postprocess": {"type": "voice-activity", "threshold": 2},
             }
         )
-    payload = build_prediction(
-        device_id="mic-01",
-        boot_id=str(uuid.uuid4()),
-        ts=1795428000.1234,
-        source={"uri": "file:clip.wav", "frame": 3, "captured_at": 1795428000.1111},
-        model={"name": "vad", "version": "1", "sha256": hashlib.sha256(b"model").hexdigest()},
-        runtime={"backend": "onnxruntime", "provider": "CPUExecutionProvider"},
-        latency_ms={"capture_to_publish": 2.0, "preprocess": 0.1, "inference": 0.4, "postprocess": 0.01},
-        result=result,
-    )
+    payload = sample(result)
     payload["seq"] = 1  # the outbox's to assign
     validator = jsonschema.Draft202012Validator(prediction_schema())
     validator.validate(payload)
