@@ -45,6 +45,7 @@ from edge.package import Package, is_archive, unpack_into
 from edge.profiles import DeviceProfile
 from edge.publish.commands import CommandHandler, ReplyRoute
 from edge.publish.requests import InferRequest, RateLimiter, RequestRejected, infer_topic, tensors_for
+from edge.publish.sequences import SequenceError, SequenceFlags, SequenceTable, StreamTurns
 from edge.session import ModelSession, StageTimings, open_session
 from edge.sources import Frame, Source
 
@@ -76,16 +77,31 @@ class Answer(Protocol):
     def fail(self, message: str, field: str) -> None: ...
 
 
+@dataclass
+class Turn:
+    """A job's place among its stream's runs, given as it leaves the queue (stateful models only)."""
+
+    number: int | None = None
+
+
 @dataclass(frozen=True)
 class Job:
     """One item for the inference worker: a source's frame, or a request with where its answer goes
     (`feeds`: a tensor request's ready inputs, served without pre-processing; `tag`: the payload's
-    `request` object)."""
+    `request` object; `stream`: whose recurrent state a request continues, None: its source's;
+    `start`: that state starts over at this job)."""
 
     frame: Frame
     answer: Answer | None = None
     feeds: Mapping[str, Array] | None = None
     tag: JSONObject | None = None
+    stream: str | None = None
+    start: bool = False
+    turn: Turn = dataclasses.field(default_factory=Turn, compare=False, repr=False)
+
+    @property
+    def state_stream(self) -> str:
+        return self.stream if self.stream is not None else self.frame.uri
 
     @property
     def droppable(self) -> bool:
@@ -322,6 +338,10 @@ class Daemon:
         self._rate_limiter = RateLimiter(config.requests.rate_per_s, config.requests.burst)
         self._request_lock = threading.Lock()
         self._requests_served = 0
+        self._turns = StreamTurns()
+        self._sequences = SequenceTable(
+            config.requests.sequence_idle_s, config.requests.max_sequences, self._forget_stream
+        )
 
     @classmethod
     def from_config(cls, config: DaemonConfig, *, notifier: Notifier | None = None) -> Daemon:
@@ -407,8 +427,7 @@ class Daemon:
             self.active.provider,
         )
         self._objects = self._object_service(self.active)
-        if self._objects is not None:
-            self.queue.on_take = self._taken
+        self.queue.on_take = self._taken
         self.publisher.set_status(self._status("online"))
         self.publisher.start()
         info = self.active.info
@@ -600,6 +619,10 @@ class Daemon:
     def _infer(self, jobs: list[Job]) -> None:
         session = self.active  # read once: the whole batch is served by one model
         assert session is not None
+        if session.stateful or any(job.turn.number is not None for job in jobs):
+            for job in jobs:  # one by one, in the order taken: each continues its stream's state
+                self._infer_in_turn(session, job)
+            return
         tensors = [job for job in jobs if job.feeds is not None]
         batched = [job for job in jobs if job.feeds is None]
         for job in tensors:
@@ -611,19 +634,6 @@ class Daemon:
                 continue
             self._publish(session, job, result, timings, 1, outputs)
         if not batched:
-            return
-        if session.stateful:
-            # each source its own stream, in order; a new session (a model swap) starts with no state
-            for job in batched:
-                frame = job.frame
-                try:
-                    if frame.restart:
-                        session.reset_state(frame.uri)
-                    result, timings = session.infer(frame.data, stream=frame.uri)
-                except Exception as exc:
-                    self._failed(job, exc)
-                    continue
-                self._publish(session, job, result, timings, 1)
             return
         try:
             served = session.infer_batch([job.frame.data for job in batched])
@@ -638,7 +648,43 @@ class Daemon:
         for job, (result, timings) in zip(batched, served, strict=True):
             self._publish(session, job, result, timings, len(batched))
 
+    def _infer_in_turn(self, session: ModelSession, job: Job) -> None:
+        """One job of a stateful model, after every earlier job of its stream (another worker may hold
+        those). A new session (a model swap) starts every stream with no state."""
+        stream = job.state_stream
+        number = job.turn.number
+        if number is not None:
+            self._turns.wait(stream, number)
+        try:
+            if job.start or job.frame.restart:
+                session.reset_state(stream)
+            try:
+                if job.feeds is not None:
+                    outputs, result, timings = session.run_feeds(job.feeds, stream)
+                else:
+                    result, timings = session.infer(job.frame.data, stream=stream)
+                    outputs = None
+            except Exception as exc:
+                self._failed(job, exc)
+                return
+            finally:
+                if job.stream is not None and not self._sequences.is_open(stream):
+                    session.reset_state(stream)  # a one-off request, or its sequence ended or expired
+            self._publish(session, job, result, timings, 1, outputs)
+        finally:
+            if number is not None:
+                self._turns.done(stream, number)
+
+    def _forget_stream(self, stream: str) -> None:
+        session = self.active
+        if session is not None:
+            session.reset_state(stream)
+
     def _taken(self, job: Job) -> None:
+        """Told of each job as it leaves the queue, in queue order."""
+        session = self.active
+        if session is not None and session.stateful:
+            job.turn.number = self._turns.issue(job.state_stream)
         if self._objects is not None and job.answer is None:
             self._objects.taken(job.frame.uri, job.frame.index)
 
@@ -759,7 +805,8 @@ class Daemon:
             items = [request.image]
         elif request.tensors is not None:
             specs = {spec.name: (spec.shape, spec.dtype) for spec in session.input_specs}
-            items = [tensors_for(request.tensors, specs, topic, request)]
+            data = {spec.name for spec in session.package.manifest.data_inputs}
+            items = [tensors_for(request.tensors, specs, topic, request, frozenset(specs) - data)]
         elif session.text_pre is None:
             raise RequestRejected(
                 f"{topic}: model '{session.info['name']}' takes images or tensors, not text (it has no tokenizer)",
@@ -771,12 +818,20 @@ class Daemon:
             items = [np.array(text, dtype=object) for text in request.texts or []]
         countdown = _Countdown(len(items), request.acknowledge)
         answered = dataclasses.replace(request, acknowledge=countdown.one_done)
+        sequence = request.sequence
         for index, item in enumerate(items):
             tag: JSONObject = {}
             if request.correlation_id is not None:
                 tag["correlation_id"] = request.correlation_id
             if len(items) > 1:
                 tag["index"] = index
+            if sequence is not None:  # several texts: the sequence starts at the first, ends after the last
+                part = dataclasses.replace(
+                    sequence,
+                    start=sequence.start and index == 0,
+                    end=sequence.end and index == len(items) - 1,
+                )
+                tag["sequence_id"] = sequence.id
             try:
                 self.submit_request(
                     item,
@@ -785,6 +840,7 @@ class Daemon:
                     REQUEST_URI,
                     tag or None,
                     request.received_mono,
+                    part if sequence is not None else None,
                 )
             except RequestRejected as exc:
                 raise RequestRejected(
@@ -799,10 +855,12 @@ class Daemon:
         uri: str,
         tag: JSONObject | None = None,
         received_mono: float | None = None,
+        sequence: SequenceFlags | None = None,
     ) -> None:
         """Queue one request (an image, or tensors by input name) beside the sources' frames, batched
         with them; it waits for room rather than being dropped. Rate-limited per client (a reply topic,
-        an HTTP peer): over the limit it raises RequestRejected."""
+        an HTTP peer): over the limit it raises RequestRejected. A stateful model's request continues
+        its `sequence`'s state, or, without one, runs alone from zero state (edge.publish.sequences)."""
         if not self._rate_limiter.allow(client):
             limits = self.config.requests
             raise RequestRejected(
@@ -810,15 +868,34 @@ class Daemon:
                 "payload",
                 None,
             )
+        session = self.active
+        assert session is not None
         with self._request_lock:
             self._requests_served += 1
             number = self._requests_served
+        stream: str | None = None
+        if sequence is not None:
+            if not session.stateful:
+                raise RequestRejected(
+                    f"model '{session.info['name']}' keeps no state between requests: sequence_id does not apply",
+                    "sequence_id",
+                    None,
+                )
+            try:
+                self._sequences.admit(sequence)
+            except SequenceError as exc:
+                raise RequestRejected(str(exc), exc.field, None) from None
+            stream = sequence.stream
+        elif session.stateful:
+            stream = f"request:{number}"  # never open: forgotten after its one run
         received = time.monotonic() if received_mono is None else received_mono
         wall = time.time() - (time.monotonic() - received)
-        if isinstance(data, np.ndarray):
-            job = Job(Frame(data, number, wall, received, uri), answer, tag=tag)
-        else:
-            job = Job(Frame(np.zeros(0, np.float32), number, wall, received, uri), answer, dict(data), tag)
+        frame = Frame(
+            data if isinstance(data, np.ndarray) else np.zeros(0, np.float32), number, wall, received, uri
+        )
+        feeds = None if isinstance(data, np.ndarray) else dict(data)
+        start = sequence is not None and sequence.start
+        job = Job(frame, answer, feeds, tag, stream, start)
         self.queue.put(job, wait_for_room=True, stop=self._worker_stop)
 
     def model_metadata(self) -> JSONObject:
@@ -1065,6 +1142,7 @@ class Daemon:
             "model": _info(self.active) if self.active else None,
             "previous_model": _info(self.previous) if self.previous else None,
             "runtime": {"backend": snap.backend, "provider": snap.provider},
+            "sequences": {"open": len(self._sequences), "expired": self._sequences.expired},
         }
 
 

@@ -16,6 +16,7 @@ probes. aiohttp is imported only when the server starts (`pip install edge-runti
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hmac
 import ipaddress
 import json
@@ -32,6 +33,7 @@ from edge.arrays import Array
 from edge.errors import ConfigError
 from edge.jsontypes import JSONObject, JSONValue
 from edge.publish.requests import RequestRejected
+from edge.publish.sequences import SequenceError, SequenceFlags, parse_sequence
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -100,7 +102,14 @@ class InferenceService(Protocol):
     def model_metadata(self) -> JSONObject: ...  # name, versions, platform, inputs, outputs
 
     def submit_request(
-        self, data: Array | Mapping[str, Array], answer: FutureAnswer, client: str, uri: str
+        self,
+        data: Array | Mapping[str, Array],
+        answer: FutureAnswer,
+        client: str,
+        uri: str,
+        tag: JSONObject | None = None,
+        received_mono: float | None = None,
+        sequence: SequenceFlags | None = None,
     ) -> None: ...  # queues it (blocks while the queue is full); RequestRejected on a rate limit
 
 
@@ -278,9 +287,10 @@ class HttpServer:
             return self._json({"error": f"body is not JSON: {exc}"}, 400)
         try:
             feeds, request_id = parse_tensors(body, metadata)
+            sequence = parse_parameters(body)
         except RequestRejected as exc:
             return self._json({"error": str(exc), "field": exc.field}, 400)
-        answered = await self._submit(request, feeds, "http:v2")
+        answered = await self._submit(request, feeds, "http:v2", sequence)
         if not isinstance(answered, tuple):
             return answered
         payload, outputs = answered
@@ -330,16 +340,24 @@ class HttpServer:
         return self._json(answered[0])
 
     async def _submit(
-        self, request: web.Request, data: Array | Mapping[str, Array], uri: str
+        self,
+        request: web.Request,
+        data: Array | Mapping[str, Array],
+        uri: str,
+        sequence: SequenceFlags | None = None,
     ) -> tuple[JSONObject, list[Array]] | web.Response:
         import asyncio
 
         answer = FutureAnswer()
         client = request.remote or "?"
         loop = asyncio.get_running_loop()
+        tag: JSONObject | None = {"sequence_id": sequence.id} if sequence is not None else None
+        submit = functools.partial(
+            self.service.submit_request, data, answer, client, uri, tag, None, sequence
+        )
         try:
             # the queue may make it wait for room: never on the event loop
-            await loop.run_in_executor(None, self.service.submit_request, data, answer, client, uri)
+            await loop.run_in_executor(None, submit)
             return await asyncio.wait_for(asyncio.wrap_future(answer.future), ANSWER_TIMEOUT_S)
         except RequestRejected as exc:
             status = 429 if "rate limit" in str(exc) else 400
@@ -382,6 +400,20 @@ def parse_tensors(body: JSONValue, metadata: JSONObject) -> tuple[dict[str, Arra
                 f"{where}.data does not fill shape {shape}: {exc}", f"{where}.data", None
             ) from exc
     return feeds, body.get("id")
+
+
+def parse_parameters(body: JSONValue) -> SequenceFlags | None:
+    """The request's `parameters`: Triton's sequence fields (`sequence_id`, `sequence_start`,
+    `sequence_end`) for a stateful model; other parameters are the caller's and left alone."""
+    parameters = body.get("parameters") if isinstance(body, dict) else None
+    if parameters is None:
+        return None
+    if not isinstance(parameters, dict):
+        raise RequestRejected("parameters must be an object", "parameters", None)
+    try:
+        return parse_sequence(parameters, "parameters.")
+    except SequenceError as exc:
+        raise RequestRejected(str(exc), exc.field, None) from None
 
 
 def _tensor(name: str, array: Array) -> JSONObject:

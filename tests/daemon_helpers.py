@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import yaml
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 TINY_LABELS = ["red", "green", "blue", "gray"]
 
@@ -371,3 +375,55 @@ def tracked_clip_config(tmp_path: Path, port: int, device_id: str, **overrides: 
         "metrics": None,
     }
     return {**config, **overrides}
+
+
+class InferClient:
+    """An application asking the device: MQTT 5 (response topic + correlation data) or 3.1.1."""
+
+    def __init__(self, port: int, protocol: int, infer_topic: str) -> None:
+        self.infer_topic = infer_topic
+        self.replies: list[tuple[bytes | None, dict[str, Any]]] = []
+        self.cond = threading.Condition()
+        self.topic = f"app/{uuid.uuid4().hex[:8]}/replies"
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(self.topic, qos=1)
+        assert subscribed.wait(10)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
+        with self.cond:
+            self.replies.append((correlation, json.loads(msg.payload)))
+            self.cond.notify_all()
+
+    def send(
+        self,
+        payload: bytes,
+        content_type: str | None = None,
+        correlation: bytes | None = None,
+        topic: str | None = None,
+    ) -> None:
+        props = None
+        if self.client.protocol == mqtt.MQTTv5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = self.topic
+            if correlation is not None:
+                props.CorrelationData = correlation
+            if content_type:
+                props.ContentType = content_type
+        self.client.publish(topic or self.infer_topic, payload, qos=1, properties=props).wait_for_publish(10)
+
+    def wait(self, count: int, timeout: float = 20) -> list[tuple[bytes | None, dict[str, Any]]]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while len(self.replies) < count and time.monotonic() < deadline:
+                self.cond.wait(0.2)
+            return list(self.replies)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -7,7 +7,6 @@ import base64
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,13 @@ import jsonschema
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edge.config import DaemonConfig
 from edge.daemon import Daemon
 from edge.publish.payload import prediction_schema
 from edge.publish.requests import RateLimiter, RequestRejected, parse_infer_request
 from tests.broker import Mosquitto
-from tests.daemon_helpers import make_tiny_package, wait_until
+from tests.daemon_helpers import InferClient, make_tiny_package, wait_until
 
 DEVICE = "cam-req"
 TOPIC = f"edge/{DEVICE}/infer"
@@ -61,6 +58,7 @@ def test_bad_requests_are_answered_with_the_field_and_unanswerable_ones_say_so()
         (b'{"texts": [1]}', route, "texts", "a list of strings"),
         (b"x" * 5000, route, "payload", "limit is 4096 (requests.max_bytes)"),
         (b"\xff\xd8 not really", {**route, "content_type": "image/jpeg"}, "payload", "not a JPEG"),
+        (b'{"text": "a", "sequence_end": true}', route, "sequence_id", "sequence_end needs sequence_id"),
     ]
     for payload, kw, field, text in cases:
         with pytest.raises(RequestRejected) as caught:
@@ -111,55 +109,10 @@ def serving(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Daemon]:
         runner.join(30)
 
 
-class Requester:
-    """An application asking the device: MQTT 5 (response topic + correlation data) or 3.1.1."""
-
-    def __init__(self, port: int, protocol: int) -> None:
-        self.replies: list[tuple[bytes | None, dict[str, Any]]] = []
-        self.cond = threading.Condition()
-        self.topic = f"app/{uuid.uuid4().hex[:8]}/replies"
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self.client.subscribe(self.topic, qos=1)
-        assert subscribed.wait(10)
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-        with self.cond:
-            self.replies.append((correlation, json.loads(msg.payload)))
-            self.cond.notify_all()
-
-    def send(self, payload: bytes, content_type: str | None = None, correlation: bytes | None = None) -> None:
-        props = None
-        if self.client.protocol == mqtt.MQTTv5:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = self.topic
-            if correlation is not None:
-                props.CorrelationData = correlation
-            if content_type:
-                props.ContentType = content_type
-        self.client.publish(TOPIC, payload, qos=1, properties=props).wait_for_publish(10)
-
-    def wait(self, count: int, timeout: float = 20) -> list[tuple[bytes | None, dict[str, Any]]]:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while len(self.replies) < count and time.monotonic() < deadline:
-                self.cond.wait(0.2)
-            return list(self.replies)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
 def test_images_over_mqtt5_are_answered_to_the_response_topic_with_their_correlation_data(
     serving: Daemon, mosquitto: Mosquitto
 ) -> None:
-    app = Requester(mosquitto.port, mqtt.MQTTv5)
+    app = InferClient(mosquitto.port, mqtt.MQTTv5, TOPIC)
     try:
         colours = {b"r-1": (250, 10, 10), b"g-2": (10, 250, 10), b"b-3": (10, 10, 250)}
         for correlation, rgb in colours.items():
@@ -181,7 +134,7 @@ def test_images_over_mqtt5_are_answered_to_the_response_topic_with_their_correla
 def test_mqtt311_requests_name_reply_to_and_get_their_correlation_id_back(
     serving: Daemon, mosquitto: Mosquitto
 ) -> None:
-    app = Requester(mosquitto.port, mqtt.MQTTv311)
+    app = InferClient(mosquitto.port, mqtt.MQTTv311, TOPIC)
     try:
         image = base64.b64encode(_jpeg((250, 10, 10))).decode()
         app.send(json.dumps({"image_b64": image, "reply_to": app.topic, "correlation_id": "q-1"}).encode())
@@ -208,7 +161,7 @@ def test_mqtt311_requests_name_reply_to_and_get_their_correlation_id_back(
 def test_a_request_with_nowhere_to_answer_is_counted_and_a_flood_is_rate_limited(
     serving: Daemon, mosquitto: Mosquitto
 ) -> None:
-    app = Requester(mosquitto.port, mqtt.MQTTv311)
+    app = InferClient(mosquitto.port, mqtt.MQTTv311, TOPIC)
     try:
         app.send(json.dumps({"image_b64": base64.b64encode(_jpeg((1, 2, 3))).decode()}).encode())
         assert wait_until(lambda: serving.publisher.stats["requests_unanswerable"] == 1, 10)

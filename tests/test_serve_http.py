@@ -125,6 +125,10 @@ def test_open_inference_protocol_health_metadata_and_tensors(serving: Daemon, tm
     short = {"inputs": [{**body["inputs"][0], "data": [1.0, 2.0]}]}
     status, error = _call(serving, "/v2/models/tiny-colour/infer", json.dumps(short).encode())
     assert status == 400 and error["field"] == "inputs[0].data"
+    # sequences are for stateful models: asking a stateless one to carry state is an error, not ignored
+    sequenced = {**body, "parameters": {"sequence_id": "s1", "sequence_start": True}}
+    status, error = _call(serving, "/v2/models/tiny-colour/infer", json.dumps(sequenced).encode())
+    assert status == 400 and error["field"] == "sequence_id" and "keeps no state" in error["error"]
 
 
 def test_post_infer_takes_an_image_and_answers_the_prediction_payload(

@@ -698,6 +698,14 @@ class Publisher:
                     correlation_data=getattr(props, "CorrelationData", None) if props is not None else None,
                     max_bytes=self.request_max_bytes,
                 )
+                if request.sequence is not None and message.topic == self.topic_pool:
+                    raise RequestRejected(
+                        f"{message.topic}: a sequence's state lives on one device: send sequence_id requests "
+                        f"to a member's own {self.topic_infer}, not to the pool",
+                        "sequence_id",
+                        request.reply,
+                        request.correlation_id,
+                    )
                 request = dataclasses.replace(request, acknowledge=functools.partial(self._ack, message))
                 handler = self.on_request
                 assert handler is not None

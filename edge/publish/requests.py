@@ -2,7 +2,8 @@
 
 A request is an image (a JPEG/PNG body with MQTT 5 content type `image/jpeg|image/png`, or
 `{"image_b64": ...}`), ready tensors (`{"inputs": {name: nested list}}`) or text (`{"text": ...}`,
-`{"texts": [...]}`). The answer goes to the MQTT 5 response topic with the request's correlation data;
+`{"texts": [...]}`); a stateful model's requests name their sequence (`sequence_id`, `sequence_start`,
+`sequence_end`: edge.publish.sequences). The answer goes to the MQTT 5 response topic with the request's correlation data;
 an MQTT 3.1.1 client names `reply_to` (and `correlation_id`, echoed back) in the JSON body. A request
 nobody can be answered for is dropped and counted; every other bad request is answered with
 `{"error": "...", "field": "..."}`.
@@ -26,6 +27,8 @@ from edge.arrays import Array
 from edge.errors import EdgeError
 from edge.jsontypes import JSONObject, JSONValue
 from edge.publish.commands import ReplyRoute
+from edge.publish.sequences import FIELDS as SEQUENCE_FIELDS
+from edge.publish.sequences import SequenceError, SequenceFlags, parse_sequence
 
 IMAGE_TYPES = ("image/jpeg", "image/png")
 MAX_TEXTS = 64
@@ -40,6 +43,12 @@ class RequestsConfig(BaseModel):
     burst: int = Field(
         default=40, ge=1, description="requests a client may send at once before the rate applies"
     )
+    sequence_idle_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a stateful model's sequence (MQTT and HTTP) nobody continued for this long is closed",
+    )
+    max_sequences: int = Field(default=1024, ge=1, description="sequences of a stateful model open at once")
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,7 @@ class InferRequest:
     image: Array | None = None
     tensors: Mapping[str, JSONValue] | None = None
     texts: list[str] | None = None
+    sequence: SequenceFlags | None = None  # a stateful model's sequence this request continues
     received_at: float = field(default_factory=time.time)
     received_mono: float = field(default_factory=time.monotonic)
     # the MQTT acknowledgement, sent once the request is answered: a daemon killed before it answers
@@ -132,10 +142,14 @@ def parse_infer_request(
                 None,
             )
         route = ReplyRoute(reply_to)
-    known = {"image_b64", "inputs", "text", "texts", "reply_to", "correlation_id"}
+    known = {"image_b64", "inputs", "text", "texts", "reply_to", "correlation_id", *SEQUENCE_FIELDS}
     unknown = sorted(set(body) - known)
     if unknown:
         raise RequestRejected(f"{topic}: unknown field '{unknown[0]}'", unknown[0], route, correlation_id)
+    try:
+        sequence = parse_sequence(body)
+    except SequenceError as exc:
+        raise RequestRejected(f"{topic}: {exc}", exc.field, route, correlation_id) from None
     given = [key for key in ("image_b64", "inputs", "text", "texts") if key in body]
     if len(given) != 1:
         raise RequestRejected(
@@ -156,13 +170,13 @@ def parse_infer_request(
                 f"{topic}: image_b64 is not base64: {exc}", kind, route, correlation_id
             ) from exc
         image = decode_image(raw, topic, kind, route, correlation_id)
-        return InferRequest(route, route.topic, correlation_id, image=image)
+        return InferRequest(route, route.topic, correlation_id, image=image, sequence=sequence)
     if kind == "inputs":
         if not isinstance(value, dict) or not value:
             raise RequestRejected(
                 f"{topic}: inputs must be an object of input name -> nested list", kind, route, correlation_id
             )
-        return InferRequest(route, route.topic, correlation_id, tensors=value)
+        return InferRequest(route, route.topic, correlation_id, tensors=value, sequence=sequence)
     texts = [value] if kind == "text" else value
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise RequestRejected(
@@ -170,7 +184,8 @@ def parse_infer_request(
         )
     if len(texts) > MAX_TEXTS:
         raise RequestRejected(f"{topic}: at most {MAX_TEXTS} texts a request", kind, route, correlation_id)
-    return InferRequest(route, route.topic, correlation_id, texts=[str(text) for text in texts])
+    lines = [str(text) for text in texts]
+    return InferRequest(route, route.topic, correlation_id, texts=lines, sequence=sequence)
 
 
 def _check_size(
@@ -221,8 +236,10 @@ def tensors_for(
     specs: Mapping[str, tuple[list[int | str], str]],
     topic: str,
     request: InferRequest,
+    optional: frozenset[str] = frozenset(),
 ) -> dict[str, Array]:
-    """`{"inputs": {...}}` as arrays of the model's dtypes; names and shapes are checked by the backend."""
+    """`{"inputs": {...}}` as arrays of the model's dtypes; names and shapes are checked by the backend.
+    `optional` inputs (constants, recurrent state) are filled in by the session when not given."""
     unknown = sorted(set(values) - set(specs))
     if unknown:
         raise RequestRejected(
@@ -234,6 +251,8 @@ def tensors_for(
     arrays: dict[str, Array] = {}
     for name, (_, dtype) in specs.items():
         if name not in values:
+            if name in optional:
+                continue
             raise RequestRejected(
                 f"{topic}: inputs.{name} is missing", f"inputs.{name}", request.reply, request.correlation_id
             )
