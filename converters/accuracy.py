@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.errors import EdgeError
+from edge.errors import ConfigError, EdgeError
 from edge.tasks.base import Decoder, DecoderContext, Result, TaskConfig
 from edge.tasks.detection import DetectionConfig, iou_one_to_many
 
@@ -43,7 +43,7 @@ MetricFn = Callable[[Outputs, Outputs], float]
 
 
 class GateError(EdgeError):
-    """No candidate model is within `--max-drop` of fp32."""
+    """No candidate model is within the gate's limits (`--max-drop`, the agreement floors) of fp32."""
 
 
 @dataclass
@@ -55,6 +55,55 @@ class Evaluation:
     reference_top1: list[int] = field(default_factory=list)
     candidate_top1: list[int] = field(default_factory=list)
     reference_confidence: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GateLimits:
+    """What a candidate must reach to ship: at most `max_drop` points of the gate's metric and, for
+    classifiers when asked, top-1 agreement with fp32 overall and where fp32 is confident. The expected
+    drop forgives flips of answers fp32 itself was unsure of, which is right for accuracy but lets a
+    pruned model that changes a quarter of its answers through; the agreement floors are for users who
+    want a model that decides like the original."""
+
+    max_drop: float
+    min_agreement: float | None = None
+    min_confident_agreement: float | None = None
+
+    def miss(self, evaluation: Evaluation) -> str | None:
+        """Why `evaluation` fails (one clause), or None when it passes."""
+        if evaluation.drop_points > self.max_drop:
+            return f"drops {evaluation.drop_points:.2f} points of {evaluation.metric} (--max-drop {self.max_drop:g})"
+        floors = (
+            ("agreement_top1", self.min_agreement, "--min-agreement", ""),
+            (
+                "agreement_top1_confident",
+                self.min_confident_agreement,
+                "--min-confident-agreement",
+                " confident",
+            ),
+        )
+        for key, floor, option, which in floors:
+            if floor is None:
+                continue
+            value = evaluation.details.get(key)
+            if value is None:
+                raise ConfigError(
+                    f"{option}: the {evaluation.metric} gate has no top-1 agreement (classifiers only)"
+                )
+            if value < floor:  # NaN (no confident sample) is not below: nothing to disagree on
+                return f"agrees with fp32 on {value:.3f} of its{which} top-1 answers ({option} {floor:g})"
+        return None
+
+    def passes(self, evaluation: Evaluation) -> bool:
+        return self.miss(evaluation) is None
+
+    def __str__(self) -> str:
+        parts = [f"--max-drop {self.max_drop:g}"]
+        if self.min_agreement is not None:
+            parts.append(f"--min-agreement {self.min_agreement:g}")
+        if self.min_confident_agreement is not None:
+            parts.append(f"--min-confident-agreement {self.min_confident_agreement:g}")
+        return ", ".join(parts)
 
 
 def session(path: Path, threads: int = 2) -> Any:
@@ -460,12 +509,12 @@ def search_exclusions(
     failed: Candidate,
     requantize: Requantize,
     *,
-    max_drop: float,
+    limits: GateLimits,
     feeds: list[dict[str, np.ndarray]],
     work_dir: Path,
     note: Callable[[str], None],
 ) -> ExclusionResult:
-    """The fewest of the most sensitive weighted nodes that, kept in float, bring int8 within `max_drop`.
+    """The fewest of the most sensitive weighted nodes that, kept in float, bring int8 within `limits`.
 
     `failed` is `float_path` fully quantized, over the limit. Nodes are ranked by `layer_sensitivity` on
     the first SENSITIVITY_SAMPLES `feeds`; the count kept in float doubles up to half the weighted nodes
@@ -482,7 +531,7 @@ def search_exclusions(
         return names
 
     def passes(candidate: Candidate) -> bool:
-        return candidate.evaluation.drop_points <= max_drop
+        return limits.passes(candidate.evaluation)
 
     limit = max(1, len(ranked) // 2)
     best: tuple[int, Candidate] | None = None
@@ -499,9 +548,8 @@ def search_exclusions(
             count = limit if count < limit < count * 2 else count * 2
     if best is None:
         raise GateError(
-            f"accuracy gate: int8 drops {failed.evaluation.drop_points:.2f} points of "
-            f"{failed.evaluation.metric} (--max-drop {max_drop}); keeping the {limit} most sensitive of "
-            f"{len(ranked)} weighted nodes in float still drops {trial.evaluation.drop_points:.2f}"
+            f"accuracy gate: int8 {limits.miss(failed.evaluation)}; keeping the {limit} most sensitive of "
+            f"{len(ranked)} weighted nodes in float still {limits.miss(trial.evaluation)}"
         )
     low, high = failed_below + 1, best[0] - 1
     while low <= high:  # the fewest exclusions that pass, between the last failure and first pass

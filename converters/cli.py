@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from converters.accuracy import CONFIDENT, GateLimits
 from converters.stateful import parse_const, parse_state
 from edge.errors import EdgeError
 
@@ -33,6 +34,16 @@ def parse_positive(text: str, option: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{option} must be > 0, got {text!r}")
+    return value
+
+
+def parse_fraction(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{option} is a fraction in (0, 1], got {text!r}")
     return value
 
 
@@ -159,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-drop", type=float, default=1.0, metavar="PCT", help="points (default 1)")
     parser.add_argument(
+        "--min-agreement",
+        type=lambda t: parse_fraction(t, "--min-agreement"),
+        metavar="FRACTION",
+        help="classifiers: top-1 agreement with fp32 the gate also requires (e.g. 0.9)",
+    )
+    parser.add_argument(
+        "--min-confident-agreement",
+        type=lambda t: parse_fraction(t, "--min-confident-agreement"),
+        metavar="FRACTION",
+        help=f"classifiers: the same where fp32's confidence >= {CONFIDENT} (e.g. 0.99)",
+    )
+    parser.add_argument(
         "--metric", metavar="FILE.py:fn", help="your own score fn(reference, candidate) -> float"
     )
     parser.add_argument("--calib-method", choices=["minmax", "percentile", "entropy"], default="minmax")
@@ -242,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         target_speedup=args.target_speedup if args.target_speedup else (0.0 if args.prune == AUTO else None),
         formats=args.formats,
         max_drop=args.max_drop,
+        min_agreement=args.min_agreement,
+        min_confident_agreement=args.min_confident_agreement,
         metric=args.metric,
         sign_key=args.sign_key,
         sequence=args.sequence,
@@ -318,9 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-convert: error: accuracy gate failed: no int8 recipe reaches {wanted}", file=sys.stderr)
         return EXIT_GATE_FAILED
     if not result.gate_passed:
+        limits = GateLimits(options.max_drop, options.min_agreement, options.min_confident_agreement)
         print(
-            f"edge-convert: error: accuracy gate failed: the {precision or 'shipped'} model drops "
-            f"{gate.get('drop_points')} points of {gate.get('metric')} > --max-drop {gate.get('max_drop')}",
+            f"edge-convert: error: accuracy gate failed: the {precision or 'shipped'} model "
+            f"{limits.miss(result.evaluation)}",
             file=sys.stderr,
         )
         return EXIT_GATE_FAILED

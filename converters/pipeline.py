@@ -100,6 +100,8 @@ class ConvertOptions:
     target_speedup: float | None = None  # --target-speedup / --prune auto (0: fastest within --max-drop)
     formats: list[str] | None = None
     max_drop: float = 1.0
+    min_agreement: float | None = None  # classifiers: top-1 agreement with fp32 the gate also requires
+    min_confident_agreement: float | None = None  # ... where fp32's confidence >= accuracy.CONFIDENT
     metric: str | None = None
     sign_key: Path | None = None
     sequence: int | None = None
@@ -206,8 +208,13 @@ class RunContext:
             detection_gate=baseline.detection_gate,
         )
 
+    @property
+    def limits(self) -> accuracy.GateLimits:
+        options = self.options
+        return accuracy.GateLimits(options.max_drop, options.min_agreement, options.min_confident_agreement)
+
     def passes(self, evaluation: accuracy.Evaluation) -> bool:
-        return evaluation.drop_points <= self.options.max_drop
+        return self.limits.passes(evaluation)
 
 
 @dataclass(frozen=True)
@@ -902,8 +909,8 @@ def _float_model_failure(run: RunContext, floats: FloatModels, baseline: Baselin
     after, before = pruning.get("params_after"), pruning.get("params_before")
     shrunk = isinstance(after, int) and isinstance(before, int) and after < before
     removed = pruning.get("mode") == "unstructured" or shrunk
-    head = f"accuracy gate: the {'pruned ' if removed else ''}float model drops {evaluation.drop_points:.2f} "
-    head += f"points of {evaluation.metric} (--max-drop {options.max_drop}) before any compression; "
+    head = f"accuracy gate: the {'pruned ' if removed else ''}float model {run.limits.miss(evaluation)} "
+    head += "before any compression; "
     if removed:
         cost = f"{pruning['mode']} pruning at {pruning['ratio']} costs it: prune less"
         plan = distill_plan(options)
@@ -931,6 +938,12 @@ def _float_model_failure(run: RunContext, floats: FloatModels, baseline: Baselin
     return head + f"yet {evaluation.metric} cannot match the reference with itself on these outputs"
 
 
+def _agreements(evaluation: accuracy.Evaluation) -> str:
+    details = evaluation.details
+    overall, confident = details.get("agreement_top1"), details.get("agreement_top1_confident")
+    return f"agreement {overall if overall is not None else float('nan'):.3f}, confident {confident if confident is not None else float('nan'):.3f}"
+
+
 def _fp16_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> Shipped:
     """Half-precision weights and compute for GPU profiles, float32 I/O (what the runtime feeds), held to
     the same gate as int8: measured here with ONNX Runtime on the evaluation samples."""
@@ -943,9 +956,8 @@ def _fp16_and_gate(run: RunContext, baseline: Baseline, fp32_path: Path) -> Ship
         note(f"{evaluation.metric} drop {evaluation.drop_points:.2f} points")
     if not run.passes(evaluation):
         raise accuracy.GateError(
-            f"accuracy gate: fp16 drops {evaluation.drop_points:.2f} points of {evaluation.metric} "
-            f"(--max-drop {run.options.max_drop}); the profile asks for fp16: allow a larger --max-drop, "
-            "or use a profile whose precision is fp32"
+            f"accuracy gate: fp16 {run.limits.miss(evaluation)}; the profile asks for fp16: allow a larger "
+            "--max-drop, or use a profile whose precision is fp32"
         )
     return Shipped("fp16", path, evaluation)
 
@@ -971,20 +983,26 @@ def _quantize_and_gate(run: RunContext, baseline: Baseline, floats: FloatModels)
             run.evaluation_set.feeds,
             scheme,
             score,
-            options.max_drop,
+            run.limits,
             run.work,
             first_method=options.calibration_method,
             note=note,
         )
         chosen = trials[-1]
         if not chosen.passed or chosen.path is None or chosen.evaluation is None:
+            floors = options.min_agreement is not None or options.min_confident_agreement is not None
             tried = "; ".join(
-                f"{t.name} {t.evaluation.drop_points:.2f}" if t.evaluation else f"{t.name}: {t.error}"
+                (
+                    f"{t.name} {t.evaluation.drop_points:.2f}"
+                    + (f" ({_agreements(t.evaluation)})" if floors else "")
+                )
+                if t.evaluation
+                else f"{t.name}: {t.error}"
                 for t in trials
             )
             raise accuracy.GateError(
-                f"accuracy gate: no recipe is within --max-drop {options.max_drop} points of "
-                f"{baseline.fp32_eval.metric}: {tried}{_qat_hint(run, floats)}"
+                f"accuracy gate: no recipe is within {run.limits} of fp32 ({baseline.fp32_eval.metric}): "
+                f"{tried}{_qat_hint(run, floats)}"
             )
         note(f"{chosen.name}: {chosen.evaluation.metric} drop {chosen.evaluation.drop_points:.2f} points")
     if chosen.recipe.fp16:
@@ -1056,8 +1074,8 @@ def _export_tflite(run: RunContext, baseline: Baseline, model: torch.nn.Module |
         note(f"{evaluation.metric} drop {evaluation.drop_points:.2f} points")
         if not run.passes(evaluation):
             raise accuracy.GateError(
-                f"accuracy gate: the {precision} TFLite drops {evaluation.drop_points:.2f} points of {evaluation.metric} "
-                f"(--max-drop {run.options.max_drop}); ship ONNX only with --formats onnx"
+                f"accuracy gate: the {precision} TFLite {run.limits.miss(evaluation)}; "
+                "ship ONNX only with --formats onnx"
             )
         metrics: Json = {
             **_finite(evaluation.details),
@@ -1176,6 +1194,12 @@ def _metrics(
         "metric": shipped.evaluation.metric,
         "drop_points": round(shipped.evaluation.drop_points, 3),
         "max_drop": run.options.max_drop,
+        **({"min_agreement": run.options.min_agreement} if run.options.min_agreement is not None else {}),
+        **(
+            {"min_confident_agreement": run.options.min_confident_agreement}
+            if run.options.min_confident_agreement is not None
+            else {}
+        ),
         "passed": run.passes(shipped.evaluation),
     }
     return metrics

@@ -91,6 +91,11 @@ class Trial:
             "latency_ms_p50": self.latency_ms,
             "bytes": self.bytes,
             **({"metric": scores.metric, "drop_points": round(scores.drop_points, 3)} if scores else {}),
+            **(
+                {"agreement_top1": round(scores.details["agreement_top1"], 4)}
+                if scores and "agreement_top1" in scores.details
+                else {}
+            ),
             **({"excluded_nodes": len(self.excluded)} if self.excluded else {}),
             **({"calibration_samples": self.samples} if self.samples else {}),
             **({"error": self.error} if self.error else {}),
@@ -108,7 +113,7 @@ def search(
     evaluation_feeds: Feeds,
     scheme: QuantizationScheme,
     score: Score,
-    max_drop: float,
+    limits: accuracy.GateLimits,
     work: Path,
     *,
     first_method: CalibrationMethodName = "minmax",
@@ -117,7 +122,7 @@ def search(
 ) -> list[Trial]:
     """Try the recipes in order until one passes; returns every trial (the last one passed, unless none
     did). A recipe that cannot be built is recorded with its error and the search goes on."""
-    run = _Search(prepared, fp32_path, calib, evaluation_feeds, scheme, score, max_drop, work, note)
+    run = _Search(prepared, fp32_path, calib, evaluation_feeds, scheme, score, limits, work, note)
     trials: list[Trial] = []
     for recipe in order if order is not None else recipes(first_method):
         note(recipe.name)
@@ -126,7 +131,7 @@ def search(
         except EdgeError as exc:
             trial = Trial(recipe, recipe.name, None, error=str(exc).splitlines()[0])
         if trial.evaluation is not None:
-            trial.passed = trial.evaluation.drop_points <= max_drop
+            trial.passed = limits.passes(trial.evaluation)
         trials.append(trial)
         if trial.passed:
             break
@@ -143,7 +148,7 @@ class _Search:
     evaluation_feeds: Feeds
     scheme: QuantizationScheme
     score: Score
-    max_drop: float
+    limits: accuracy.GateLimits
     work: Path
     note: Callable[[str], None]
 
@@ -197,7 +202,7 @@ class _Search:
                 self.prepared.node_names,
                 accuracy.Candidate(start.path, start.evaluation),
                 requantize,
-                max_drop=self.max_drop,
+                limits=self.limits,
                 feeds=self.evaluation_feeds,
                 work_dir=self.work,
                 note=self.note,

@@ -308,3 +308,25 @@ def test_multi_input_model_needs_npz(tmp_path: Path) -> None:
     np.savez(tmp_path / "uneven.npz", a=np.zeros((3, 3, 8, 8), np.float32), b=np.ones((2, 4), np.float32))
     with pytest.raises(ConfigError, match="same, non-zero number of samples"):
         load_samples(tmp_path / "uneven.npz", specs, "--calib")
+
+
+def test_gate_limits_bound_agreement_beside_the_drop() -> None:
+    from converters.accuracy import Evaluation, GateLimits
+
+    def evaluation(drop: float, agreement: float, confident: float) -> Evaluation:
+        details = {"agreement_top1": agreement, "agreement_top1_confident": confident}
+        return Evaluation("expected_top1_drop", drop, details)
+
+    plain = GateLimits(1.0)
+    assert plain.passes(evaluation(0.9, 0.5, 0.5)) and str(plain) == "--max-drop 1"
+    assert plain.miss(evaluation(1.5, 1.0, 1.0)) == "drops 1.50 points of expected_top1_drop (--max-drop 1)"
+    floors = GateLimits(1.0, min_agreement=0.9, min_confident_agreement=0.99)
+    assert floors.passes(evaluation(0.9, 0.9, 0.99))
+    assert floors.miss(evaluation(0.2, 0.75, 1.0)) == (
+        "agrees with fp32 on 0.750 of its top-1 answers (--min-agreement 0.9)"
+    )
+    assert floors.miss(evaluation(0.2, 0.95, 0.98)) == (
+        "agrees with fp32 on 0.980 of its confident top-1 answers (--min-confident-agreement 0.99)"
+    )
+    assert floors.passes(evaluation(0.2, 0.95, float("nan")))  # no confident sample: none to disagree on
+    assert str(floors) == "--max-drop 1, --min-agreement 0.9, --min-confident-agreement 0.99"

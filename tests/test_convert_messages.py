@@ -174,3 +174,53 @@ def test_detection_gate_with_boxes_of_no_area_blames_the_outputs(
     assert "nothing was pruned or distilled: the float model is the reference itself" in line
     assert "of its decoded boxes have no area" in line and "prune less" not in line
     assert not out.exists()
+
+
+TIED = """
+import torch
+from torch import nn
+
+
+def tied():
+    # two classes fp32 itself can hardly tell apart: rows 1e-4 apart, so int8 rounds them alike and
+    # flips about half the answers while the expected drop (p_fp32 of the answers swapped) stays ~0
+    torch.manual_seed(0)
+    head = nn.Linear(16, 2)
+    with torch.no_grad():
+        head.weight[1] = head.weight[0] + 1e-4 * torch.randn(16)
+        head.bias[1] = head.bias[0]
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
+"""
+
+
+def test_an_agreement_floor_keeps_the_search_going_past_a_recipe_the_expected_drop_passes(
+    tmp_path: Path,
+) -> None:
+    factory = tmp_path / "tied.py"
+    factory.write_text(TIED)
+    assert _convert(tmp_path, f"{factory}:tied") == 0
+    metrics = load_package(tmp_path / "pkg").manifest.metrics
+    assert metrics["recipe"] == "qdq-minmax-per-channel" and metrics["agreement_top1"] < 0.9
+    assert metrics["gate"]["drop_points"] < 0.01 and "min_agreement" not in metrics["gate"]
+
+    assert _convert(tmp_path, f"{factory}:tied", "--min-agreement", "0.9", "--force") == 0
+    metrics = load_package(tmp_path / "pkg").manifest.metrics
+    first = metrics["recipes"][0]
+    assert first["recipe"] == "qdq-minmax-per-channel" and first["passed"] is False
+    assert first["agreement_top1"] < 0.9  # passed the drop, failed the floor: the search went on
+    assert metrics["recipe"] != first["recipe"] and metrics["agreement_top1"] >= 0.9
+    assert metrics["gate"]["min_agreement"] == 0.9 and metrics["gate"]["passed"] is True
+
+
+def test_agreement_floors_are_for_classifiers(
+    tmp_path: Path, factory: Path, metrics: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = _convert(tmp_path, f"{factory}:build", "--metric", f"{metrics}:half", "--max-drop", "100",
+                    "--min-confident-agreement", "0.99")  # fmt: skip
+    assert code == 2
+    assert _gate_error(capsys).endswith(
+        "--min-confident-agreement: the user_metric gate has no top-1 agreement (classifiers only)"
+    )
+    with pytest.raises(SystemExit):
+        main(["x.onnx", "--out", str(tmp_path / "o"), "--min-agreement", "1.5"])
+    assert "--min-agreement is a fraction in (0, 1], got '1.5'" in capsys.readouterr().err
