@@ -1082,6 +1082,7 @@ def _export_tflite(run: RunContext, baseline: Baseline, model: torch.nn.Module |
             "drop_points": round(evaluation.drop_points, 3),
             "latency_ms_p50": round(float(np.median(times)), 3),
             "size_bytes": Path(exported.path).stat().st_size,
+            **({"bias_corrected": exported.bias_corrected} if precision == "int8" else {}),
         }
         # The .tflite takes NHWC (int8) where the package input is NCHW float: its own specs say so, and keep
         # the colour order, resize mode and normalization the pre-processing needs.

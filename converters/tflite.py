@@ -6,6 +6,16 @@ calibrates and quantizes weights and activations to int8 (on an AVX-512 VNNI hos
 XNNPACK). int8 keeps the ops that produce the model's outputs in float compute (int8 weights, dequantized)
 because int8 logits clip at the calibration maximum and flip confident top-1 answers.
 
+int8 is bias-corrected, as the ONNX path is (converters.quantize): rounding weights to int8 shifts each
+output channel's mean by (W_int8 - W) . E[input]; the first quantization gives the int8 weights
+litert-quantizer picks, the float model's biases absorb the shift (input means measured on the
+calibration samples with the float interpreter), and the corrected float model is calibrated and
+quantized again (same weights). On EfficientNet-Lite0 (208 held-out photo crops) this took top-1
+agreement with fp32 from 0.875 to 0.942, and from 0.952 to 1.000 where fp32 is confident. The correction
+only removes the weights' part of the shift; where activation rounding shifted the other way (a small
+test CNN: the logits' mean shift 0.40 plain, 0.63 corrected) it can leave the outputs farther from float,
+so both are built and the one closer to the float model on the calibration samples is kept.
+
 The returned `TensorSpec`s describe the file's own I/O (layout, dtype, scale/zero point) for the
 manifest's per-artifact `inputs`/`outputs`. torch and the litert packages are imported inside functions.
 """
@@ -34,6 +44,7 @@ RUNTIME_HINT = "pip install ai-edge-litert"
 # Ops walked back from a graph output while looking for the layer whose weights make the logits.
 _MAX_OUTPUT_WALK = 4
 _PROGRESS_ENV = "LITERT_TORCH_SHOW_PROGRESS"
+_BIASED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")  # ops bias correction adjusts
 
 
 class TfliteExportError(EdgeError):
@@ -47,6 +58,7 @@ class TfliteExport:
     outputs: list[TensorSpec]
     precision: str
     seconds: float
+    bias_corrected: bool = False  # int8: the bias-corrected quantization was the closer one and was kept
 
 
 def export_tflite(
@@ -56,6 +68,7 @@ def export_tflite(
     precision: Precision,
     calib_samples: list[np.ndarray] | None = None,
     channel_last_io: bool = True,
+    bias_correction: bool = True,
 ) -> TfliteExport:
     """Convert an eval-mode torch module to `out_path` (written atomically) at `precision`.
 
@@ -73,13 +86,16 @@ def export_tflite(
         )
     out_path = Path(out_path)
     started = time.perf_counter()
+    corrected = False
     float_model = _convert_float(model, example_inputs, out_path, channel_last_io)
     if precision == "fp16":
         model_bytes = _cast_fp16(float_model, out_path)
     elif precision == "int8":
         assert calib_samples is not None
         channel_last = channel_last_io and np.asarray(calib_samples[0]).ndim >= 3
-        model_bytes = _quantize_int8(float_model, calib_samples, channel_last, out_path)
+        model_bytes, corrected = _quantize_int8(
+            float_model, calib_samples, channel_last, out_path, bias_correction
+        )
     else:
         model_bytes = float_model
     _write_atomic(out_path, model_bytes)
@@ -91,6 +107,7 @@ def export_tflite(
         outputs=outputs,
         precision=precision,
         seconds=time.perf_counter() - started,
+        bias_corrected=precision == "int8" and corrected,
     )
 
 
@@ -224,8 +241,13 @@ def _cast_fp16(float_model: bytes, out_path: Path) -> bytes:
 
 
 def _quantize_int8(
-    float_model: bytes, calib_samples: list[np.ndarray], channel_last: bool, out_path: Path
-) -> bytes:
+    float_model: bytes,
+    calib_samples: list[np.ndarray],
+    channel_last: bool,
+    out_path: Path,
+    bias_correction: bool = True,
+) -> tuple[bytes, bool]:
+    """The int8 model, and whether its biases were corrected (see the module's docstring)."""
     algorithm_manager, qtyping, quantizer, recipe = _quantizer_modules(out_path)
     interpreter = _interpreter_from_bytes(float_model, out_path)
     signatures = interpreter.get_signature_list()
@@ -251,15 +273,132 @@ def _quantize_int8(
                 f"the TFLite input wants {list(expected_shape)}"
             )
         calibration.append({input_name: array})
-    try:
-        qt = quantizer.Quantizer(bytearray(float_model), recipe.static_wi8_ai8())
-        _keep_outputs_float(qt, float_model, algorithm_manager, qtyping)
-        qsvs = _calibrate_minmax(float_model, qt.get_quantization_recipe(), {signature: calibration})
+
+    def quantize(model: bytes) -> bytes:
+        qt = quantizer.Quantizer(bytearray(model), recipe.static_wi8_ai8())
+        _keep_outputs_float(qt, model, algorithm_manager, qtyping)
+        qsvs = _calibrate_minmax(model, qt.get_quantization_recipe(), {signature: calibration})
         return bytes(qt.quantize(qsvs, enable_progress_report=False).quantized_model)
+
+    try:
+        quantized = quantize(float_model)
+        if not bias_correction:
+            return quantized, False
+        samples = [sample[input_name] for sample in calibration]
+        corrected_float = _correct_biases(float_model, quantized, samples)
+        if corrected_float is None:
+            return quantized, False
+        corrected = quantize(corrected_float)
+        reference = _outputs(float_model, samples)
+        if _squared_error(corrected, samples, reference) < _squared_error(quantized, samples, reference):
+            return corrected, True
+        return quantized, False
     except EdgeError:
         raise
     except Exception as exc:
         raise TfliteExportError(f"{out_path}: int8 quantization failed: {_first_line(exc)}") from exc
+
+
+def _correct_biases(float_model: bytes, quantized: bytes, samples: list[np.ndarray]) -> bytes | None:
+    """`float_model` with each int8-weighted CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED bias reduced by
+    (W_int8 - W) . E[input], W_int8 read from `quantized` (ops matched by output tensor name); None when
+    no bias could be corrected. Zero padding and activation clipping make it approximate at borders."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.tools import flatbuffer_utils
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as tfl
+
+    float_fb, quant_fb = tfl.read_model(bytearray(float_model)), tfl.read_model(bytearray(quantized))
+    graph, quant_graph = float_fb.subgraphs[0], quant_fb.subgraphs[0]
+    quant_ops = {
+        _tensor_name(quant_graph.tensors[op.outputs[0]]): op for op in quant_graph.operators if op.outputs
+    }
+    weight_users: dict[int, int] = {}
+    for tensor in graph.tensors:
+        weight_users[tensor.buffer] = weight_users.get(tensor.buffer, 0) + 1
+    errors: list[tuple[str, Any, np.ndarray]] = []  # (op kind, float op, W_int8 - W)
+    for op in graph.operators:
+        kind = tfl.TFL_OP_CODE_TO_NAME.get(float_fb.operatorCodes[op.opcodeIndex].builtinCode)
+        kind_name = str(kind.value) if kind is not None else ""
+        if kind_name not in _BIASED_OPS or len(op.inputs) < 3 or op.inputs[2] < 0 or not op.outputs:
+            continue
+        bias_tensor = graph.tensors[op.inputs[2]]
+        quant_op = quant_ops.get(_tensor_name(graph.tensors[op.outputs[0]]))
+        if quant_op is None or weight_users.get(bias_tensor.buffer) != 1:
+            continue
+        int8_weight = quant_graph.tensors[quant_op.inputs[1]]
+        params = int8_weight.quantization
+        weight = tfl.get_tensor_data(graph.tensors[op.inputs[1]], float_fb.buffers)
+        values = tfl.get_tensor_data(int8_weight, quant_fb.buffers)
+        if tfl.TENSOR_CODE_TO_TYPE[int8_weight.type] != "INT8" or params is None or params.scale is None:
+            continue
+        if weight is None or values is None or tfl.get_tensor_data(bias_tensor, float_fb.buffers) is None:
+            continue
+        axis = [1] * values.ndim
+        axis[params.quantizedDimension if len(params.scale) > 1 else 0] = -1
+        scale = np.asarray(params.scale, np.float64).reshape(axis if len(params.scale) > 1 else [1])
+        zero = np.asarray(params.zeroPoint, np.float64).reshape(scale.shape)
+        errors.append((kind_name, op, (values.astype(np.float64) - zero) * scale - weight.astype(np.float64)))
+    if not errors:
+        return None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
+        interpreter = Interpreter(model_content=float_model, experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    input_index = interpreter.get_input_details()[0]["index"]
+    sums: dict[int, np.ndarray] = {}
+    for sample in samples:
+        interpreter.set_tensor(input_index, sample)
+        interpreter.invoke()
+        for _, op, _ in errors:
+            value = np.asarray(interpreter.get_tensor(op.inputs[0]), np.float64)
+            sums[op.inputs[0]] = sums.get(op.inputs[0], 0) + value.reshape(-1, value.shape[-1]).mean(0)
+    corrected = 0
+    for kind_name, op, error in errors:
+        mean = sums[op.inputs[0]] / len(samples)  # per input channel (TFLite is channels-last)
+        if kind_name == "CONV_2D":  # [out, kh, kw, in]
+            if error.shape[3] != mean.size:
+                continue  # a grouped convolution: its inputs per group are not the tensor's channels
+            shift = (error.sum(axis=(1, 2)) * mean[None, :]).sum(axis=1)
+        elif kind_name == "DEPTHWISE_CONV_2D":  # [1, kh, kw, in * multiplier]
+            per_output = error.sum(axis=(0, 1, 2))
+            shift = per_output * np.repeat(mean, per_output.size // mean.size)
+        else:  # FULLY_CONNECTED [out, in]
+            shift = error @ mean
+        bias_tensor = graph.tensors[op.inputs[2]]
+        bias = tfl.get_tensor_data(bias_tensor, float_fb.buffers)
+        assert bias is not None
+        new_bias = (bias.astype(np.float64) - shift).astype(np.float32)
+        float_fb.buffers[bias_tensor.buffer].data = np.frombuffer(new_bias.tobytes(), np.uint8)
+        corrected += 1
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(float_fb)) if corrected else None
+
+
+def _outputs(content: bytes, samples: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """Every output of `content` for each single-input sample, as real values."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=content, num_threads=max(1, min(2, os.cpu_count() or 1)))
+    interpreter.allocate_tensors()
+    [source] = interpreter.get_input_details()
+    results = []
+    for sample in samples:
+        interpreter.set_tensor(source["index"], _to_tensor_dtype(sample, source))
+        interpreter.invoke()
+        results.append(
+            [_dequantize(interpreter.get_tensor(d["index"]), d) for d in interpreter.get_output_details()]
+        )
+    return results
+
+
+def _squared_error(content: bytes, samples: list[np.ndarray], reference: list[list[np.ndarray]]) -> float:
+    outputs = _outputs(content, samples)
+    return float(
+        sum(
+            np.mean((got.astype(np.float64) - want.astype(np.float64)) ** 2)
+            for got_all, want_all in zip(outputs, reference, strict=True)
+            for got, want in zip(got_all, want_all, strict=True)
+        )
+    )
 
 
 def _calibrate_minmax(float_model: bytes, quant_recipe: Any, data: dict[str, list]) -> dict[str, Any]:

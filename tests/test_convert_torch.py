@@ -287,6 +287,7 @@ def test_tflite_artifact_beside_onnx(
     assert tflite.inputs is not None and tflite.inputs[0].layout == "NHWC"
     assert tflite.inputs[0].mean == manifest.inputs[0].mean and tflite.inputs[0].color == "RGB"
     assert manifest.metrics["tflite_int8"]["samples"] == 3
+    assert isinstance(manifest.metrics["tflite_int8"]["bias_corrected"], bool)  # which quantization was kept
     # The golden outputs come from the int8 ONNX; their tolerance covers the .tflite too, so it passes.
     from edge.backends import load_model
     from edge.profiles import load_profile
