@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from converters import recipes
-from converters.accuracy import Evaluation, evaluate, run_onnx
+from converters.accuracy import Evaluation, GateLimits, evaluate, run_onnx
 from converters.quantize import per_channel_weight_scales, prepare_for_quantization
 from edge.profiles import load_profile
 from tests.assets_models import outlier_model, photo_crops
@@ -31,7 +31,8 @@ def _search(tmp_path: Path, max_drop: float, order: list[recipes.CnnRecipe]) -> 
         return evaluate("raw", reference, run_onnx(path, feeds))
 
     scheme = load_profile("x86-64-vnni").quantization
-    return recipes.search(prepared, source, feeds, feeds, scheme, score, max_drop, tmp_path, order=order)
+    limits = GateLimits(max_drop)
+    return recipes.search(prepared, source, feeds, feeds, scheme, score, limits, tmp_path, order=order)
 
 
 def test_the_first_recipe_that_passes_is_kept_and_later_ones_are_not_tried(tmp_path: Path) -> None:
