@@ -1,13 +1,16 @@
 """Conversion benchmark (issue 3): what int8, structured pruning and distillation cost and buy, measured here.
 
     python benchmarks/convert_bench.py [--quick] [--out DIR] [--distill-steps N] [--skip-efficientnet]
+                                       [--skip-digits] [--skip-tflite] [--ratios 0.1,0.2,0.3]
     python benchmarks/convert_bench.py --package PKG   # a package from edge-convert, on unseen crops
 
 Part 1, EfficientNet-Lite0 with its ImageNet weights, ONNX Runtime CPU, 2 threads: fp32 vs int8 (static
 QDQ, per-channel, uint8 activations / int8 weights, MinMax, bias correction; 7-bit weights when this host's
 profile has no VNNI) on many crops of real photos (skimage.data,
 sklearn sample images): latency ratio (sessions interleaved so that load from other processes hits all of
-them alike), size ratio, top-1 agreement with fp32 overall and where fp32's confidence >= 0.3. Then
+them alike), size ratio, top-1 agreement with fp32 overall and where fp32's confidence >= 0.3; the int8
+TFLite the converter exports (litert-torch + litert-quantizer, bias corrected) on LiteRT's XNNPACK beside
+them, timed in the same interleaved blocks against ORT fp32 (`--skip-tflite` leaves it out). Then
 structured pruning 0.1 / 0.2 / 0.3 + label-free distillation + int8: a curve of agreement vs speed-up.
 
 Part 2, the digits CNN trained here (examples/digits_cnn.py): pruned 0.3 + distilled + int8 accuracy vs
@@ -45,6 +48,7 @@ TARGETS = {
     "int8_latency_ratio": ("<=", 0.55),
     "int8_size_ratio": ("<=", 0.30),
     "int8_confident_agreement": (">=", 0.99),
+    "tflite_int8_confident_agreement": (">=", 0.99),
     "pruned_0.3_int8_latency_ratio": ("<=", 0.40),
     "digits_pruned_0.3_distilled_int8_drop_points": ("<=", 2.0),
 }
@@ -84,7 +88,7 @@ FULL = Settings(
 @dataclass
 class Variant:
     name: str
-    onnx_path: Path
+    path: Path  # an .onnx run by ONNX Runtime, or a .tflite run by LiteRT (XNNPACK)
     prune_ratio: float = 0.0
     precision: str = "fp32"
     distill_steps: int = 0
@@ -254,6 +258,20 @@ def quantize(fp32_path: Path, out_path: Path, feeds: list[dict[str, np.ndarray]]
     return "onnxruntime.quantization"
 
 
+def is_tflite(path: Path) -> bool:
+    return path.suffix == ".tflite"
+
+
+def outputs_of(path: Path, inputs: np.ndarray) -> np.ndarray:
+    """Logits of every crop (NCHW float): ONNX Runtime for an .onnx, LiteRT XNNPACK for a .tflite."""
+    if not is_tflite(path):
+        return run_all(session(path), inputs)
+    from converters.tflite import TfliteRunner, to_channel_last
+
+    runner = TfliteRunner(path, threads=THREADS)
+    return np.concatenate([runner([to_channel_last(inputs[i : i + 1])])[0] for i in range(len(inputs))])
+
+
 def session(path: Path) -> Any:
     import onnxruntime as ort
 
@@ -293,19 +311,26 @@ def interleaved_latency(paths: dict[str, Path], sample: np.ndarray, rounds: int)
     (`edge.bench.interleaved_latency_ms`)."""
     from edge.bench import interleaved_latency_ms
 
-    sessions = {name: session(path) for name, path in paths.items()}
-    runners = {}
-    for name, sess in sessions.items():
-        feed = {sess.get_inputs()[0].name: sample}
-        sess.run(None, feed)  # first run allocates and picks kernels
-        runners[name] = functools.partial(sess.run, None, feed)
+    runners: dict[str, Callable[[], object]] = {}
+    for name, path in paths.items():
+        if is_tflite(path):
+            from converters.tflite import TfliteRunner, to_channel_last
+
+            runner = TfliteRunner(path, threads=THREADS)
+            runners[name] = functools.partial(runner, [to_channel_last(sample)])
+        else:
+            sess = session(path)
+            runners[name] = functools.partial(sess.run, None, {sess.get_inputs()[0].name: sample})
+        runners[name]()  # first run allocates and picks kernels
     return interleaved_latency_ms(runners, rounds=rounds, block=10, warmup=2)
 
 
 # ---------------------------------------------------------------------------------------------- part 1
 
 
-def efficientnet_part(settings: Settings, work: Path, ratios: tuple[float, ...] = RATIOS) -> dict[str, Any]:
+def efficientnet_part(
+    settings: Settings, work: Path, ratios: tuple[float, ...] = RATIOS, tflite: bool = True
+) -> dict[str, Any]:
     import torch
 
     from converters.distill import distill
@@ -327,9 +352,24 @@ def efficientnet_part(settings: Settings, work: Path, ratios: tuple[float, ...] 
     variants: list[Variant] = []
     fp32 = Variant("fp32", export(teacher, example, work / "fp32.onnx", "input", "logits"))
     variants.append(fp32)
-    quantizer = quantize(fp32.onnx_path, work / "int8.onnx", calib_feeds, work / "q-fp32")
+    quantizer = quantize(fp32.path, work / "int8.onnx", calib_feeds, work / "q-fp32")
     variants.append(Variant("int8", work / "int8.onnx", precision="int8"))
     log(f"[effnet] exported fp32 and quantized int8 with {quantizer} ({time.perf_counter() - started:.0f} s)")
+    if tflite:
+        from converters.tflite import export_tflite
+
+        exported = export_tflite(
+            teacher,
+            (torch.from_numpy(example),),
+            work / "int8.tflite",
+            "int8",
+            [c["input"] for c in calib_feeds],
+        )
+        variants.append(Variant("int8 TFLite (XNNPACK)", exported.path, precision="int8"))
+        log(
+            f"[effnet] int8 TFLite (litert-torch + litert-quantizer, bias corrected: {exported.bias_corrected}) "
+            f"in {exported.seconds:.0f} s"
+        )
 
     multiple = channel_multiple()
     for ratio in ratios:
@@ -382,21 +422,26 @@ def efficientnet_part(settings: Settings, work: Path, ratios: tuple[float, ...] 
             )
         )
 
-    reference = run_all(session(fp32.onnx_path), eval_x)
+    reference = outputs_of(fp32.path, eval_x)
     confident_count = 0
     for variant in variants:
-        variant.size_bytes = variant.onnx_path.stat().st_size
-        outputs = reference if variant is fp32 else run_all(session(variant.onnx_path), eval_x)
+        variant.size_bytes = variant.path.stat().st_size
+        outputs = reference if variant is fp32 else outputs_of(variant.path, eval_x)
         variant.agreement, variant.confident_agreement, confident_count = agreement(reference, outputs)
-    latencies = interleaved_latency({v.name: v.onnx_path for v in variants}, example, settings.latency_rounds)
+    latencies = interleaved_latency({v.name: v.path for v in variants}, example, settings.latency_rounds)
     fp32_p50, fp32_min = float(np.median(latencies["fp32"])), float(np.min(latencies["fp32"]))
     for variant in variants:
         variant.latency_ms = float(np.median(latencies[variant.name]))
         variant.latency_ratio = variant.latency_ms / fp32_p50
         variant.latency_min_ms = float(np.min(latencies[variant.name]))
         variant.latency_min_ratio = variant.latency_min_ms / fp32_min
+    from edge.doctor import INTERESTING_FLAGS
+    from edge.profiles import HostFacts
+
+    facts = HostFacts.from_system()
     return {
         "variants": variants,
+        "cpu_flags": sorted(f for f in INTERESTING_FLAGS if f in facts.cpu_flags),
         "eval_crops": len(eval_x),
         "confident_crops": confident_count,
         "photos": list(photos),
@@ -521,7 +566,7 @@ def write_outputs(out: Path, effnet: dict[str, Any] | None, digits: dict[str, An
             )
         payload["efficientnet"] = {
             **effnet,
-            "variants": [{**asdict(v), "onnx_path": str(v.onnx_path)} for v in variants],
+            "variants": [{**asdict(v), "path": str(v.path)} for v in variants],
         }
         figure, axis = plt.subplots(figsize=(7, 4.5))
         for precision, marker in (("fp32", "o"), ("int8", "s")):
@@ -585,6 +630,7 @@ def print_summary(effnet: dict[str, Any] | None, digits: dict[str, Any] | None) 
     if effnet:
         variants = {v.name: v for v in effnet["variants"]}
         int8 = variants["int8"]
+        log(f"cpu flags: {' '.join(effnet['cpu_flags'])}")
         log(f"EfficientNet-Lite0 ({effnet['eval_crops']} crops, {effnet['confident_crops']} confident):")
         for v in effnet["variants"]:
             log(
@@ -603,6 +649,13 @@ def print_summary(effnet: dict[str, Any] | None, digits: dict[str, Any] | None) 
             f"  int8 confident agreement  {int8.confident_agreement:.3f}  "
             f"{verdict('int8_confident_agreement', int8.confident_agreement)}"
         )
+        lite = variants.get("int8 TFLite (XNNPACK)")
+        if lite is not None:
+            log(
+                f"  int8 TFLite (XNNPACK) / ORT fp32 latency {lite.latency_ratio:.3f} (fastest runs "
+                f"{lite.latency_min_ratio:.3f}); agreement {lite.agreement:.3f}, confident "
+                f"{lite.confident_agreement:.3f}  {verdict('tflite_int8_confident_agreement', lite.confident_agreement)}"
+            )
         p3 = variants.get("pruned 0.3 + distill + int8")
         if p3 is not None:
             log(
@@ -685,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-efficientnet", action="store_true")
     parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--skip-tflite", action="store_true", help="no int8 TFLite (litert-torch) variant")
     parser.add_argument(
         "--package", type=Path, help="judge this EfficientNet-Lite0 package on unseen crops instead (minutes)"
     )
@@ -707,7 +761,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="convert-bench-") as tmp:
         work = Path(tmp)
-        effnet = None if args.skip_efficientnet else efficientnet_part(settings, work, args.ratios)
+        effnet = (
+            None
+            if args.skip_efficientnet
+            else efficientnet_part(settings, work, args.ratios, not args.skip_tflite)
+        )
         digits = None if args.skip_digits else digits_part(settings, work)
         print_summary(effnet, digits)
         write_outputs(out, effnet, digits, mode)
