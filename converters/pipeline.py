@@ -98,6 +98,8 @@ class ConvertOptions:
     qat: bool = False  # --qat: fine-tune under the profile's int8 rounding before quantizing
     qat_time: float | None = None  # seconds; None: DEFAULT_QAT_SECONDS
     target_speedup: float | None = None  # --target-speedup / --prune auto (0: fastest within --max-drop)
+    prune_search: Literal["per-group", "uniform"] = "per-group"  # --prune-search (converters.prune_search)
+    prune_search_time: float | None = None  # seconds for the per-group speed phase; None: SEARCH_BUDGET_S
     formats: list[str] | None = None
     max_drop: float = 1.0
     metric: str | None = None
@@ -605,13 +607,18 @@ def _float_models(run: RunContext) -> FloatModels:
 
 
 def _prune(
-    run: RunContext, teacher: torch.nn.Module, ratio: float | None = None
+    run: RunContext,
+    teacher: torch.nn.Module,
+    ratio: float | None = None,
+    group_ratios: dict[str, float] | None = None,
 ) -> tuple[torch.nn.Module, Json]:
+    """`teacher` pruned at `ratio` (default --prune), or per channel group (`prune_model(group_ratios=)`)."""
     import torch
 
     options, feeds, channel_multiple = run.options, run.calib_feeds, run.profile.pruning.channel_multiple
     ratio = options.prune if ratio is None else ratio
-    with run.stages.stage(f"prune {options.prune_mode} {ratio}") as note:
+    asked = "per group" if group_ratios else f"{ratio}"
+    with run.stages.stage(f"prune {options.prune_mode} {asked}") as note:
         try:
             from converters.prune import prune_model
         except ImportError as exc:
@@ -630,6 +637,7 @@ def _prune(
             options.prune_mode,
             round_to=channel_multiple,
             calibration=calibration,
+            group_ratios=group_ratios,
         )
         note(f"MACs x{result.macs_after / max(result.macs_before, 1):.2f}")
         info: Json = {
