@@ -56,6 +56,7 @@ from edge.tasks.voice_activity import VoiceActivityConfig
 if TYPE_CHECKING:
     import torch
 
+    from converters.prune import Saliency
     from converters.recipes import Trial
 
 log = logging.getLogger(__name__)
@@ -611,8 +612,10 @@ def _prune(
     teacher: torch.nn.Module,
     ratio: float | None = None,
     group_ratios: dict[str, float] | None = None,
+    saliency: Saliency | None = None,
 ) -> tuple[torch.nn.Module, Json]:
-    """`teacher` pruned at `ratio` (default --prune), or per channel group (`prune_model(group_ratios=)`)."""
+    """`teacher` pruned at `ratio` (default --prune), or per channel group (`prune_model(group_ratios=)`);
+    `saliency`: measured once on the teacher (`_saliency`) by a search that prunes it many ways."""
     import torch
 
     options, feeds, channel_multiple = run.options, run.calib_feeds, run.profile.pruning.channel_multiple
@@ -624,20 +627,15 @@ def _prune(
         except ImportError as exc:
             raise ConfigError(f"--prune: pruning is not available in this install ({exc})") from exc
         example = tuple(torch.from_numpy(feeds[0][s.name]) for s in run.inputs)
-        calibration = [
-            tuple(
-                torch.from_numpy(np.concatenate([f[s.name] for f in feeds[i : i + 16]])) for s in run.inputs
-            )
-            for i in range(0, len(feeds), 16)
-        ]
         result = prune_model(
             copy.deepcopy(teacher),
             example,
             ratio,
             options.prune_mode,
             round_to=channel_multiple,
-            calibration=calibration,
+            calibration=None if saliency is not None else _calibration_batches(run),
             group_ratios=group_ratios,
+            saliency=saliency,
         )
         note(f"MACs x{result.macs_after / max(result.macs_before, 1):.2f}")
         info: Json = {
@@ -657,6 +655,23 @@ def _prune(
             info["gzip_ratio"] = round(result.gzip_ratio, 4)
         info["notes"] = list(result.notes)
         return result.model.eval(), info
+
+
+def _calibration_batches(run: RunContext) -> list[tuple[torch.Tensor, ...]]:
+    """The calibration feeds in batches of 16, one tensor per input: what pruning measures saliency on."""
+    import torch
+
+    feeds = run.calib_feeds
+    return [
+        tuple(torch.from_numpy(np.concatenate([f[s.name] for f in feeds[i : i + 16]])) for s in run.inputs)
+        for i in range(0, len(feeds), 16)
+    ]
+
+
+def _saliency(run: RunContext, teacher: torch.nn.Module) -> Saliency:
+    from converters.prune import measure_saliency
+
+    return measure_saliency(teacher, _calibration_batches(run))
 
 
 def _training_samples(feeds: list[Feed]) -> list[np.ndarray | tuple[np.ndarray, ...]]:

@@ -72,6 +72,7 @@ def prune_model(
     round_to: int = 8,
     calibration: list[Any] | None = None,
     group_ratios: Mapping[str, float] | None = None,
+    saliency: Saliency | None = None,
 ) -> PruneResult:
     """Prune a copy of `model`; the original is left untouched.
 
@@ -80,6 +81,8 @@ def prune_model(
     pruning fold what each removed channel contributed on average into the next layer's bias.
     `group_ratios` (structured only) gives channel groups, named by their root layer as
     `channel_groups` lists them, their own ratio; the groups it does not name get `ratio`.
+    `saliency`: `measure_saliency(model, calibration)` measured once, for callers that prune one model
+    many ways (it replaces `calibration`, which it was measured on).
     """
     import copy
 
@@ -105,14 +108,20 @@ def prune_model(
     if mode == "structured" and (ratio > 0 or any(r > 0 for r in (group_ratios or {}).values())):
         ignored = [module for _, module in kept]
         plan = plan_structured(tp, pruned, inputs, float(ratio), round_to, ignored, group_ratios)
-        batches = [_as_input_tuple(batch) for batch in calibration or []]
-        means = _input_channel_means(pruned, batches)
+        means: dict[Any, Any] = {}
         if plan.ratios:
+            if saliency is None and calibration:
+                saliency = measure_saliency(pruned, calibration)
+            modules = dict(pruned.named_modules())
+            if saliency is not None:
+                means = {modules[name]: mean for name, mean in saliency.channel_means.items()}
             importance: Any = tp.importance.MagnitudeImportance(p=1)
-            if batches:
+            if saliency is not None:
                 # Which channels the outputs depend on, measured on real inputs, not guessed from weight size.
                 importance = tp.importance.GroupTaylorImportance()
-                _accumulate_saliency_gradients(pruned, batches)
+                for name, parameter in pruned.named_parameters():
+                    gradient = saliency.gradients.get(name)
+                    parameter.grad = None if gradient is None else gradient.clone()
             pruner = tp.pruner.MagnitudePruner(
                 pruned,
                 inputs if len(inputs) > 1 else inputs[0],
@@ -142,7 +151,7 @@ def prune_model(
                 f"once rounded up to a multiple of {round_to} (the device profile's channel_multiple); "
                 "ask for a larger --prune"
             )
-        if batches and removed_any:
+        if saliency is not None and removed_any:
             notes.append(
                 "structured: channels ranked by first-order Taylor saliency |w * dL/dw| on the calibration "
                 "samples (L: cross-entropy to the model's own top-1, or output energy for other heads)"
@@ -306,6 +315,33 @@ def _prunable_groups(
         if channels:
             found.append((graph, group, root, int(channels), len(writers)))
     return found
+
+
+@dataclass
+class Saliency:
+    """What structured pruning measures on the calibration samples before it cuts. It depends on the
+    unpruned model alone, so a search that prunes one model many ways measures it once (on
+    EfficientNet-Lite0 and 64 samples it is most of a prune: about 10 s of 16 on 2 cores)."""
+
+    channel_means: dict[str, Any]  # layer name -> mean of each of its input channels
+    gradients: dict[str, Any]  # parameter name -> dL/dw summed over the batches (Taylor saliency)
+
+
+def measure_saliency(model: torch.nn.Module, calibration: list[Any]) -> Saliency:
+    """`Saliency` of `model` (left untouched) on `calibration`, batches shaped like its inputs."""
+    import copy
+
+    batches = [_as_input_tuple(batch) for batch in calibration]
+    work = copy.deepcopy(model).eval()
+    means = _input_channel_means(work, batches)
+    _accumulate_saliency_gradients(work, batches)
+    names = {module: name for name, module in work.named_modules()}
+    gradients = {
+        name: parameter.grad.detach().clone()
+        for name, parameter in work.named_parameters()
+        if parameter.grad is not None
+    }
+    return Saliency({names[module]: mean for module, mean in means.items()}, gradients)
 
 
 def _input_channel_means(model: torch.nn.Module, batches: list[tuple[Any, ...]]) -> dict[Any, Any]:

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
     from converters.packaging import Json
     from converters.pipeline import DistillPlan, RunContext
+    from converters.prune import Saliency
     from edge.tasks.base import Decoder
 
 SearchKind = Literal["per-group", "uniform"]
@@ -125,8 +126,9 @@ def _uniform(
     target = run.options.target_speedup or 0.0
     points: list[SearchPoint] = []
     students: list[tuple[torch.nn.Module, Json]] = []
+    saliency = _measure_saliency(run, teacher)
     for ratio in GRID:
-        student, info = _prune(run, teacher, ratio)
+        student, info = _prune(run, teacher, ratio, saliency=saliency)
         students.append((student, info))
         with run.stages.stage(f"search: time pruned {ratio}") as note:
             point = probe.measure(student, info, f"p{ratio:g}")
@@ -166,13 +168,14 @@ def _per_group(
     with run.stages.stage("search: channel groups") as note:
         groups = search_groups(teacher, example)
         note(", ".join(g.name for g in groups))
+    saliency = _measure_saliency(run, teacher)
     by_name = {g.name: g for g in groups}
     pruned_info: list[Json] = []  # one pruned candidate's counts, for the record when none ships
     total_channels = sum(sum(g.channels) for g in groups) or 1
 
     def prune(vector: dict[str, float]) -> tuple[torch.nn.Module, Json]:
         ratios = {root: vector[g.name] for g in groups for root in g.roots}
-        return _prune(run, teacher, 0.0, ratios) if any(ratios.values()) else (teacher, {})
+        return _prune(run, teacher, 0.0, ratios, saliency) if any(ratios.values()) else (teacher, {})
 
     def measure(vector: dict[str, float], step: int) -> SearchPoint:
         # Not kept: phase 2 prunes its few candidates again (deterministic, seconds) rather than hold
@@ -251,6 +254,7 @@ def greedy_path(
     group's next ratio to propose (None: the group is at its cap). The start (all zeros) and the proposals
     taken are marked `accepted`. A proposal measured from an earlier path point keeps its cost (agreement
     lost per latency saved, from that point) as an estimate: it is measured again only when it ranks first.
+    When the time is up in the middle of a step, the best proposal measured in that step is taken.
     """
     vector = dict.fromkeys(groups, 0.0)
     start = measure(dict(vector), 0)
@@ -271,6 +275,11 @@ def greedy_path(
             first = ranked[0]
             if first in stale:
                 if out_of_time():
+                    # the step is cut short: the best of what it measured from here is still a step
+                    done = [estimates[g][1] for g in proposals if g not in stale]
+                    best = choose(current, done)
+                    if best is not None:
+                        best.accepted = True
                     return points, "budget"
                 proposal = measure({**vector, first: proposals[first]}, step)
                 proposal.accepted = False
@@ -380,6 +389,15 @@ def _split(items: list[_T], parts: int) -> list[list[_T]]:
     """`items` cut into `parts` consecutive runs of near-equal length."""
     bounds = [round(i * len(items) / parts) for i in range(parts + 1)]
     return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
+
+
+def _measure_saliency(run: RunContext, teacher: torch.nn.Module) -> Saliency:
+    """Once per search: every candidate is cut from the same teacher, so the channels' saliency on the
+    calibration samples is the same for all of them (`prune_model` would measure it again each time)."""
+    from converters.pipeline import _saliency
+
+    with run.stages.stage("search: channel saliency on the calibration samples"):
+        return _saliency(run, teacher)
 
 
 def describe(point: SearchPoint) -> str:
