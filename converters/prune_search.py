@@ -10,7 +10,10 @@ Two searches share the same second phase (`--prune-search`):
   latency saved is taken, until the target is reached, no proposal saves latency any more, or the search
   budget (`--prune-search-time`, default `SEARCH_BUDGET_S`) is used up. Proposals not taken keep their
   measured cost as an estimate for the next step; only the one that ranks first is measured again (a lazy
-  greedy search: one or two measurements a step instead of one per group). The accepted vectors form the
+  greedy search: one or two measurements a step instead of one per group). A proposal is timed in one
+  interleaved run beside the path point it comes from and its saving read from that run (two separate
+  runs on a shared host differ by more than one step saves); the start is the median of three runs. The
+  channels' saliency is measured once on the teacher for all proposals. The accepted vectors form the
   path that phase 2 walks.
 - `uniform`: one ratio for every prunable channel group, over a grid of ratios; the grid stops at the first
   ratio that reaches the target.
@@ -84,6 +87,8 @@ class SearchPoint:
     ratios: dict[str, float] | None = None  # per group: the ratio of every search group
     step: int | None = None  # per group: the greedy step that measured it (0: the unpruned start)
     accepted: bool | None = None  # per group: on the path (taken), or a proposal not taken
+    # per group: the path point it was proposed from, int8, timed in the same interleaved run (x fp32)
+    base_latency_ratio: float | None = None
 
 
 @dataclass
@@ -177,15 +182,22 @@ def _per_group(
         ratios = {root: vector[g.name] for g in groups for root in g.roots}
         return _prune(run, teacher, 0.0, ratios, saliency) if any(ratios.values()) else (teacher, {})
 
-    def measure(vector: dict[str, float], step: int) -> SearchPoint:
+    def measure(vector: dict[str, float], step: int, base: SearchPoint | None) -> SearchPoint:
         # Not kept: phase 2 prunes its few candidates again (deterministic, seconds) rather than hold
         # every proposal's model in memory through the search.
         student, info = prune(vector)
         if info and not pruned_info:
             pruned_info.append(info)
-        label = ", ".join(f"{n} {r:g}" for n, r in vector.items() if r)
-        with run.stages.stage(f"search: time {label or 'unpruned'}") as note:
-            point = probe.measure(student, info, f"v{step}-{len(points_measured)}")
+        title = ", ".join(f"{n} {r:g}" for n, r in vector.items() if r)
+        with run.stages.stage(f"search: time {title or 'unpruned'}") as note:
+            label = f"v{step}-{len(points_measured)}"
+            # The start is what every first proposal is compared with and what the target is checked
+            # on: the median of three runs, not one reading a busy moment can move.
+            if base is None:
+                point = probe.measure(student, info, label, repeats=3)
+            else:
+                point = probe.measure(student, info, label, probe.paths[files[id(base)]])
+            files[id(point)] = label
             note(f"int8 {point.latency_ratio:.2f}x fp32 latency, agreement {point.agreement_raw:.3f}")
         removed = sum(c - kept_channel_count(c, vector[g.name], round_to) for g in groups for c in g.channels)
         point.ratio = round(removed / total_channels, 3)
@@ -207,6 +219,7 @@ def _per_group(
         return None
 
     points_measured: list[SearchPoint] = []
+    files: dict[int, str] = {}  # id of a measured point -> its int8 file's label in probe.paths
     started = time.monotonic()
     points, stopped = greedy_path(
         [g.name for g in groups], measure, next_ratio, target, lambda: time.monotonic() - started > budget
@@ -243,21 +256,22 @@ def _per_group(
 
 def greedy_path(
     groups: Sequence[str],
-    measure: Callable[[dict[str, float], int], SearchPoint],
+    measure: Callable[[dict[str, float], int, SearchPoint | None], SearchPoint],
     next_ratio: Callable[[str, float], float | None],
     target: float,
     out_of_time: Callable[[], bool],
 ) -> tuple[list[SearchPoint], str]:
     """NetAdapt's greedy loop over ratio vectors; every point measured, in order, and why it stopped.
 
-    `measure(vector, step)` prunes, quantizes and times one vector; `next_ratio(group, ratio)` is the
+    `measure(vector, step, base)` prunes, quantizes and times one vector (beside `base`, the path point
+    it is proposed from; None for the start); `next_ratio(group, ratio)` is the
     group's next ratio to propose (None: the group is at its cap). The start (all zeros) and the proposals
     taken are marked `accepted`. A proposal measured from an earlier path point keeps its cost (agreement
     lost per latency saved, from that point) as an estimate: it is measured again only when it ranks first.
     When the time is up in the middle of a step, the best proposal measured in that step is taken.
     """
     vector = dict.fromkeys(groups, 0.0)
-    start = measure(dict(vector), 0)
+    start = measure(dict(vector), 0, None)
     start.accepted = True
     points, current = [start], start
     estimates: dict[str, tuple[SearchPoint, SearchPoint]] = {}  # group -> (measured from, proposal)
@@ -281,7 +295,7 @@ def greedy_path(
                     if best is not None:
                         best.accepted = True
                     return points, "budget"
-                proposal = measure({**vector, first: proposals[first]}, step)
+                proposal = measure({**vector, first: proposals[first]}, step, current)
                 proposal.accepted = False
                 points.append(proposal)
                 estimates[first] = (current, proposal)
@@ -318,6 +332,10 @@ def _rank(base: SearchPoint, proposal: SearchPoint) -> tuple[float, float]:
 
 
 def _saving(base: SearchPoint, proposal: SearchPoint) -> float:
+    """Latency saved (x fp32). Timed beside its base in one run when it was (a shared host moves two
+    separate runs apart more than one pruning step moves latency)."""
+    if proposal.base_latency_ratio is not None:
+        return proposal.base_latency_ratio - proposal.latency_ratio
     return base.latency_ratio - proposal.latency_ratio
 
 
@@ -414,16 +432,27 @@ class _Probe:
     def __init__(self, run: RunContext, work: Path, names: list[str], reference_path: Path) -> None:
         self.run, self.work, self.names, self.reference_path = run, work, names, reference_path
         self.gate = _Gate(run, reference_path)
+        self.paths: dict[str, Path] = {}  # label -> the int8 file measured
 
-    def measure(self, student: torch.nn.Module, info: Json, label: str) -> SearchPoint:
+    def measure(
+        self, student: torch.nn.Module, info: Json, label: str, base: Path | None = None, repeats: int = 1
+    ) -> SearchPoint:
+        """`base`: another int8 file timed in the same run (the path point a proposal comes from);
+        `repeats`: the median of that many runs (for the point every later one is compared with)."""
         int8_path = _int8(self.run, student, self.work / label, self.names, LATENCY_SAMPLES)
-        latency = _latency_ratio(self.reference_path, int8_path, self.run.evaluation_set.feeds[0])
+        self.paths[label] = int8_path
+        feed = self.run.evaluation_set.feeds[0]
+        readings = [_latency_ratios(self.reference_path, int8_path, base, feed) for _ in range(repeats)]
+        latency = float(np.median([r[0] for r in readings]))
         evaluation = self.gate.score(int8_path)
         macs = _number(info.get("macs_after", 1)) / max(1.0, _number(info.get("macs_before", 1)))
-        return SearchPoint(
+        point = SearchPoint(
             0.0, round(macs, 3), round(latency, 3), round(1 / latency, 3),
             round(evaluation.drop_points, 3), round(evaluation.details.get("agreement_top1", float("nan")), 4),
         )  # fmt: skip
+        if base is not None:
+            point.base_latency_ratio = round(float(np.median([r[1] for r in readings])), 3)
+        return point
 
 
 def _bisect(
@@ -555,14 +584,19 @@ def _int8(run: RunContext, model: torch.nn.Module, folder: Path, names: list[str
     return path
 
 
-def _latency_ratio(reference_path: Path, int8_path: Path, feed: dict[str, np.ndarray]) -> float:
+def _latency_ratios(
+    reference_path: Path, int8_path: Path, base: Path | None, feed: dict[str, np.ndarray]
+) -> tuple[float, float]:
+    """(int8, base) fastest runs over fp32's, one interleaved run; base nan when not given."""
     from converters.packaging import measure_latency_ms
 
-    latency = measure_latency_ms({"fp32": reference_path, "int8": int8_path}, feed, budget_s=LATENCY_BUDGET_S)
+    paths = {"fp32": reference_path, "int8": int8_path} | ({"base": base} if base is not None else {})
+    latency = measure_latency_ms(paths, feed, budget_s=LATENCY_BUDGET_S * len(paths) / 2)
     # The fastest runs, not the medians: beside other jobs the p50 ratio of one model pair moved by up to
     # 0.1 between repeats here (EfficientNet's grid read 0.35x, 0.46x, 0.38x, 0.33x for 0.1-0.4 in one
     # search), the fastest-run ratio by about 0.01; the search ranks ratios, so it needs the steady one.
-    return latency["int8"]["min"] / latency["fp32"]["min"]
+    fp32 = latency["fp32"]["min"]
+    return latency["int8"]["min"] / fp32, latency["base"]["min"] / fp32 if base is not None else float("nan")
 
 
 def _number(value: object) -> float:

@@ -50,7 +50,7 @@ class _Costs:
     def __init__(self) -> None:
         self.measured: list[dict[str, float]] = []
 
-    def measure(self, vector: dict[str, float], step: int) -> SearchPoint:
+    def measure(self, vector: dict[str, float], step: int, _base: SearchPoint | None) -> SearchPoint:
         self.measured.append(dict(vector))
         steps = {g: round(r / 0.1) for g, r in vector.items()}
         latency = 0.6 - sum(self.SAVING[g] * n for g, n in steps.items())
