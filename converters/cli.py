@@ -128,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="search the pruning ratio for a model X times faster than fp32 (int8 latency measured here) "
         "that passes --max-drop, or the closest",
     )
+    parser.add_argument(
+        "--prune-search",
+        choices=["per-group", "uniform"],
+        default="per-group",
+        help="with --target-speedup / --prune auto: per-group (default) gives each stage of the network its "
+        "own ratio, raised greedily where it costs the least agreement per latency saved (NetAdapt); "
+        "uniform: one ratio for every layer, from a grid 0.1-0.6 (faster to search)",
+    )
+    parser.add_argument(
+        "--prune-search-time",
+        type=parse_duration,
+        metavar="5m",
+        help="time budget of the per-group search's speed phase (90s, 5m; default 5m), distillation not counted",
+    )
     parser.add_argument("--prune-mode", choices=["structured", "unstructured"], default="structured")
     parser.add_argument("--distill-steps", type=int, default=0, metavar="N", help="at most N steps")
     parser.add_argument(
@@ -263,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         qat=args.qat,
         qat_time=args.qat_time,
         target_speedup=args.target_speedup if args.target_speedup else (0.0 if args.prune == AUTO else None),
+        prune_search=args.prune_search,
+        prune_search_time=args.prune_search_time,
         formats=args.formats,
         max_drop=args.max_drop,
         min_agreement=args.min_agreement,

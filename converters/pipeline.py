@@ -56,6 +56,7 @@ from edge.tasks.voice_activity import VoiceActivityConfig
 if TYPE_CHECKING:
     import torch
 
+    from converters.prune import Saliency
     from converters.recipes import Trial
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class ConvertOptions:
     qat: bool = False  # --qat: fine-tune under the profile's int8 rounding before quantizing
     qat_time: float | None = None  # seconds; None: DEFAULT_QAT_SECONDS
     target_speedup: float | None = None  # --target-speedup / --prune auto (0: fastest within --max-drop)
+    prune_search: Literal["per-group", "uniform"] = "per-group"  # --prune-search (converters.prune_search)
+    prune_search_time: float | None = None  # seconds for the per-group speed phase; None: SEARCH_BUDGET_S
     formats: list[str] | None = None
     max_drop: float = 1.0
     min_agreement: float | None = None  # classifiers: top-1 agreement with fp32 the gate also requires
@@ -612,31 +615,34 @@ def _float_models(run: RunContext) -> FloatModels:
 
 
 def _prune(
-    run: RunContext, teacher: torch.nn.Module, ratio: float | None = None
+    run: RunContext,
+    teacher: torch.nn.Module,
+    ratio: float | None = None,
+    group_ratios: dict[str, float] | None = None,
+    saliency: Saliency | None = None,
 ) -> tuple[torch.nn.Module, Json]:
+    """`teacher` pruned at `ratio` (default --prune), or per channel group (`prune_model(group_ratios=)`);
+    `saliency`: measured once on the teacher (`_saliency`) by a search that prunes it many ways."""
     import torch
 
     options, feeds, channel_multiple = run.options, run.calib_feeds, run.profile.pruning.channel_multiple
     ratio = options.prune if ratio is None else ratio
-    with run.stages.stage(f"prune {options.prune_mode} {ratio}") as note:
+    asked = "per group" if group_ratios else f"{ratio}"
+    with run.stages.stage(f"prune {options.prune_mode} {asked}") as note:
         try:
             from converters.prune import prune_model
         except ImportError as exc:
             raise ConfigError(f"--prune: pruning is not available in this install ({exc})") from exc
         example = tuple(torch.from_numpy(feeds[0][s.name]) for s in run.inputs)
-        calibration = [
-            tuple(
-                torch.from_numpy(np.concatenate([f[s.name] for f in feeds[i : i + 16]])) for s in run.inputs
-            )
-            for i in range(0, len(feeds), 16)
-        ]
         result = prune_model(
             copy.deepcopy(teacher),
             example,
             ratio,
             options.prune_mode,
             round_to=channel_multiple,
-            calibration=calibration,
+            calibration=None if saliency is not None else _calibration_batches(run),
+            group_ratios=group_ratios,
+            saliency=saliency,
         )
         note(f"MACs x{result.macs_after / max(result.macs_before, 1):.2f}")
         info: Json = {
@@ -656,6 +662,23 @@ def _prune(
             info["gzip_ratio"] = round(result.gzip_ratio, 4)
         info["notes"] = list(result.notes)
         return result.model.eval(), info
+
+
+def _calibration_batches(run: RunContext) -> list[tuple[torch.Tensor, ...]]:
+    """The calibration feeds in batches of 16, one tensor per input: what pruning measures saliency on."""
+    import torch
+
+    feeds = run.calib_feeds
+    return [
+        tuple(torch.from_numpy(np.concatenate([f[s.name] for f in feeds[i : i + 16]])) for s in run.inputs)
+        for i in range(0, len(feeds), 16)
+    ]
+
+
+def _saliency(run: RunContext, teacher: torch.nn.Module) -> Saliency:
+    from converters.prune import measure_saliency
+
+    return measure_saliency(teacher, _calibration_batches(run))
 
 
 def _training_samples(feeds: list[Feed]) -> list[np.ndarray | tuple[np.ndarray, ...]]:

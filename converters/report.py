@@ -132,11 +132,17 @@ def write_report(
     lines += ["", "| conversion stage | seconds |", "|---|---|"]
     lines += [f"| {stage.name} | {stage.seconds:.1f} |" for stage in stages]
     if pruning:
+        groups = pruning.get("group_ratios") or {}
+        ratio = f"ratio {pruning['ratio']}" + (
+            f" of the prunable channels (per group: {', '.join(f'{n} {r:g}' for n, r in groups.items())})"
+            if groups
+            else ""
+        )
         lines += [
             "",
             "## Pruning",
             "",
-            f"{pruning['mode']} pruning, ratio {pruning['ratio']}: MACs {pruning['macs_before']:,} -> "
+            f"{pruning['mode']} pruning, {ratio}: MACs {pruning['macs_before']:,} -> "
             f"{pruning['macs_after']:,} (x{pruning['macs_after'] / max(pruning['macs_before'], 1):.2f}), "
             f"parameters {pruning['params_before']:,} -> {pruning['params_after']:,}.",
         ]
@@ -201,21 +207,37 @@ def _qat_section(qat: dict[str, Any]) -> list[str]:
 
 
 def _search_section(search: dict[str, Any], out_dir: Path, images: list[tuple[str, str]]) -> list[str]:
-    """The pruning search: every ratio tried, its int8 speed measured here and its agreement, as a table
-    and as the curve of speed against agreement."""
+    """The pruning search: every candidate tried, its int8 speed measured here and its agreement, as a
+    table and as the curve of speed against agreement (per group: the greedy path through the proposals)."""
     import matplotlib.pyplot as plt
 
     target = search.get("target_speedup")
+    per_group = bool(search.get("per_group"))
+    chosen = search.get("chosen")
+    if isinstance(chosen, dict):
+        chosen = ", ".join(f"{name} {ratio:g}" for name, ratio in chosen.items() if ratio) or "unpruned"
     lines = [
         "",
         "## Pruning search",
         "",
         f"Target: {f'{target:g}x faster than fp32' if target else 'the fastest model'} within --max-drop; "
-        f"chosen ratio **{search.get('chosen')}**." + (f" {search['note']}." if search.get("note") else ""),
+        f"chosen {'ratios' if per_group else 'ratio'} **{chosen}**."
+        + (f" {search['note']}." if search.get("note") else ""),
+    ]
+    if per_group:
+        lines += [
+            "",
+            f"Per-group greedy search (NetAdapt): {len(search.get('groups', []))} groups "
+            f"({', '.join(search.get('group_names', []))}), step {search.get('step')}; stopped: "
+            f"{search.get('stopped')} after {search.get('seconds')} s (budget {search.get('budget_s')} s). "
+            "Ratio: the share of prunable channels removed; path: the proposal was taken.",
+        ]
+    head = "| step | group ratios | path | ratio " if per_group else "| ratio "
+    lines += [
         "",
-        "| ratio | MACs | int8 latency x fp32 | speed-up | int8 agreement, not distilled | distilled: "
+        head + "| MACs | int8 latency x fp32 | speed-up | int8 agreement, not distilled | distilled: "
         "agreement (confident) | drop points | gate |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---" * (head.count("|") + 7) + "|",
     ]
     points = search.get("points", [])
     for p in points:
@@ -225,18 +247,28 @@ def _search_section(search: dict[str, Any], out_dir: Path, images: list[tuple[st
             else "-"
         )
         gate = "-" if p.get("passed") is None else ("pass" if p["passed"] else "miss")
+        where = ""
+        if per_group:
+            vector = ", ".join(f"{n} {r:g}" for n, r in (p.get("ratios") or {}).items() if r) or "unpruned"
+            where = f"| {p.get('step')} | {vector} | {'yes' if p.get('accepted') else '-'} "
         lines.append(
-            f"| {p['ratio']} | x{p['macs_ratio']:.2f} | {p['latency_ratio']:.2f} | {p['speedup']:.2f}x | "
+            f"{where}| {p['ratio']} | x{p['macs_ratio']:.2f} | {p['latency_ratio']:.2f} | {p['speedup']:.2f}x | "
             f"{p['agreement_raw']:.3f} | {distilled} | {_fmt(p.get('drop_points'))} | {gate} |"
         )
     if points:
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        ax.plot([p["speedup"] for p in points], [p["agreement_raw"] for p in points], "x:", color="grey",
-                label="int8, not distilled")  # fmt: skip
+        path = [p for p in points if p.get("accepted")] if per_group else points
+        if per_group:
+            proposals = [p for p in points if not p.get("accepted")]
+            ax.plot([p["speedup"] for p in proposals], [p["agreement_raw"] for p in proposals], "x",
+                    color="#bbbbbb", label="proposals not taken")  # fmt: skip
+        ax.plot([p["speedup"] for p in path], [p["agreement_raw"] for p in path], "x:", color="grey",
+                label="greedy path, int8, not distilled" if per_group else "int8, not distilled")  # fmt: skip
         tried = [p for p in points if p.get("agreement") is not None]
         ax.plot([p["speedup"] for p in tried], [p["agreement"] for p in tried], "o", label="distilled + int8")
-        for p in points:
-            ax.annotate(f"p{p['ratio']:g}", (p["speedup"], p["agreement_raw"]), fontsize=8,
+        for p in path:
+            label = f"s{p.get('step')}" if per_group else f"p{p['ratio']:g}"
+            ax.annotate(label, (p["speedup"], p["agreement_raw"]), fontsize=8,
                         textcoords="offset points", xytext=(3, -10))  # fmt: skip
         if target:
             ax.axvline(target, color="#cc3311", linestyle="--", label=f"target {target:g}x")

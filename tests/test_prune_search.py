@@ -25,7 +25,8 @@ def _convert(tmp_path: Path, *options: str) -> int:
     photos = write_photo_folder(tmp_path / "photos", 12, size=48)
     return main(
         [f"{tmp_path / 'net.py'}:wide", "--out", str(tmp_path / "pkg"), "--calib", str(photos),
-         "--input-shape", "1,3,32,32", "--formats", "onnx", "--distill-time", "2s", *options, "-q"]
+         "--input-shape", "1,3,32,32", "--formats", "onnx", "--distill-time", "2s",
+         "--prune-search", "uniform", *options, "-q"]
     )  # fmt: skip
 
 
