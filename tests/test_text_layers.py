@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from converters.pipeline import ConvertOptions, convert
-from converters.text_layers import drop_layers, select_layers
+from converters.text_layers import MAX_HELD_OUT, drop_layers, prune_and_distill, select_layers
 from edge import open_model
 from edge.errors import ConfigError
 from tests.assets_text import calib_eval_sentences, minilm_folder, tiny_bert_folder, write_lines
@@ -118,6 +118,25 @@ def test_prune_layers_distils_and_packages(
     with open_model(out) as model:
         vector = np.asarray(model.infer(unseen[0])["vector"])
     assert vector.shape == (32,) and abs(np.linalg.norm(vector) - 1.0) < 1e-4
+
+
+def test_many_texts_set_aside_at_most_max_held_out(tiny4: Path, tmp_path: Path) -> None:
+    from converters.huggingface import load_folder
+    from edge.package import TensorSpec, sha256_file
+    from edge.processing.text import TextConfig, TextPreprocessor, buckets_for
+
+    many, _ = calib_eval_sentences(2000, 0, large=True)
+    source = load_folder(tiny4, "embedding", tmp_path)
+    tokenizer = source.tokenizer_json
+    config = TextConfig(
+        tokenizer="tokenizer.json", sha256=sha256_file(tokenizer), bytes=tokenizer.stat().st_size, max_length=64,
+        buckets=buckets_for(64),
+    )  # fmt: skip
+    specs = [TensorSpec(name=n, shape=["batch", "sequence"], dtype="int64") for n in source.input_names]
+    pre = TextPreprocessor.from_file(tokenizer, config, specs)
+    result = prune_and_distill(source, pre, many, 0.5, budget_s=0, max_steps=2)
+    assert (result.train_texts, result.held_out_texts) == (2000 - MAX_HELD_OUT, MAX_HELD_OUT)
+    assert result.steps == 2 and [step for step, _ in result.held_out] == [0, 2]
 
 
 def test_recipes_are_chosen_on_calibration_texts_not_the_scored_ones(
