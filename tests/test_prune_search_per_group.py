@@ -4,7 +4,6 @@ selection itself on given measurements; the stages it bundles channel groups int
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import ClassVar
 
@@ -184,8 +183,10 @@ def test_prune_auto_searches_one_ratio_per_stage_and_the_package_records_the_pat
         : len(first)
     ]
     path = [p for p in points if p["accepted"]]
+    # each step taken saved latency against its base, timed in the same run (ratios from different runs
+    # move with the host's load, so the path need not fall from one run to the next)
     assert len(path) >= 2 and all(
-        a["latency_ratio"] > b["latency_ratio"] for a, b in itertools.pairwise(path)
+        p["base_latency_ratio"] is not None and p["latency_ratio"] < p["base_latency_ratio"] for p in path[1:]
     )
     chosen = search["chosen"]
     assert chosen == path[-1]["ratios"] == pruning["group_ratios"]
