@@ -825,13 +825,16 @@ class Daemon:
                 tag["correlation_id"] = request.correlation_id
             if len(items) > 1:
                 tag["index"] = index
-            if sequence is not None:  # several texts: the sequence starts at the first, ends after the last
-                part = dataclasses.replace(
+            # several texts: the sequence starts at the first and ends after the last
+            part = (
+                dataclasses.replace(
                     sequence,
                     start=sequence.start and index == 0,
                     end=sequence.end and index == len(items) - 1,
                 )
-                tag["sequence_id"] = sequence.id
+                if sequence is not None
+                else None
+            )
             try:
                 self.submit_request(
                     item,
@@ -840,7 +843,7 @@ class Daemon:
                     REQUEST_URI,
                     tag or None,
                     request.received_mono,
-                    part if sequence is not None else None,
+                    part,
                 )
             except RequestRejected as exc:
                 raise RequestRejected(
@@ -886,6 +889,7 @@ class Daemon:
             except SequenceError as exc:
                 raise RequestRejected(str(exc), exc.field, None) from None
             stream = sequence.stream
+            tag = {**(tag or {}), "sequence_id": sequence.id}  # the payload's `request` says which
         elif session.stateful:
             stream = f"request:{number}"  # never open: forgotten after its one run
         received = time.monotonic() if received_mono is None else received_mono

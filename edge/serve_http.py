@@ -351,9 +351,8 @@ class HttpServer:
         answer = FutureAnswer()
         client = request.remote or "?"
         loop = asyncio.get_running_loop()
-        tag: JSONObject | None = {"sequence_id": sequence.id} if sequence is not None else None
         submit = functools.partial(
-            self.service.submit_request, data, answer, client, uri, tag, None, sequence
+            self.service.submit_request, data, answer, client, uri, None, None, sequence
         )
         try:
             # the queue may make it wait for room: never on the event loop

@@ -42,9 +42,6 @@ class SequenceFlags:
         """The session's state key: apart from every source's uri and every one-off request."""
         return f"sequence:{self.id}"
 
-    def to_json(self) -> dict[str, JSONValue]:
-        return {"sequence_id": self.id, "sequence_start": self.start, "sequence_end": self.end}
-
 
 def parse_sequence(fields: Mapping[str, JSONValue], prefix: str = "") -> SequenceFlags | None:
     """The sequence a request's fields name (None: none); `prefix` is where they sit (`parameters.`)."""
