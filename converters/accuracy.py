@@ -97,6 +97,18 @@ class GateLimits:
     def passes(self, evaluation: Evaluation) -> bool:
         return self.miss(evaluation) is None
 
+    @property
+    def has_floors(self) -> bool:
+        return self.min_agreement is not None or self.min_confident_agreement is not None
+
+    def to_json(self) -> dict[str, float]:
+        """The limits as the manifest's `metrics.gate` records them (floors only when asked for)."""
+        floors = {
+            "min_agreement": self.min_agreement,
+            "min_confident_agreement": self.min_confident_agreement,
+        }
+        return {"max_drop": self.max_drop, **{k: v for k, v in floors.items() if v is not None}}
+
     def __str__(self) -> str:
         parts = [f"--max-drop {self.max_drop:g}"]
         if self.min_agreement is not None:

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from converters.accuracy import CONFIDENT, GateLimits
+from converters.accuracy import CONFIDENT
 from converters.stateful import parse_const, parse_state
 from edge.errors import EdgeError
 
@@ -359,10 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-convert: error: accuracy gate failed: no int8 recipe reaches {wanted}", file=sys.stderr)
         return EXIT_GATE_FAILED
     if not result.gate_passed:
-        limits = GateLimits(options.max_drop, options.min_agreement, options.min_confident_agreement)
         print(
             f"edge-convert: error: accuracy gate failed: the {precision or 'shipped'} model "
-            f"{limits.miss(result.evaluation)}",
+            f"{options.limits.miss(result.evaluation)}",
             file=sys.stderr,
         )
         return EXIT_GATE_FAILED

@@ -117,6 +117,11 @@ class ConvertOptions:
     constants: list[ConstantInput] = field(default_factory=list)  # --const NAME=VALUE
     state: list[StateLink] = field(default_factory=list)  # --state IN:OUT
 
+    @property
+    def limits(self) -> accuracy.GateLimits:
+        """What the accuracy gate requires: --max-drop and the agreement floors."""
+        return accuracy.GateLimits(self.max_drop, self.min_agreement, self.min_confident_agreement)
+
 
 @dataclass
 class StageRecord:
@@ -213,8 +218,7 @@ class RunContext:
 
     @property
     def limits(self) -> accuracy.GateLimits:
-        options = self.options
-        return accuracy.GateLimits(options.max_drop, options.min_agreement, options.min_confident_agreement)
+        return self.options.limits
 
     def passes(self, evaluation: accuracy.Evaluation) -> bool:
         return self.limits.passes(evaluation)
@@ -1013,7 +1017,7 @@ def _quantize_and_gate(run: RunContext, baseline: Baseline, floats: FloatModels)
         )
         chosen = trials[-1]
         if not chosen.passed or chosen.path is None or chosen.evaluation is None:
-            floors = options.min_agreement is not None or options.min_confident_agreement is not None
+            floors = run.limits.has_floors
             tried = "; ".join(
                 (
                     f"{t.name} {t.evaluation.drop_points:.2f}"
@@ -1217,13 +1221,7 @@ def _metrics(
         "precision": precision,
         "metric": shipped.evaluation.metric,
         "drop_points": round(shipped.evaluation.drop_points, 3),
-        "max_drop": run.options.max_drop,
-        **({"min_agreement": run.options.min_agreement} if run.options.min_agreement is not None else {}),
-        **(
-            {"min_confident_agreement": run.options.min_confident_agreement}
-            if run.options.min_confident_agreement is not None
-            else {}
-        ),
+        **run.limits.to_json(),
         "passed": run.passes(shipped.evaluation),
     }
     return metrics

@@ -69,7 +69,7 @@ def convert_text(options: ConvertOptions, work: Path, stages: Stages) -> Convert
         raise ConfigError("--distill-steps: a transformer is distilled after --prune-layers RATIO")
     if options.qat:
         raise ConfigError(f"{QAT_NEEDS_TORCH}, not a transformer")
-    if options.min_agreement is not None or options.min_confident_agreement is not None:
+    if options.limits.has_floors:
         raise ConfigError(
             "--min-agreement/--min-confident-agreement: a text model's gate is its own (embeddings: cosine "
             "and nearest-neighbour agreement; text-classification: top-1 agreement within --max-drop points)"
