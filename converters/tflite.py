@@ -107,7 +107,7 @@ def export_tflite(
         outputs=outputs,
         precision=precision,
         seconds=time.perf_counter() - started,
-        bias_corrected=precision == "int8" and corrected,
+        bias_corrected=corrected,
     )
 
 
@@ -130,9 +130,14 @@ class TfliteRunner:
     """One XNNPACK interpreter, fed real (float) values: quantized inputs are quantized here with the
     tensor's own scale/zero point and quantized outputs dequantized, so results compare with fp32 ones."""
 
-    def __init__(self, path: Path, threads: int = 2) -> None:
+    def __init__(self, path: Path, threads: int = 2, content: bytes | None = None) -> None:
+        """`content`: the model's bytes, not yet written to `path` (which then only names it in errors)."""
         self.path = Path(path)
-        self._interpreter = _interpreter(self.path, threads=threads)
+        self._interpreter = (
+            _interpreter(self.path, threads=threads)
+            if content is None
+            else _interpreter_from_bytes(content, self.path, threads)
+        )
         self._inputs = self._interpreter.get_input_details()
         self._outputs = self._interpreter.get_output_details()
 
@@ -289,8 +294,9 @@ def _quantize_int8(
         if corrected_float is None:
             return quantized, False
         corrected = quantize(corrected_float)
-        reference = _outputs(float_model, samples)
-        if _squared_error(corrected, samples, reference) < _squared_error(quantized, samples, reference):
+        reference = _outputs(float_model, samples, out_path)
+        plain_error = _squared_error(quantized, samples, reference, out_path)
+        if _squared_error(corrected, samples, reference, out_path) < plain_error:
             return corrected, True
         return quantized, False
     except EdgeError:
@@ -373,25 +379,16 @@ def _correct_biases(float_model: bytes, quantized: bytes, samples: list[np.ndarr
     return bytes(flatbuffer_utils.convert_object_to_bytearray(float_fb)) if corrected else None
 
 
-def _outputs(content: bytes, samples: list[np.ndarray]) -> list[list[np.ndarray]]:
-    """Every output of `content` for each single-input sample, as real values."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=content, num_threads=max(1, min(2, os.cpu_count() or 1)))
-    interpreter.allocate_tensors()
-    [source] = interpreter.get_input_details()
-    results = []
-    for sample in samples:
-        interpreter.set_tensor(source["index"], _to_tensor_dtype(sample, source))
-        interpreter.invoke()
-        results.append(
-            [_dequantize(interpreter.get_tensor(d["index"]), d) for d in interpreter.get_output_details()]
-        )
-    return results
+def _outputs(content: bytes, samples: list[np.ndarray], where: Path) -> list[list[np.ndarray]]:
+    """Every output of the model `content` (being written to `where`) for each sample, as real values."""
+    runner = TfliteRunner(where, threads=max(1, min(2, os.cpu_count() or 1)), content=content)
+    return [runner([sample]) for sample in samples]
 
 
-def _squared_error(content: bytes, samples: list[np.ndarray], reference: list[list[np.ndarray]]) -> float:
-    outputs = _outputs(content, samples)
+def _squared_error(
+    content: bytes, samples: list[np.ndarray], reference: list[list[np.ndarray]], where: Path
+) -> float:
+    outputs = _outputs(content, samples, where)
     return float(
         sum(
             np.mean((got.astype(np.float64) - want.astype(np.float64)) ** 2)
@@ -499,13 +496,13 @@ def _interpreter(path: Path, threads: int) -> Any:
     return interpreter
 
 
-def _interpreter_from_bytes(content: bytes, out_path: Path) -> Any:
+def _interpreter_from_bytes(content: bytes, out_path: Path, threads: int = 1) -> Any:
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:
         raise ConfigError(f"{out_path}: TFLite export needs ai-edge-litert ({RUNTIME_HINT})") from exc
     try:
-        interpreter = Interpreter(model_content=content, num_threads=1)
+        interpreter = Interpreter(model_content=content, num_threads=threads)
         interpreter.allocate_tensors()
     except Exception as exc:
         raise TfliteExportError(f"{out_path}: converted model does not load: {_first_line(exc)}") from exc

@@ -216,11 +216,16 @@ def test_int8_bias_correction_takes_out_the_mean_shift_of_rounded_weights(
     corrected = _correct_biases(float_model, plain.path.read_bytes(), samples)
     assert corrected is not None
     crops = [to_channel_last(crop[None]) for crop in eval_crops[0]]  # crops calibration never saw
-    reference = np.concatenate([o[0] for o in _outputs(float_model, crops)])
+    reference = np.concatenate([o[0] for o in _outputs(float_model, crops, tmp_path / "f.tflite")])
 
     def shift(model: bytes) -> float:
         outputs = np.concatenate(
-            [o[0] for o in _outputs(_with_int8_weights(model, plain.path.read_bytes()), crops)]
+            [
+                o[0]
+                for o in _outputs(
+                    _with_int8_weights(model, plain.path.read_bytes()), crops, tmp_path / "w.tflite"
+                )
+            ]
         )
         return float(np.abs((outputs - reference).mean(0)).mean())
 
